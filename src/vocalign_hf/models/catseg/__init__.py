@@ -1,0 +1,34 @@
+"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes on import."""
+
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForSemanticSegmentation,
+    AutoProcessor,
+)
+
+from .configuration_catseg import CATSegConfig
+from .image_processing_catseg import CATSegImageProcessor
+from .modeling_catseg import CATSegForSemanticSegmentation, CATSegModel, CATSegPreTrainedModel
+from .processing_catseg import CATSegProcessor, clip_tokenizer, validate_class_names
+from .prompt_templates import PROMPT_TEMPLATE_SETS, resolve_prompt_templates
+
+AutoConfig.register(CATSegConfig.model_type, CATSegConfig, exist_ok=True)
+AutoModel.register(CATSegConfig, CATSegModel, exist_ok=True)
+AutoModelForSemanticSegmentation.register(CATSegConfig, CATSegForSemanticSegmentation, exist_ok=True)
+AutoImageProcessor.register(CATSegConfig, slow_image_processor_class=CATSegImageProcessor, exist_ok=True)
+AutoProcessor.register(CATSegConfig, CATSegProcessor, exist_ok=True)
+
+__all__ = [
+    "CATSegConfig",
+    "CATSegModel",
+    "CATSegPreTrainedModel",
+    "CATSegForSemanticSegmentation",
+    "CATSegImageProcessor",
+    "CATSegProcessor",
+    "clip_tokenizer",
+    "validate_class_names",
+    "PROMPT_TEMPLATE_SETS",
+    "resolve_prompt_templates",
+]

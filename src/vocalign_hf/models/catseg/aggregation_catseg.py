@@ -1,0 +1,354 @@
+"""CAT-Seg cost aggregation: spatial Swin blocks, class-level linear attention and the upsampling decoder.
+
+A clean-room re-implementation of the aggregator of cvlab-kaist/CAT-Seg (CVPR'24,
+`cat_seg/modeling/transformer/model.py`). Module and parameter names follow the reference so that
+converted checkpoints map one to one. Differences, none of which change the numbers beyond float rounding:
+
+* window attention runs through `torch.nn.functional.scaled_dot_product_attention`;
+* the shifted-window mask is a non-persistent buffer (the reference saves it in the checkpoint);
+* the class-attention padding tokens (the reference pads the class axis to `pad_len` = 256 with one learned
+  token) are identical at every position, so their contribution to the linear attention's key/value sums is
+  added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
+  reference, so the result is the same while the cost scales with the real number of classes.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.modeling_layers import GradientCheckpointingLayer
+
+
+def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
+    """(B, H, W, C) -> (B * num_windows, window_size * window_size, C)."""
+    b, h, w, c = x.shape
+    x = x.view(b, h // window_size, window_size, w // window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, window_size * window_size, c)
+
+
+def window_reverse(windows: torch.Tensor, window_size: int, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`window_partition`: (B * num_windows, ws * ws, C) -> (B, H, W, C)."""
+    c = windows.shape[-1]
+    x = windows.view(-1, height // window_size, width // window_size, window_size, window_size, c)
+    return x.permute(0, 1, 3, 2, 4, 5).reshape(-1, height, width, c)
+
+
+def shifted_window_mask(resolution: int, window_size: int, shift: int) -> torch.Tensor:
+    """Additive (-100 / 0) attention mask of the shifted windows, shape (num_windows, ws*ws, ws*ws)."""
+    img_mask = torch.zeros(1, resolution, resolution, 1)
+    spans = (slice(0, -window_size), slice(-window_size, -shift), slice(-shift, None))
+    region = 0
+    for hs in spans:
+        for ws in spans:
+            img_mask[:, hs, ws, :] = region
+            region += 1
+    windows = window_partition(img_mask, window_size).squeeze(-1)
+    diff = windows.unsqueeze(1) - windows.unsqueeze(2)
+    return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
+
+
+class Mlp(nn.Module):
+    """fc1 -> GELU -> fc2 (timm's `Mlp` without dropout)."""
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class WindowAttention(nn.Module):
+    """Window self-attention whose queries and keys also see the appearance guidance."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim + guidance_dim, dim)
+        self.k = nn.Linear(dim + guidance_dim, dim)
+        self.v = nn.Linear(dim, dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
+        """x: (B * nW, N, dim + guidance); mask: (nW, N, N) additive or None."""
+        bw, n, _ = x.shape
+        shape = (bw // num_windows, num_windows, n, self.num_heads, -1)
+        q = self.q(x).view(shape).transpose(2, 3)
+        k = self.k(x).view(shape).transpose(2, 3)
+        v = self.v(x[..., : self.dim]).view(shape).transpose(2, 3)
+        attn_mask = None if mask is None else mask.unsqueeze(1).to(q.dtype)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(2, 3).reshape(bw, n, -1))
+
+
+class SwinTransformerBlock(nn.Module):
+    """A (shifted-)window transformer block over the patch grid of one class's cost slice."""
+
+    def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int, shift: int):
+        super().__init__()
+        if resolution <= window_size:  # as the reference: one window, no shift
+            window_size, shift = resolution, 0
+        self.resolution, self.window_size, self.shift = resolution, window_size, shift
+        self.norm1 = nn.LayerNorm(dim)
+        self.attn = WindowAttention(dim, guidance_dim, num_heads)
+        self.norm2 = nn.LayerNorm(dim)
+        self.mlp = Mlp(dim, 4 * dim)
+        mask = shifted_window_mask(resolution, window_size, shift) if shift > 0 else None
+        self.register_buffer("attn_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, H*W, C); guidance: (B, H*W, G) or None."""
+        r, ws = self.resolution, self.window_size
+        b, _, c = x.shape
+        h = self.norm1(x).view(b, r, r, c)
+        if guidance is not None:
+            h = torch.cat([h, guidance.view(b, r, r, -1)], dim=-1)
+        if self.shift:
+            h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
+        windows = window_partition(h, ws)
+        windows = self.attn(windows, self.attn_mask, num_windows=(r // ws) ** 2)
+        h = window_reverse(windows, ws, r, r)
+        if self.shift:
+            h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
+        x = x + h.reshape(b, r * r, c)
+        return x + self.mlp(self.norm2(x))
+
+
+class SwinTransformerBlockWrapper(nn.Module):
+    """Spatial aggregation: a regular and a shifted Swin block applied to every class slice independently."""
+
+    def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int) -> None:
+        super().__init__()
+        self.block_1 = SwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, 0)
+        self.block_2 = SwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, window_size // 2)
+        self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim > 0 else None
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, C, T, H, W); guidance: (B, G, H, W) or None."""
+        b, c, t, h, w = x.shape
+        x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        if guidance is not None:
+            # LayerNorm per pixel is the same for every class: normalise once, then broadcast over T.
+            g = self.guidance_norm(guidance.flatten(2).transpose(1, 2))
+            guidance = g.unsqueeze(1).expand(b, t, h * w, g.shape[-1]).reshape(b * t, h * w, -1)
+        x = self.block_1(x, guidance)
+        x = self.block_2(x, guidance)
+        return x.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
+    return F.elu(x) + 1
+
+
+class AttentionLayer(nn.Module):
+    """Class-axis attention (linear "Transformers are RNNs" attention by default, or full softmax)."""
+
+    def __init__(self, hidden_dim: int, guidance_dim: int, num_heads: int, attention_type: str, eps: float = 1e-6):
+        super().__init__()
+        self.num_heads = num_heads
+        self.attention_type = attention_type
+        self.eps = eps
+        self.q = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
+        self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
+        self.v = nn.Linear(hidden_dim, hidden_dim)
+
+    def _project(self, x: torch.Tensor, guidance: torch.Tensor | None):
+        xg = torch.cat([x, guidance], dim=-1) if guidance is not None else x
+        split = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731 - (..., H, D)
+        return split(self.q(xg)), split(self.k(xg)), split(self.v(x))
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        guidance: torch.Tensor | None,
+        pad_x: torch.Tensor | None = None,
+        pad_guidance: torch.Tensor | None = None,
+        num_pad: int = 0,
+    ) -> torch.Tensor:
+        """x: (N, T, C), guidance: (N, T, G) or None. `num_pad` extra key/value tokens equal to the projection of
+        (`pad_x`, `pad_guidance`) take part in the attention; only the T real tokens are returned."""
+        q, k, v = self._project(x, guidance)  # (N, T, H, D)
+        if num_pad:
+            _, pk, pv = self._project(pad_x, pad_guidance)  # (1, 1, H, D)
+        if self.attention_type == "linear":
+            q, k = _elu_feature_map(q), _elu_feature_map(k)
+            kv = torch.einsum("nshd,nshv->nhdv", k, v)
+            k_sum = k.sum(dim=1)
+            if num_pad:
+                pk = _elu_feature_map(pk)
+                kv = kv + num_pad * torch.einsum("nshd,nshv->nhdv", pk, pv)
+                k_sum = k_sum + num_pad * pk[:, 0]
+            z = 1.0 / (torch.einsum("nlhd,nhd->nlh", q, k_sum) + self.eps)
+            out = torch.einsum("nlhd,nhdv,nlh->nlhv", q, kv, z)
+        else:
+            if num_pad:
+                n = x.shape[0]
+                k = torch.cat([k, pk.expand(n, num_pad, -1, -1)], dim=1)
+                v = torch.cat([v, pv.expand(n, num_pad, -1, -1)], dim=1)
+            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+            out = out.transpose(1, 2)
+        return out.flatten(-2)
+
+
+class ClassTransformerLayer(nn.Module):
+    """Class aggregation: attention across the class axis at every (pooled) pixel."""
+
+    def __init__(
+        self, hidden_dim: int, guidance_dim: int, num_heads: int, attention_type: str, pooling_size, pad_len: int
+    ) -> None:
+        super().__init__()
+        self.pool = nn.AvgPool2d(tuple(pooling_size)) if pooling_size is not None else nn.Identity()
+        self.attention = AttentionLayer(hidden_dim, guidance_dim, num_heads, attention_type)
+        self.MLP = nn.Sequential(nn.Linear(hidden_dim, hidden_dim * 4), nn.ReLU(), nn.Linear(hidden_dim * 4, hidden_dim))
+        self.norm1 = nn.LayerNorm(hidden_dim)
+        self.norm2 = nn.LayerNorm(hidden_dim)
+        self.pad_len = pad_len
+        self.padding_tokens = nn.Parameter(torch.zeros(1, 1, hidden_dim)) if pad_len > 0 else None
+        self.padding_guidance = (
+            nn.Parameter(torch.zeros(1, 1, guidance_dim)) if pad_len > 0 and guidance_dim > 0 else None
+        )
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (B, C, T, H, W); guidance: (B, T, G) or None."""
+        b, c, t, h, w = x.shape
+        pooled = self.pool(x.reshape(b, c * t, h, w))
+        hp, wp = pooled.shape[-2:]
+        tokens = pooled.view(b, c, t, hp * wp).permute(0, 3, 2, 1).reshape(b * hp * wp, t, c)
+        if guidance is not None:
+            guidance = guidance.unsqueeze(1).expand(b, hp * wp, t, guidance.shape[-1]).reshape(b * hp * wp, t, -1)
+        num_pad = max(self.pad_len - t, 0) if self.padding_tokens is not None else 0
+        pad_x = self.norm1(self.padding_tokens) if num_pad else None
+        pad_g = self.padding_guidance if (num_pad and guidance is not None) else None
+        tokens = tokens + self.attention(self.norm1(tokens), guidance, pad_x, pad_g, num_pad)
+        tokens = tokens + self.MLP(self.norm2(tokens))
+        tokens = tokens.view(b, hp, wp, t, c).permute(0, 3, 4, 1, 2).reshape(b * t, c, hp, wp)
+        tokens = F.interpolate(tokens, size=(h, w), mode="bilinear", align_corners=True)
+        return x + tokens.view(b, t, c, h, w).transpose(1, 2)
+
+
+class AggregatorLayer(GradientCheckpointingLayer):
+    """One spatial + one class aggregation step (checkpointable as a unit)."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        self.swin_block = SwinTransformerBlockWrapper(
+            config.hidden_dim,
+            config.appearance_guidance_proj_dim,
+            config.feature_resolution,
+            config.num_heads,
+            config.window_size,
+        )
+        self.attention = ClassTransformerLayer(
+            config.hidden_dim,
+            config.text_guidance_proj_dim,
+            config.num_heads,
+            config.attention_type,
+            config.pooling_size,
+            config.pad_len,
+        )
+
+    def forward(self, x: torch.Tensor, appearance_guidance, text_guidance) -> torch.Tensor:
+        return self.attention(self.swin_block(x, appearance_guidance), text_guidance)
+
+
+class DoubleConv(nn.Module):
+    """(conv3x3 -> GroupNorm -> ReLU) x 2, as the reference (GroupNorm groups = channels // 16)."""
+
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        groups = max(out_channels // 16, 1)
+        self.double_conv = nn.Sequential(
+            nn.Conv2d(in_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+            nn.Conv2d(out_channels, out_channels, kernel_size=3, padding=1, bias=False),
+            nn.GroupNorm(groups, out_channels),
+            nn.ReLU(inplace=True),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.double_conv(x)
+
+
+class Up(nn.Module):
+    """x2 transposed-conv upsampling, concatenation with the (class-shared) guidance, then a double conv."""
+
+    def __init__(self, in_channels: int, out_channels: int, guidance_channels: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
+        self.conv = DoubleConv(in_channels, out_channels)
+
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        x = self.up(x)
+        if guidance is not None:
+            repeats = x.shape[0] // guidance.shape[0]
+            x = torch.cat([x, guidance.repeat_interleave(repeats, dim=0)], dim=1)
+        return self.conv(x)
+
+
+class Aggregator(nn.Module):
+    """Cost-volume embedding, aggregation layers and the upsampling decoder of CAT-Seg."""
+
+    def __init__(self, config) -> None:
+        super().__init__()
+        embed_dim = config.clip_config.projection_dim
+        self.pad_len = config.pad_len
+        self.layers = nn.ModuleList([AggregatorLayer(config) for _ in range(config.num_layers)])
+        self.conv1 = nn.Conv2d(config.num_templates, config.hidden_dim, kernel_size=7, stride=1, padding=3)
+        self.guidance_projection = nn.Sequential(
+            nn.Conv2d(embed_dim, config.appearance_guidance_proj_dim, kernel_size=3, stride=1, padding=1), nn.ReLU()
+        )
+        self.text_guidance_projection = nn.Sequential(nn.Linear(embed_dim, config.text_guidance_proj_dim), nn.ReLU())
+        self.decoder_guidance_projection = nn.ModuleList(
+            nn.Sequential(nn.Conv2d(d, dp, kernel_size=3, stride=1, padding=1), nn.ReLU())
+            for d, dp in zip(config.decoder_guidance_dims, config.decoder_guidance_proj_dims)
+        )
+        self.decoder1 = Up(config.hidden_dim, config.decoder_dims[0], config.decoder_guidance_proj_dims[0])
+        self.decoder2 = Up(config.decoder_dims[0], config.decoder_dims[1], config.decoder_guidance_proj_dims[1])
+        self.head = nn.Conv2d(config.decoder_dims[1], 1, kernel_size=3, stride=1, padding=1)
+
+    @staticmethod
+    def correlation(img_feats: torch.Tensor, text_feats: torch.Tensor) -> torch.Tensor:
+        """Cosine cost volume of Eq. 1: (B, D, H, W) x (B, T, P, D) -> (B, P, T, H, W)."""
+        img_feats = F.normalize(img_feats, dim=1)
+        text_feats = F.normalize(text_feats, dim=-1)
+        return torch.einsum("bchw,btpc->bpthw", img_feats, text_feats)
+
+    def forward(
+        self, img_feats: torch.Tensor, text_feats: torch.Tensor, guidance: tuple[torch.Tensor, ...]
+    ) -> torch.Tensor:
+        """img_feats: (B, D, h, w) dense CLIP features; text_feats: (B, T, P, D); guidance: (appearance (B, D, h, w),
+        decoder guidance 1, decoder guidance 2). Returns logits (B, T, 4h, 4w)."""
+        corr = self.correlation(img_feats, text_feats)
+        num_classes = text_feats.shape[1]
+        kept = None
+        if 0 < self.pad_len < num_classes:
+            # As the reference: keep the pad_len classes with the highest cost anywhere; the rest get -100.
+            best = corr.transpose(1, 2).flatten(2).max(dim=-1).values
+            kept = best.topk(self.pad_len, dim=-1, sorted=False).indices
+            text_feats = F.normalize(text_feats, dim=-1)
+            text_feats = torch.gather(text_feats, 1, kept[..., None, None].expand(-1, -1, *text_feats.shape[2:]))
+            corr = self.correlation(img_feats, text_feats)
+        b, p, t, h, w = corr.shape
+        x = self.conv1(corr.transpose(1, 2).reshape(b * t, p, h, w))
+        x = x.view(b, t, -1, h, w).transpose(1, 2)  # (B, C, T, H, W)
+
+        appearance = self.guidance_projection(guidance[0])
+        decoder_guidance = [proj(g) for proj, g in zip(self.decoder_guidance_projection, guidance[1:])]
+        text_guidance = self.text_guidance_projection(F.normalize(text_feats.mean(dim=-2), dim=-1))
+
+        for layer in self.layers:
+            x = layer(x, appearance, text_guidance)
+
+        x = x.transpose(1, 2).reshape(b * t, -1, h, w)
+        x = self.decoder1(x, decoder_guidance[0])
+        x = self.decoder2(x, decoder_guidance[1])
+        logits = self.head(x).view(b, t, x.shape[-2], x.shape[-1])
+        if kept is not None:
+            full = logits.new_full((b, num_classes, *logits.shape[-2:]), -100.0)
+            logits = full.scatter(1, kept[..., None, None].expand(-1, -1, *logits.shape[-2:]), logits)
+        return logits

@@ -1,0 +1,282 @@
+"""CAT-Seg (Cho et al., CVPR 2024) as a `transformers` model on the `transformers` CLIP towers.
+
+Faithful to cvlab-kaist/CAT-Seg (HEAD 6d3a188, `cat_seg_model.py`, `cat_seg_predictor.py`,
+`third_party/model_vpt.py`); see `tests/test_catseg_parity.py` for the numerical check against it. Where this
+port differs from the reference, on purpose:
+
+* images arrive already normalised (the image processor does it) and are resized to `clip_resolution` inside the
+  model; the reference normalises after padding, which is the same up to float rounding;
+* text is given as token ids of shape (num_classes, num_templates, seq_len) or as precomputed, L2-normalised
+  embeddings (num_classes, P, D) or per image (batch, K, P, D) (the Top-K path of VocAlign);
+* with several templates every (class, template) prompt is encoded and normalised separately, giving P channels
+  (the reference's multi-template `get_text_embeds` crashes; CAT-Seg v1 did it this way);
+* the loss is the softmax cross-entropy that VocAlign trains with (`loss_type="bce"` gives the reference's
+  one-hot BCE).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPModel, PreTrainedModel
+from transformers.modeling_outputs import SemanticSegmenterOutput
+
+from .aggregation_catseg import Aggregator, SwinTransformerBlock, shifted_window_mask
+from .configuration_catseg import CATSegConfig
+
+
+@dataclass
+class CATSegImageFeatures:
+    """Dense CLIP image features and the decoder guidance maps."""
+
+    dense: torch.Tensor  # (B, D, h, w) projected dense CLIP features (the cost volume's image side)
+    guidance: tuple[torch.Tensor, ...]  # (dense, upsampled layer-a features, upsampled layer-b features)
+
+
+class CATSegPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading for CAT-Seg models."""
+
+    config_class = CATSegConfig
+    config: CATSegConfig
+    base_model_prefix = "catseg"
+    main_input_name = "pixel_values"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _no_split_modules = ["CLIPEncoderLayer", "AggregatorLayer"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        # The nested CLIPModel is a PreTrainedModel: transformers dispatches its own initialisation to it.
+        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
+            nn.init.normal_(module.weight, std=self.config.initializer_range)
+            if module.bias is not None:
+                nn.init.zeros_(module.bias)
+        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+            nn.init.ones_(module.weight)
+            nn.init.zeros_(module.bias)
+        elif isinstance(module, SwinTransformerBlock) and module.attn_mask is not None:
+            # Non-persistent buffer: rebuilt here because from_pretrained materialises modules from meta tensors.
+            module.attn_mask.copy_(shifted_window_mask(module.resolution, module.window_size, module.shift))
+        for name in ("padding_tokens", "padding_guidance"):
+            param = getattr(module, name, None)
+            if isinstance(param, nn.Parameter):
+                nn.init.zeros_(param)
+
+
+class CATSegModel(CATSegPreTrainedModel):
+    """CLIP towers + cost aggregation: returns per-class logits at 4x the CLIP patch grid."""
+
+    def __init__(self, config: CATSegConfig) -> None:
+        super().__init__(config)
+        self.clip = CLIPModel(config.clip_config)
+        width = config.clip_config.vision_config.hidden_size
+        self.upsample1 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[0], kernel_size=2, stride=2)
+        self.upsample2 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[1], kernel_size=4, stride=4)
+        self.aggregator = Aggregator(config)
+        self.post_init()
+
+    # ----------------------------------------------------------------------------------------- text side
+    def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Encode prompts into L2-normalised CLIP text embeddings.
+
+        Args:
+            input_ids: (num_classes, num_templates, seq_len) or (num_classes * num_templates, seq_len) token ids,
+                class-major, as produced by [`CATSegProcessor`].
+        Returns:
+            (num_classes, num_templates, projection_dim) embeddings.
+        """
+        p = self.config.num_templates
+        if input_ids.dim() == 3:
+            if input_ids.shape[1] != p:
+                raise ValueError(f"input_ids carries {input_ids.shape[1]} templates per class; the model uses {p}")
+            input_ids = input_ids.flatten(0, 1)
+            attention_mask = attention_mask.flatten(0, 1) if attention_mask is not None else None
+        if input_ids.dim() != 2 or input_ids.shape[0] % p:
+            raise ValueError(
+                f"input_ids of shape {tuple(input_ids.shape)} is not (num_classes * {p}, seq_len) or "
+                f"(num_classes, {p}, seq_len)"
+            )
+        # The reference encodes without a padding mask; with CLIP's causal mask, tokens after EOT cannot change
+        # the EOT feature, so padding is harmless and the mask is unnecessary.
+        embeds = self.clip.get_text_features(input_ids=input_ids).pooler_output
+        return F.normalize(embeds, dim=-1).view(-1, p, embeds.shape[-1])
+
+    # --------------------------------------------------------------------------------------- image side
+    def get_image_features(self, pixel_values: torch.Tensor) -> CATSegImageFeatures:
+        """Dense CLIP features (CAT-Seg's modified last layer) and the two guidance maps.
+
+        The last vision layer keeps only its value path: `v = out_proj(v_proj(ln1(x)))`, adds the CLS token as the
+        residual and applies the MLP; all tokens then go through `post_layernorm` and `visual_projection`
+        (reference: `ResidualAttentionBlock.forward_dense` of `third_party/model_vpt.py`).
+        """
+        size = self.config.clip_resolution
+        if pixel_values.shape[-2:] != (size, size):
+            pixel_values = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
+        vision = self.clip.vision_model
+        hidden = vision.embeddings(pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
+        hidden = vision.pre_layrnorm(hidden)
+        layers = vision.encoder.layers
+        intermediate = []
+        for index, layer in enumerate(layers[:-1]):
+            hidden = layer(hidden, None)
+            if index in self.config.guidance_layers:
+                intermediate.append(hidden)
+        last = layers[-1]
+        values = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden)))
+        hidden = values + hidden[:, :1]
+        hidden = hidden + last.mlp(last.layer_norm2(hidden))
+        dense = self.clip.visual_projection(vision.post_layernorm(hidden))
+
+        grid = self.config.feature_resolution
+        to_map = lambda t: t[:, 1:].transpose(1, 2).unflatten(-1, (grid, grid))  # noqa: E731
+        dense_map = to_map(dense)
+        guidance = (dense_map, self.upsample1(to_map(intermediate[0])), self.upsample2(to_map(intermediate[1])))
+        return CATSegImageFeatures(dense=dense_map, guidance=guidance)
+
+    # ------------------------------------------------------------------------------------------ forward
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Per-class logits (B, num_classes, 4 * grid, 4 * grid) for normalised images (B, 3, H, W)."""
+        text_embeds = self._resolve_text(input_ids, text_embeds, attention_mask, pixel_values.shape[0])
+        features = self.get_image_features(pixel_values)
+        return self.aggregator(features.dense, text_embeds.to(features.dense.dtype), features.guidance)
+
+    def _resolve_text(self, input_ids, text_embeds, attention_mask, batch_size: int) -> torch.Tensor:
+        if (input_ids is None) == (text_embeds is None):
+            raise ValueError("Give exactly one of `input_ids` (tokenised class prompts) or `text_embeds`.")
+        if text_embeds is None:
+            text_embeds = self.get_text_embeddings(input_ids, attention_mask)
+        if text_embeds.dim() == 3:
+            text_embeds = text_embeds.unsqueeze(0).expand(batch_size, -1, -1, -1)
+        if text_embeds.dim() != 4 or text_embeds.shape[0] != batch_size:
+            raise ValueError(
+                f"text_embeds must be (num_classes, P, D) or (batch={batch_size}, num_classes, P, D); "
+                f"got {tuple(text_embeds.shape)}"
+            )
+        if text_embeds.shape[2] != self.config.num_templates:
+            raise ValueError(
+                f"text_embeds has {text_embeds.shape[2]} templates per class; the model uses {self.config.num_templates}"
+            )
+        if text_embeds.shape[1] == 0:
+            raise ValueError("No classes given: the class list is empty.")
+        return text_embeds
+
+
+class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
+    """CAT-Seg for open-vocabulary semantic segmentation: any list of class names, given at call time.
+
+    Example:
+
+    ```python
+    >>> from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+    >>> model = CATSegForSemanticSegmentation.from_pretrained("path/or/hub-id")
+    >>> processor = CATSegProcessor.from_pretrained("path/or/hub-id")
+    >>> inputs = processor(images=image, text=["road", "car", "sky"], return_tensors="pt")
+    >>> outputs = model(**inputs)
+    >>> segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+    ```
+    """
+
+    def __init__(self, config: CATSegConfig) -> None:
+        super().__init__(config)
+        self.catseg = CATSegModel(config)
+        self.post_init()
+
+    def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
+        return self.catseg.get_text_embeddings(input_ids, attention_mask)
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        return_dict: bool | None = None,
+        **kwargs,
+    ) -> SemanticSegmenterOutput:
+        """
+        Args:
+            pixel_values: (B, 3, H, W) images normalised with the CLIP mean/std (see [`CATSegImageProcessor`]).
+            input_ids: token ids of the class prompts, (num_classes, P, L) or (num_classes * P, L).
+            text_embeds: precomputed normalised text embeddings, (num_classes, P, D) or (B, K, P, D).
+            labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
+        Returns:
+            `SemanticSegmenterOutput` with `logits` of shape (B, num_classes, 4 * grid, 4 * grid) (not upsampled,
+            like SegFormer; use `post_process_semantic_segmentation`) and `loss` when labels are given.
+        """
+        logits = self.catseg(pixel_values, input_ids=input_ids, text_embeds=text_embeds, attention_mask=attention_mask)
+        loss = self.loss_function(logits, labels) if labels is not None else None
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
+
+    def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of logits (B, C, h, w) against labels (B, H, W), logits upsampled bilinearly to the label size."""
+        ignore = self.config.semantic_loss_ignore_index
+        logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+        labels = labels.long()
+        if self.config.loss_type == "cross_entropy":
+            return F.cross_entropy(logits, labels, ignore_index=ignore)
+        valid = labels != ignore
+        target = F.one_hot(labels.clamp(0, logits.shape[1] - 1), logits.shape[1]).permute(0, 3, 1, 2).float()
+        target = target * valid.unsqueeze(1)
+        return F.binary_cross_entropy_with_logits(logits, target)
+
+    @torch.no_grad()
+    def predict_sliding_window(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        output_size: tuple[int, int] | None = None,
+        kernel: int | None = None,
+        overlap: float | None = None,
+        out_res: tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """The reference's sliding-window inference, batched over images and windows.
+
+        Each image is resized to `out_res` (640x640), cut into `kernel` (384) windows with `overlap` (0.333), and
+        also resized whole to one global window; sigmoid probabilities of the windows are folded back (averaging
+        overlaps) and averaged with the global view, then resized to `output_size` (default: the input size).
+
+        Returns:
+            (B, num_classes, *output_size) class probabilities (sigmoid scores, as the reference).
+        """
+        kernel = kernel or self.config.sliding_window_kernel
+        overlap = self.config.sliding_window_overlap if overlap is None else overlap
+        out_res = tuple(out_res or self.config.sliding_window_out_res)
+        output_size = tuple(output_size or pixel_values.shape[-2:])
+        stride = int(kernel * (1 - overlap))
+        b = pixel_values.shape[0]
+
+        canvas = F.interpolate(pixel_values, size=out_res, mode="bilinear", align_corners=False)
+        windows = F.unfold(canvas, kernel_size=kernel, stride=stride)  # (B, 3*k*k, L)
+        num_windows = windows.shape[-1]
+        windows = windows.transpose(1, 2).reshape(b * num_windows, 3, kernel, kernel)
+        global_view = F.interpolate(pixel_values, size=(kernel, kernel), mode="bilinear", align_corners=False)
+        views = torch.cat([windows, global_view], dim=0)
+
+        if text_embeds is None:
+            text_embeds = self.get_text_embeddings(input_ids)  # encode the vocabulary once for all views
+        if text_embeds.dim() == 4:  # per-image vocabularies: repeat for each image's windows, then globals
+            text_embeds = torch.cat([text_embeds.repeat_interleave(num_windows, dim=0), text_embeds], dim=0)
+        logits = self.catseg(views, text_embeds=text_embeds)
+        probs = F.interpolate(logits, size=(kernel, kernel), mode="bilinear", align_corners=False).sigmoid()
+        num_classes = probs.shape[1]
+
+        window_probs = probs[: b * num_windows].reshape(b, num_windows, num_classes * kernel * kernel).transpose(1, 2)
+        fold = lambda t: F.fold(t, out_res, kernel_size=kernel, stride=stride)  # noqa: E731
+        coverage = fold(F.unfold(probs.new_ones(1, 1, *out_res), kernel_size=kernel, stride=stride))
+        folded = fold(window_probs) / coverage
+        global_probs = F.interpolate(probs[b * num_windows :], size=out_res, mode="bilinear", align_corners=False)
+        merged = (folded + global_probs) / 2
+        return F.interpolate(merged, size=output_size, mode="bilinear", align_corners=False)

@@ -1,0 +1,129 @@
+"""Processor for CAT-Seg: images through [`CATSegImageProcessor`], class names through the CLIP tokenizer."""
+
+from __future__ import annotations
+
+import gzip
+from collections import Counter
+from collections.abc import Sequence
+from functools import lru_cache
+from importlib import resources
+from typing import Any
+
+import torch
+from transformers import CLIPTokenizer
+from transformers.image_processing_base import BatchFeature
+from transformers.processing_utils import ProcessorMixin
+
+from .image_processing_catseg import CATSegImageProcessor
+from .prompt_templates import resolve_prompt_templates
+
+BPE_RESOURCE = "bpe_simple_vocab_16e6.txt.gz"
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """The reversible byte -> unicode table of GPT-2/CLIP BPE."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    codes = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            codes.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, map(chr, codes)))
+
+
+@lru_cache(maxsize=1)
+def _clip_vocab_and_merges() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    with resources.files("vocalign_hf.resources").joinpath(BPE_RESOURCE).open("rb") as handle:
+        lines = gzip.decompress(handle.read()).decode("utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines[1 : 49152 - 256 - 2 + 1]]
+    tokens = list(_bytes_to_unicode().values())
+    tokens += [token + "</w>" for token in tokens]
+    tokens += ["".join(merge) for merge in merges]
+    tokens += ["<|startoftext|>", "<|endoftext|>"]
+    return {token: index for index, token in enumerate(tokens)}, merges
+
+
+def clip_tokenizer() -> CLIPTokenizer:
+    """The OpenAI CLIP BPE tokenizer (49408 tokens), built from the vocabulary file shipped with the package.
+
+    Checkpoints converted with `convert-catseg-checkpoint` save this tokenizer with the model, so this is only needed
+    to build a processor from scratch (tests, new checkpoints).
+    """
+    vocab, merges = _clip_vocab_and_merges()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
+
+
+def validate_class_names(class_names: Sequence[str]) -> list[str]:
+    """Check a class list: non-empty, strings, no blank and no duplicate names (named in the error)."""
+    if isinstance(class_names, str):
+        raise TypeError(f"class names must be a list of strings, not the string {class_names!r}")
+    names = list(class_names)
+    if not names:
+        raise ValueError("The class list is empty: give at least one class name.")
+    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
+    if bad:
+        raise ValueError(f"Class names must be non-empty strings; got {bad!r}")
+    duplicates = sorted(name for name, count in Counter(n.strip().lower() for n in names).items() if count > 1)
+    if duplicates:
+        raise ValueError(f"Duplicate class names (case-insensitive): {duplicates}")
+    return [name.strip() for name in names]
+
+
+class CATSegProcessor(ProcessorMixin):
+    r"""Bundles [`CATSegImageProcessor`] and a CLIP tokenizer, and turns class names into prompt token ids.
+
+    `processor(images=..., text=["road", "car"])` returns `pixel_values` (B, 3, H, W) and `input_ids`
+    (num_classes, num_templates, seq_len), ready for [`CATSegForSemanticSegmentation`]. A class name containing
+    `", "` ("sky, heaven") is prompted with its first part only, as the reference does.
+
+    Args:
+        image_processor: a [`CATSegImageProcessor`].
+        tokenizer: a `CLIPTokenizer`.
+        prompt_templates: the template set name or list; must match the model config's `prompt_templates`.
+    """
+
+    def __init__(self, image_processor=None, tokenizer=None, prompt_templates: str | list[str] = "single", **kwargs):
+        super().__init__(image_processor, tokenizer, **kwargs)
+        resolve_prompt_templates(prompt_templates)
+        self.prompt_templates = prompt_templates if isinstance(prompt_templates, str) else list(prompt_templates)
+
+    @classmethod
+    def from_config(cls, config, **image_processor_kwargs: Any) -> "CATSegProcessor":
+        """A processor matching a [`CATSegConfig`] (resolution, templates) with the bundled CLIP tokenizer."""
+        size = {"height": config.clip_resolution, "width": config.clip_resolution}
+        image_processor = CATSegImageProcessor(size=size, **image_processor_kwargs)
+        return cls(image_processor, clip_tokenizer(), prompt_templates=config.prompt_templates)
+
+    @property
+    def templates(self) -> tuple[str, ...]:
+        return resolve_prompt_templates(self.prompt_templates)
+
+    def prompts(self, class_names: Sequence[str]) -> list[str]:
+        """All prompt strings, class-major: [t0(c0), t1(c0), ..., t0(c1), ...]."""
+        names = validate_class_names(class_names)
+        return [template.format(name.split(", ")[0]) for name in names for template in self.templates]
+
+    def tokenize_classes(self, class_names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Token ids (num_classes, num_templates, seq_len) and attention mask of every (class, template) prompt."""
+        prompts = self.prompts(class_names)
+        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        shape = (len(prompts) // len(self.templates), len(self.templates), -1)
+        return {"input_ids": encoded["input_ids"].view(shape), "attention_mask": encoded["attention_mask"].view(shape)}
+
+    def __call__(self, images=None, text: Sequence[str] | None = None, return_tensors: str = "pt", **kwargs):
+        """Prepare images and/or a list of class names (the vocabulary shared by the whole batch)."""
+        if images is None and text is None:
+            raise ValueError("Give `images`, `text` (a list of class names), or both.")
+        data: dict[str, Any] = {}
+        if images is not None:
+            data.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
+        if text is not None:
+            data.update(self.tokenize_classes(text))
+        return BatchFeature(data, tensor_type=return_tensors)
+
+    def post_process_semantic_segmentation(self, *args, **kwargs):
+        """See [`CATSegImageProcessor.post_process_semantic_segmentation`]."""
+        return self.image_processor.post_process_semantic_segmentation(*args, **kwargs)
