@@ -1,0 +1,46 @@
+"""VocAlign adaptation mechanisms: masking, EMA teacher, pseudo-labels, concepts, Top-K, LoRA."""
+
+from .ema import ema_alpha, update_ema_
+from .lora import (
+    LoRASettings,
+    count_trainable,
+    lora_config_for_clip,
+    lora_parameter_names,
+    lora_parameters,
+    lora_target_regex,
+)
+from .masking import BlockMasking, apply_block_mask, sample_block_mask
+from .pseudo_labels import entropy_loss, pseudo_labels_from_probs, weighted_cross_entropy
+from .topk import (
+    gather_class_probs,
+    gather_text_embeddings,
+    remap_to_selected,
+    scatter_to_full,
+    select_topk_classes,
+    topk_pseudo_labels,
+)
+from .vocabulary import ConceptVocabulary
+
+__all__ = [
+    "BlockMasking",
+    "ConceptVocabulary",
+    "LoRASettings",
+    "apply_block_mask",
+    "count_trainable",
+    "ema_alpha",
+    "entropy_loss",
+    "gather_class_probs",
+    "gather_text_embeddings",
+    "lora_config_for_clip",
+    "lora_parameter_names",
+    "lora_parameters",
+    "lora_target_regex",
+    "pseudo_labels_from_probs",
+    "remap_to_selected",
+    "sample_block_mask",
+    "scatter_to_full",
+    "select_topk_classes",
+    "topk_pseudo_labels",
+    "update_ema_",
+    "weighted_cross_entropy",
+]

@@ -1,0 +1,159 @@
+"""Vocabulary Alignment: class names expanded with concepts (VocAlign Sec. 3.3, Eq. 7).
+
+The teacher scores ``n_tot`` text entries (class names plus concepts); a softmax is taken
+over ALL ``n_tot`` entries and each class's probability is the sum of its entries'
+probabilities (Eq. 7). This matches the released code
+(``mmseg/models/segmentors/teacher_module.py::get_guided_pseudo_label_and_weight``,
+l.124-127: ``softmax`` over all entries, then ``softmax_logits[:, conc_i].sum(dim=1)`` per
+class via ``classes_to_concepts``); here the per-class loop is one ``index_add``.
+
+``include_class_names=True`` (default) makes every class's own name one of its entries,
+as the paper states ("the cost volume is expanded to n_tot classes, including the original
+ones plus concepts"). The released configs instead read a separate concepts JSON
+(``concepts_json``) mapped by ``classes_to_concepts``; that JSON is not in the repository,
+so whether it repeats the class names cannot be checked there.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["ConceptVocabulary"]
+
+
+def _norm(text: str) -> str:
+    """Comparison key: CLIP's tokenizer lower-cases and collapses whitespace."""
+    return " ".join(text.split()).casefold()
+
+
+class ConceptVocabulary:
+    """Class names plus per-class concepts, with the Eq. 7 aggregation.
+
+    Attributes:
+        class_names: the ``N_c`` target class names, in order.
+        entries: all ``n_tot`` prompts, grouped by class in class order (class name first
+            when ``include_class_names``, then its concepts in the given order).
+        entry_to_class: ``LongTensor (n_tot,)`` mapping each entry to its class index.
+        class_to_entries: ``{class index: [entry indices]}`` (the released ``classes_to_concepts``).
+
+    Raises ``ValueError`` on: an empty class list; duplicate class names; concept keys that
+    are not class names; empty/blank concepts or non-list concept values; a concept equal
+    (case- and whitespace-insensitively) to another class's name or entry; a class left
+    with no entry. Duplicate concepts within one class are dropped (first kept).
+    """
+
+    def __init__(
+        self,
+        class_names: Sequence[str],
+        concepts: Optional[Mapping[str, Sequence[str]]] = None,
+        include_class_names: bool = True,
+    ) -> None:
+        class_names = list(class_names)
+        concepts = dict(concepts or {})
+        if not class_names:
+            raise ValueError("class_names is empty")
+        for name in class_names:
+            if not isinstance(name, str) or not name.strip():
+                raise ValueError(f"class names must be non-empty strings, got {name!r}")
+        seen: Dict[str, str] = {}
+        dup_classes = []
+        for name in class_names:
+            key = _norm(name)
+            if key in seen:
+                dup_classes.append(name)
+            seen[key] = name
+        if dup_classes:
+            raise ValueError(f"duplicate class names: {sorted(set(dup_classes))}")
+        unknown = [k for k in concepts if k not in class_names]
+        if unknown:
+            raise ValueError(f"concept keys are not class names: {unknown}")
+
+        per_class: List[List[str]] = []
+        owner: Dict[str, int] = {}  # normalised entry -> class index
+        if include_class_names:
+            for ci, name in enumerate(class_names):
+                owner[_norm(name)] = ci
+        for ci, name in enumerate(class_names):
+            items = concepts.get(name, [])
+            if isinstance(items, str) or not isinstance(items, (list, tuple)):
+                raise ValueError(f"concepts for class {name!r} must be a list of strings, got {type(items).__name__}")
+            entries_c: List[str] = [name.strip()] if include_class_names else []
+            keys_c = {_norm(name)} if include_class_names else set()
+            for concept in items:
+                if not isinstance(concept, str) or not concept.strip():
+                    raise ValueError(f"empty or non-string concept {concept!r} for class {name!r}")
+                key = _norm(concept)
+                other_name = seen.get(key)
+                if other_name is not None and other_name != name:
+                    raise ValueError(
+                        f"concept {concept!r} of class {name!r} equals the name of class {other_name!r}"
+                    )
+                if key in owner and owner[key] != ci:
+                    raise ValueError(
+                        f"concept {concept!r} of class {name!r} is also an entry of class "
+                        f"{class_names[owner[key]]!r}"
+                    )
+                if key in keys_c:
+                    continue  # duplicate within the class: de-duplicate
+                keys_c.add(key)
+                owner[key] = ci
+                entries_c.append(concept.strip())
+            per_class.append(entries_c)
+        empty = [class_names[i] for i, e in enumerate(per_class) if not e]
+        if empty:
+            raise ValueError(f"classes without any entry (give concepts or include_class_names=True): {empty}")
+
+        self.class_names: List[str] = class_names
+        self.include_class_names = include_class_names
+        self.entries: List[str] = [e for group in per_class for e in group]
+        self.entry_to_class: Tensor = torch.repeat_interleave(
+            torch.arange(len(class_names)), torch.tensor([len(g) for g in per_class])
+        )
+        self.class_to_entries: Dict[int, List[int]] = {}
+        start = 0
+        for ci, group in enumerate(per_class):
+            self.class_to_entries[ci] = list(range(start, start + len(group)))
+            start += len(group)
+
+    @classmethod
+    def identity(cls, class_names: Sequence[str]) -> "ConceptVocabulary":
+        """One entry per class (its name): aggregation reduces to a plain softmax."""
+        return cls(class_names, concepts=None, include_class_names=True)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def num_entries(self) -> int:
+        return len(self.entries)
+
+    def __len__(self) -> int:
+        return self.num_entries
+
+    def __repr__(self) -> str:
+        return f"ConceptVocabulary(num_classes={self.num_classes}, num_entries={self.num_entries})"
+
+    def aggregate(self, scores: Tensor, from_logits: bool = True) -> Tensor:
+        """Eq. 7: per-class probabilities from scores over all ``n_tot`` entries.
+
+        Args:
+            scores: ``(B, n_tot, *spatial)`` logits (``from_logits=True``: softmax over the
+                ``n_tot`` entries is applied first) or probabilities over the entries.
+            from_logits: whether ``scores`` are logits.
+
+        Returns:
+            ``(B, N_c, *spatial)``; class ``n`` = sum of its entries' probabilities.
+            Differentiable w.r.t. ``scores``.
+        """
+        if scores.dim() < 2 or scores.shape[1] != self.num_entries:
+            raise ValueError(
+                f"expected scores with {self.num_entries} entries on dim 1, got shape {tuple(scores.shape)}"
+            )
+        probs = torch.softmax(scores, dim=1) if from_logits else scores
+        out_shape = (probs.shape[0], self.num_classes) + tuple(probs.shape[2:])
+        out = probs.new_zeros(out_shape)
+        return out.index_add(1, self.entry_to_class.to(probs.device), probs)
