@@ -144,9 +144,17 @@ class CATSegModel(CATSegPreTrainedModel):
         input_ids: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
+        class_indices: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Per-class logits (B, num_classes, 4 * grid, 4 * grid) for normalised images (B, 3, H, W)."""
+        """Per-class logits (B, num_classes, 4 * grid, 4 * grid) for normalised images (B, 3, H, W).
+
+        `class_indices` (B, K) keeps only those classes of the vocabulary for each image (VocAlign's Top-K): the
+        pruned classes never enter the cost volume and the logits are (B, K, ...), in the order of the indices.
+        """
         text_embeds = self._resolve_text(input_ids, text_embeds, attention_mask, pixel_values.shape[0])
+        if class_indices is not None:
+            index = class_indices[..., None, None].expand(-1, -1, *text_embeds.shape[2:])
+            text_embeds = torch.gather(text_embeds, 1, index)
         features = self.get_image_features(pixel_values)
         return self.aggregator(features.dense, text_embeds.to(features.dense.dtype), features.guidance)
 
@@ -202,6 +210,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         text_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
+        class_indices: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput:
@@ -211,11 +220,18 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             input_ids: token ids of the class prompts, (num_classes, P, L) or (num_classes * P, L).
             text_embeds: precomputed normalised text embeddings, (num_classes, P, D) or (B, K, P, D).
             labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
+            class_indices: (B, K) per-image subset of the vocabulary to segment with (Top-K); logits follow it.
         Returns:
             `SemanticSegmenterOutput` with `logits` of shape (B, num_classes, 4 * grid, 4 * grid) (not upsampled,
             like SegFormer; use `post_process_semantic_segmentation`) and `loss` when labels are given.
         """
-        logits = self.catseg(pixel_values, input_ids=input_ids, text_embeds=text_embeds, attention_mask=attention_mask)
+        logits = self.catseg(
+            pixel_values,
+            input_ids=input_ids,
+            text_embeds=text_embeds,
+            attention_mask=attention_mask,
+            class_indices=class_indices,
+        )
         loss = self.loss_function(logits, labels) if labels is not None else None
         return SemanticSegmenterOutput(loss=loss, logits=logits)
 
