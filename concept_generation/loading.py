@@ -1,0 +1,185 @@
+"""Loading and validating concept files (shipped sets or user files)."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .classes import name_key, normalize_name, validate_class_names
+from .errors import ClassListError, ConceptFileError
+
+__all__ = ["SHIPPED_CONCEPT_SETS", "list_shipped_concepts", "shipped_concepts_path", "load_concepts"]
+
+SHIPPED_CONCEPT_SETS: dict[str, str] = {
+    "cityscapes": "cityscapes",
+    "ade20k_150": "ade20k_150",
+    "ade20k": "ade20k_150",
+    "ade150": "ade20k_150",
+    "pascal_context_59": "pascal_context_59",
+    "pascal_context": "pascal_context_59",
+    "pc59": "pascal_context_59",
+}
+"""Accepted names (and aliases) of the concept files in ``vocalign_hf/resources/concepts/``."""
+
+
+def list_shipped_concepts() -> list[str]:
+    """Canonical names of the shipped concept sets: ``["ade20k_150", "cityscapes", "pascal_context_59"]``."""
+    return sorted(set(SHIPPED_CONCEPT_SETS.values()))
+
+
+def _resources_dir() -> Path:
+    # Locate the package without importing it (vocalign_hf's __init__ may pull in heavy dependencies).
+    spec = importlib.util.find_spec("vocalign_hf")
+    if spec is None or not spec.submodule_search_locations:
+        raise ConceptFileError("the vocalign_hf package is not installed; cannot find the shipped concept files")
+    for location in spec.submodule_search_locations:
+        candidate = Path(location) / "resources" / "concepts"
+        if candidate.is_dir():
+            return candidate
+    raise ConceptFileError("vocalign_hf/resources/concepts/ is missing from the installed package")
+
+
+def shipped_concepts_path(name: str) -> Path:
+    """Path of the shipped concept file ``name`` (canonical name or alias, case-insensitive).
+
+    Raises:
+        ConceptFileError: unknown name.
+    """
+    canonical = SHIPPED_CONCEPT_SETS.get(name.strip().lower().replace("-", "_"))
+    if canonical is None:
+        raise ConceptFileError(
+            f"unknown concept set {name!r}: give a path to a JSON file or one of {', '.join(list_shipped_concepts())}"
+        )
+    return _resources_dir() / f"{canonical}.json"
+
+
+def _resolve(path_or_name: str | os.PathLike[str]) -> Path:
+    if isinstance(path_or_name, os.PathLike):
+        return Path(path_or_name)
+    path = Path(path_or_name)
+    if path.is_file():
+        return path
+    looks_like_path = path_or_name.lower().endswith(".json") or os.sep in path_or_name or "/" in path_or_name
+    if looks_like_path:
+        raise ConceptFileError(f"concept file not found: {path_or_name}")
+    return shipped_concepts_path(path_or_name)
+
+
+def load_concepts(
+    path_or_name: str | os.PathLike[str],
+    class_names: Sequence[str] | None = None,
+) -> dict[str, list[str]]:
+    """Load a concept file: ``{class_name: [concept, ...]}``.
+
+    Args:
+        path_or_name: a path to a JSON file, or the name of a shipped set (``"cityscapes"``,
+            ``"ade20k_150"``, ``"pascal_context_59"``; aliases ``"ade20k"``, ``"ade150"``,
+            ``"pascal_context"``, ``"pc59"``).
+        class_names: the dataset's classes. If given, every class in the file must be one of them
+            (compared ignoring case and extra whitespace), and the result is keyed by
+            ``class_names`` in its order and exact spelling, with ``[]`` for classes the file does
+            not cover (such a class is then scored by its name only).
+
+    The file holds either the plain mapping ``{class: [concepts]}`` or the document written by
+    ``vocalign-concepts`` (``{"concepts": {class: [concepts]}, "metadata": {...}}``). Checks: the
+    top level is an object; class names are non-blank strings, unique ignoring case; each value is
+    a list of non-blank strings without case-insensitive duplicates; no concept equals another
+    class of the file (or of ``class_names``), since summing it into the wrong class would
+    corrupt the pseudo-labels. Concepts are returned whitespace-normalised; a concept equal to its
+    own class name is dropped.
+
+    Returns:
+        ``{class_name: [concept, ...]}``.
+
+    Raises:
+        ConceptFileError: missing file, invalid JSON or format, or classes outside ``class_names``;
+            the message names the file and the problem.
+    """
+    path = _resolve(path_or_name)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConceptFileError(f"concept file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConceptFileError(f"{path}: cannot read concept file ({exc})") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConceptFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    return _validate_mapping(data, path, class_names)
+
+
+def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) -> dict[str, list[str]]:
+    def fail(problem: str) -> ConceptFileError:
+        return ConceptFileError(f"{path}: {problem}")
+
+    if isinstance(data, dict) and isinstance(data.get("concepts"), dict) and set(data) <= {"concepts", "metadata"}:
+        data = data["concepts"]
+    if not isinstance(data, dict):
+        raise fail(f'expected a JSON object {{"class name": ["concept", ...]}}, got a {type(data).__name__}')
+    if not data:
+        raise fail("the file has no classes")
+
+    file_classes: dict[str, str] = {}
+    for raw in data:
+        name = normalize_name(raw)
+        if not name:
+            raise fail("a class name is blank")
+        if name.casefold() in file_classes:
+            raise fail(f"class {name!r} appears more than once (ignoring case and spaces)")
+        file_classes[name.casefold()] = raw
+
+    all_classes: dict[str, str] = {k: normalize_name(v) for k, v in file_classes.items()}
+    wanted: list[str] | None = None
+    if class_names is not None:
+        try:
+            wanted = validate_class_names(list(class_names), source="class_names")
+        except ClassListError as exc:
+            raise ConceptFileError(str(exc)) from None
+        wanted_keys = {n.casefold() for n in wanted}
+        unknown = [file_classes[k] for k in file_classes if k not in wanted_keys]
+        if unknown:
+            raise fail(
+                f"{len(unknown)} class(es) are not in class_names: {', '.join(map(repr, unknown))}"
+            )
+        for n in wanted:
+            all_classes.setdefault(n.casefold(), n)
+
+    cleaned: dict[str, list[str]] = {}
+    for key, raw_name in file_classes.items():
+        values = data[raw_name]
+        name = normalize_name(raw_name)
+        if not isinstance(values, list):
+            raise fail(f"class {name!r}: expected a list of concept strings, got a {type(values).__name__}")
+        seen: set[str] = set()
+        kept: list[str] = []
+        for index, concept in enumerate(values):
+            if not isinstance(concept, str):
+                kind = type(concept).__name__
+                raise fail(f"class {name!r}: concept {index} is {kind} {concept!r}, expected a string")
+            text = normalize_name(concept)
+            ckey = text.casefold()
+            if not text:
+                raise fail(f"class {name!r}: concept {index} is blank")
+            if ckey in seen:
+                raise fail(f"class {name!r}: concept {text!r} is listed twice")
+            seen.add(ckey)
+            if ckey == key:
+                continue
+            if ckey in all_classes:
+                raise fail(
+                    f"class {name!r}: concept {text!r} is the name of another class ({all_classes[ckey]!r}); "
+                    "it would steal probability from that class"
+                )
+            kept.append(text)
+        cleaned[key] = kept
+
+    if wanted is None:
+        return {normalize_name(file_classes[k]): v for k, v in cleaned.items()}
+    # Keys keep the caller's exact spelling (e.g. SceneParse150's "bed " with its trailing space).
+    assert class_names is not None
+    return {raw: cleaned.get(name_key(raw), []) for raw in class_names}
