@@ -1,5 +1,8 @@
-"""VocAlign adaptation mechanisms: masking, EMA teacher, pseudo-labels, concepts, Top-K, LoRA."""
+"""VocAlign adaptation: the trainer, its arguments, adapters, and the mechanisms (masking, EMA teacher,
+pseudo-labels, concepts, Top-K, LoRA)."""
 
+from .adapters import build_model_card, load_adapted_model, push_adapter_to_hub, save_adapter
+from .arguments import ABLATIONS, METHODS, VocAlignArguments
 from .ema import ema_alpha, update_ema_
 from .lora import (
     LoRASettings,
@@ -19,9 +22,20 @@ from .topk import (
     select_topk_classes,
     topk_pseudo_labels,
 )
+from .trainer import SegmentationCollator, VocAlignTrainer, add_lora
 from .vocabulary import ConceptVocabulary
 
 __all__ = [
+    "ABLATIONS",
+    "METHODS",
+    "SegmentationCollator",
+    "VocAlignArguments",
+    "VocAlignTrainer",
+    "add_lora",
+    "build_model_card",
+    "load_adapted_model",
+    "push_adapter_to_hub",
+    "save_adapter",
     "BlockMasking",
     "ConceptVocabulary",
     "LoRASettings",

@@ -1,0 +1,82 @@
+"""Training arguments of VocAlign, as a `transformers.TrainingArguments` subclass, and the paper's ablation rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from transformers import TrainingArguments
+
+METHODS = ("vocalign", "teacher_student", "min_entropy", "zero_shot")
+
+# The rows of Table 2 (left) of the paper, as switches of one trainer.
+ABLATIONS: dict[str, dict] = {
+    "zero_shot": {"method": "zero_shot"},
+    "min_entropy": {"method": "min_entropy"},
+    "teacher_student": {"method": "teacher_student", "use_masking": False, "use_concepts": False, "top_k": None},
+    "masking": {"method": "teacher_student", "use_masking": True, "use_concepts": False, "top_k": None},
+    "vocab_alignment": {"method": "vocalign", "use_masking": True, "use_concepts": True, "top_k": None},
+    "topk": {"method": "vocalign", "use_masking": True, "use_concepts": True},
+}
+
+
+@dataclass
+class VocAlignArguments(TrainingArguments):
+    """`TrainingArguments` plus the VocAlign knobs. Defaults follow the paper's Cityscapes setting (Sec. 4.1);
+    where the released code (andraghetti/VocAlign, `configs/vocalign/cityscapes.py`) differs, the help says so.
+
+    `method`:
+      * `vocalign` - EMA teacher pseudo-labels (with concepts if `use_concepts`), masked student, Top-K, LoRA;
+      * `teacher_student` - the same loop; with `use_masking=False, use_concepts=False, top_k=None` it is the
+        paper's plain teacher-student baseline;
+      * `min_entropy` - entropy minimisation of the student's predictions on the LoRA weights (no teacher);
+      * `zero_shot` - no training (evaluation only).
+    """
+
+    method: str = field(default="vocalign", metadata={"help": f"one of {METHODS}"})
+    ema_alpha: float = field(default=0.99, metadata={"help": "teacher EMA momentum alpha (paper and code: 0.99)"})
+    pseudo_threshold: float | None = field(
+        default=0.968,
+        metadata={
+            "help": "tau of Eq. 4: the loss weight q is the share of pixels whose teacher confidence is >= tau. "
+            "None gives q = 1, which is what the released code effectively trains with (its decode head drops "
+            "the weight)."
+        },
+    )
+    use_masking: bool = field(default=True, metadata={"help": "block-mask the student's input (Eq. 5-6)"})
+    mask_ratio: float = field(default=0.7, metadata={"help": "mask ratio r: 0.7 Cityscapes, 0.5 multi-dataset"})
+    mask_block_size: int = field(default=16, metadata={"help": "mask block size b in pixels (released code: 16)"})
+    use_concepts: bool = field(default=True, metadata={"help": "vocabulary alignment of the teacher (Eq. 7)"})
+    include_class_names: bool = field(
+        default=True, metadata={"help": "the teacher vocabulary keeps each class name beside its concepts"}
+    )
+    top_k: int | None = field(
+        default=15,
+        metadata={"help": "classes per image in the student's cost volume (paper: 15 CS, 50 / 35 multi; code: 19 CS)"},
+    )
+    lora_rank: int = field(default=2, metadata={"help": "LoRA rank (paper 2; released Cityscapes config 1)"})
+    lora_alpha: float = field(default=2.0, metadata={"help": "LoRA alpha (paper 2; released Cityscapes config 1)"})
+    lora_layers: list[int] = field(
+        default_factory=lambda: [0, 1, 2, 3],
+        metadata={"help": "CLIP layers with LoRA in both towers (paper 0-3; released code 0-4)"},
+    )
+    lora_use_rslora: bool = field(
+        default=True, metadata={"help": "scale LoRA by alpha/sqrt(rank) as the released code does"}
+    )
+    warmup_start_factor: float = field(
+        default=0.1, metadata={"help": "linear warm-up starts at learning_rate * factor (5e-6 -> 5e-5 in the paper)"}
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if not 0.0 <= self.ema_alpha <= 1.0:
+            raise ValueError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
+        if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold <= 1.0:
+            raise ValueError(f"pseudo_threshold must be in [0, 1] or None, got {self.pseudo_threshold}")
+        if not 0.0 <= self.mask_ratio < 1.0:
+            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        # Images arrive as dict batches the trainer builds itself; keep every column.
+        self.remove_unused_columns = False

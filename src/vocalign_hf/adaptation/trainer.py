@@ -1,0 +1,301 @@
+"""`VocAlignTrainer`: source-free adaptation of CAT-Seg as a `transformers.Trainer` (runs under Accelerate).
+
+One training step (paper Sec. 3, Eq. 3-7):
+
+1. the EMA **teacher** sees the clean target image with the *aligned* vocabulary (classes + concepts), a softmax
+   over all entries, and each class's entries summed back to it (Eq. 7);
+2. **Top-K**: per image the K classes with the highest mean teacher probability are kept, the pseudo-label is the
+   argmax over them and the weight q the share of confident pixels (Eq. 3-4, as the released code);
+3. the **student** sees the block-masked image (Eq. 5-6) with only the K selected class names in its cost volume
+   and learns `q * CE(student, pseudo-label)`;
+4. after the optimiser step the teacher's LoRA weights follow the student's by EMA.
+
+Only the LoRA weights (peft, q/k/v of the first CLIP layers of both towers) are trained. The student is what is
+evaluated and saved, as in the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from peft import PeftModel, get_peft_model
+from torch.optim.lr_scheduler import LambdaLR
+from tqdm.auto import tqdm
+from transformers import Trainer, TrainerCallback
+
+from ..metrics import StreamingMeanIoU
+from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
+from .arguments import VocAlignArguments
+from .ema import ema_alpha, update_ema_
+from .lora import LoRASettings, lora_config_for_clip, lora_parameters
+from .masking import apply_block_mask, sample_block_mask
+from .pseudo_labels import entropy_loss, weighted_cross_entropy
+from .topk import topk_pseudo_labels
+from .vocabulary import ConceptVocabulary
+
+TEACHER_WEIGHTS = "teacher_lora.safetensors"
+VOCALIGN_STATE = "vocalign.json"
+
+
+class SegmentationCollator:
+    """Stacks `pixel_values` (0..1 floats, (3, H, W)) and optional `labels`, then applies CLIP normalisation."""
+
+    def __init__(self, image_mean: Sequence[float], image_std: Sequence[float]) -> None:
+        self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
+        self.std = torch.tensor(image_std).view(1, 3, 1, 1)
+
+    def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
+        pixels = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
+        batch = {"pixel_values": (pixels - self.mean) / self.std}
+        if all(e.get("labels") is not None for e in examples):
+            batch["labels"] = torch.stack([torch.as_tensor(e["labels"], dtype=torch.long) for e in examples])
+        return batch
+
+
+def add_lora(model: CATSegForSemanticSegmentation, args: VocAlignArguments) -> PeftModel:
+    """Wrap a CAT-Seg model with LoRA on q/k/v of `args.lora_layers` of both CLIP towers; freeze the rest."""
+    settings = LoRASettings(
+        rank=args.lora_rank, alpha=args.lora_alpha, layers=tuple(args.lora_layers), use_rslora=args.lora_use_rslora
+    )
+    return get_peft_model(model, lora_config_for_clip(settings))
+
+
+class _TeacherEMACallback(TrainerCallback):
+    """Moves the teacher's LoRA weights towards the student's after every optimiser step."""
+
+    def __init__(self, trainer: "VocAlignTrainer") -> None:
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer.update_teacher(state.global_step)
+
+
+class VocAlignTrainer(Trainer):
+    """Adapts a LoRA-wrapped CAT-Seg student to unlabeled target images with an EMA teacher.
+
+    Args:
+        model: a `PeftModel` around [`CATSegForSemanticSegmentation`] (see [`add_lora`]); for `method="zero_shot"`
+            a plain model works too.
+        args: [`VocAlignArguments`].
+        class_names: the target classes.
+        concepts: `{class: [concept, ...]}` for vocabulary alignment (ignored when `args.use_concepts` is False).
+        processor: the model's [`CATSegProcessor`] (tokenises the class and concept prompts, normalises images).
+        train_dataset / eval_dataset: datasets yielding `pixel_values` (3, H, W) in 0..1 (and `labels` (H, W) for
+            evaluation); the collator normalises them.
+    """
+
+    def __init__(
+        self,
+        model: PeftModel | CATSegForSemanticSegmentation,
+        args: VocAlignArguments,
+        class_names: Sequence[str],
+        processor: CATSegProcessor,
+        concepts: Mapping[str, Sequence[str]] | None = None,
+        data_collator=None,
+        **kwargs: Any,
+    ) -> None:
+        self.class_names = validate_class_names(class_names)
+        self.concepts = {k: list(v) for k, v in (concepts or {}).items()}
+        self.processor = processor
+        image_processor = processor.image_processor
+        collator = data_collator or SegmentationCollator(image_processor.image_mean, image_processor.image_std)
+        super().__init__(model=model, args=args, data_collator=collator, **kwargs)
+        self.vocabulary = (
+            ConceptVocabulary(self.class_names, self.concepts, include_class_names=args.include_class_names)
+            if args.use_concepts and self.concepts
+            else ConceptVocabulary.identity(self.class_names)
+        )
+        self._class_tokens = processor.tokenize_classes(self.class_names)["input_ids"]
+        self._entry_tokens = processor.tokenize_classes(self.vocabulary.entries)["input_ids"]
+        # Masked pixels become black: 0 in 0..1 space is -mean/std after normalisation.
+        mean = torch.tensor(image_processor.image_mean)
+        std = torch.tensor(image_processor.image_std)
+        self._mask_fill = (-mean / std).tolist()
+        self.teacher = None
+        if args.method in ("vocalign", "teacher_student"):
+            self.teacher = copy.deepcopy(self.model).eval()
+            self.teacher.requires_grad_(False)
+            self.add_callback(_TeacherEMACallback(self))
+        self._log_sums: dict[str, float] = {}
+        self._log_count = 0
+
+    # ------------------------------------------------------------------------------------------ teacher
+    @torch.no_grad()
+    def update_teacher(self, step: int) -> None:
+        """EMA of the trainable (LoRA) weights: alpha_t = min(1 - 1/(t+1), alpha) (released code's warm-up)."""
+        if self.teacher is None:
+            return
+        student = self.accelerator.unwrap_model(self.model)
+        update_ema_(lora_parameters(self.teacher), lora_parameters(student), ema_alpha(step, self.args.ema_alpha))
+
+    @torch.no_grad()
+    def teacher_class_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Teacher probabilities over the target classes (B, Nc, H, W) at the input resolution (Eq. 7)."""
+        self.teacher.to(pixel_values.device)
+        text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
+        logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
+        logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
+        return self.vocabulary.aggregate(logits, from_logits=True)
+
+    # --------------------------------------------------------------------------------------------- loss
+    def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
+        pixel_values = inputs["pixel_values"]
+        device = pixel_values.device
+        class_tokens = self._class_tokens.to(device)
+        if self.args.method == "min_entropy":
+            logits = model(pixel_values=pixel_values, input_ids=class_tokens).logits
+            loss = entropy_loss(logits.float())
+            self._record(loss=loss.item())
+            return (loss, {"logits": logits}) if return_outputs else loss
+        if self.args.method == "zero_shot":
+            raise RuntimeError("method='zero_shot' does not train; call evaluate() instead of train().")
+
+        class_probs = self.teacher_class_probs(pixel_values)
+        top_k = self.args.top_k if self.args.top_k is not None else len(self.class_names)
+        indices, pseudo_labels, weight = topk_pseudo_labels(class_probs, top_k, self.args.pseudo_threshold)
+
+        student_input = pixel_values
+        if self.args.use_masking:
+            b, _, h, w = pixel_values.shape
+            mask = sample_block_mask(b, h, w, self.args.mask_block_size, self.args.mask_ratio, device=device)
+            student_input = apply_block_mask(pixel_values, mask, fill=self._mask_fill)
+        # Text is encoded inside the forward (LoRA sits in the text tower too); pruned classes never enter the
+        # student's cost volume.
+        logits = model(pixel_values=student_input, input_ids=class_tokens, class_indices=indices).logits
+        loss = weighted_cross_entropy(logits.float(), pseudo_labels, weight)
+        self._record(loss=loss.item(), pseudo_weight=float(weight))
+        return (loss, {"logits": logits}) if return_outputs else loss
+
+    def _record(self, **values: float) -> None:
+        for key, value in values.items():
+            self._log_sums[key] = self._log_sums.get(key, 0.0) + value
+        self._log_count += 1
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        if self._log_count and "loss" in logs:
+            for key, total in self._log_sums.items():
+                if key != "loss":
+                    logs[key] = round(total / self._log_count, 4)
+            self._log_sums, self._log_count = {}, 0
+        super().log(logs, *args, **kwargs)
+
+    # ---------------------------------------------------------------------------------------- schedule
+    def create_scheduler(self, num_training_steps: int, optimizer=None):
+        """Linear warm-up from `learning_rate * warmup_start_factor` (5e-6 -> 5e-5 over 500 steps in the paper),
+        then `lr_scheduler_type` (`constant` as the paper, or `linear` / `cosine` / `polynomial` decay)."""
+        if self.lr_scheduler is not None:
+            return self.lr_scheduler
+        optimizer = optimizer or self.optimizer
+        warmup = self.args.get_warmup_steps(num_training_steps)
+        start = self.args.warmup_start_factor
+        kind = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
+
+        def factor(step: int) -> float:
+            if step < warmup:
+                return start + (1.0 - start) * step / max(warmup, 1)
+            progress = min((step - warmup) / max(num_training_steps - warmup, 1), 1.0)
+            if kind in ("linear", "polynomial"):
+                return 1.0 - progress
+            if kind.startswith("cosine"):
+                return 0.5 * (1.0 + math.cos(math.pi * progress))
+            return 1.0
+
+        self.lr_scheduler = LambdaLR(optimizer, factor)
+        return self.lr_scheduler
+
+    # ------------------------------------------------------------------------------------- checkpoints
+    def _save_checkpoint(self, model, trial):
+        super()._save_checkpoint(model, trial)
+        if self.teacher is not None and self.args.should_save:
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            self.save_teacher(folder / TEACHER_WEIGHTS)
+
+    def save_teacher(self, path: str | Path) -> None:
+        """Write the teacher's LoRA weights atomically (tmp file + rename)."""
+        from safetensors.torch import save_file
+
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        names = [n for n, p in self.teacher.named_parameters() if "lora_" in n]
+        tensors = {n: p.detach().cpu().contiguous() for n, p in self.teacher.named_parameters() if "lora_" in n}
+        tmp = path.with_suffix(".tmp")
+        save_file(tensors, str(tmp))
+        os.replace(tmp, path)
+        assert len(names) == len(tensors)
+
+    def load_teacher(self, path: str | Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(path))
+        params = dict(self.teacher.named_parameters())
+        missing = sorted(n for n in params if "lora_" in n and n not in tensors)
+        if missing:
+            raise ValueError(f"Teacher checkpoint {path} lacks {missing[:5]} (and {max(len(missing) - 5, 0)} more)")
+        with torch.no_grad():
+            for name, value in tensors.items():
+                params[name].copy_(value)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
+        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
+        teacher_file = Path(resume_from_checkpoint) / TEACHER_WEIGHTS
+        if self.teacher is not None:
+            if not teacher_file.is_file():
+                raise FileNotFoundError(
+                    f"{teacher_file} is missing: cannot resume VocAlign without the teacher's weights"
+                )
+            self.load_teacher(teacher_file)
+
+    def _save(self, output_dir: str | None = None, state_dict=None):
+        super()._save(output_dir, state_dict=state_dict)
+        output_dir = Path(output_dir or self.args.output_dir)
+        info = {
+            "class_names": self.class_names,
+            "concepts": self.concepts,
+            "method": self.args.method,
+            "top_k": self.args.top_k,
+            "use_masking": self.args.use_masking,
+            "use_concepts": self.args.use_concepts,
+            "pseudo_threshold": self.args.pseudo_threshold,
+            "ema_alpha": self.args.ema_alpha,
+        }
+        tmp = output_dir / (VOCALIGN_STATE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2))
+        os.replace(tmp, output_dir / VOCALIGN_STATE)
+
+    # -------------------------------------------------------------------------------------- evaluation
+    @torch.no_grad()
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
+        """mIoU of the **student** on a labelled split: streaming confusion matrix, summed across processes."""
+        dataloader = self.get_eval_dataloader(eval_dataset)
+        model = self.accelerator.unwrap_model(self.model)
+        was_training = model.training
+        model.eval()
+        device = self.args.device
+        text = model.get_text_embeddings(self._class_tokens.to(device))
+        metric = StreamingMeanIoU(len(self.class_names), ignore_index=255, device=device)
+        bar = tqdm(dataloader, desc="evaluate", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
+        for batch in bar:
+            pixel_values = batch["pixel_values"].to(device)
+            labels = batch["labels"].to(device)
+            with self.autocast_smart_context_manager():
+                logits = model(pixel_values=pixel_values, text_embeds=text).logits
+            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            metric.update(logits.argmax(dim=1), labels)
+        results = metric.gather(self.accelerator).compute()
+        model.train(was_training)
+        metrics = {f"{metric_key_prefix}_mean_iou": 100 * results["mean_iou"]}
+        for name, iou in zip(self.class_names, results["per_category_iou"]):
+            metrics[f"{metric_key_prefix}_iou_{name}"] = float("nan") if math.isnan(iou) else 100 * float(iou)
+        self.last_eval_table = metric.format_table(self.class_names)
+        self.log(metrics)
+        return metrics

@@ -1,0 +1,43 @@
+"""Shared tiny models and data for the tests: a 3-layer CLIP at 32x32, built in well under a second."""
+
+import pytest
+import torch
+
+from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
+
+
+def tiny_catseg_config(**overrides) -> CATSegConfig:
+    clip = dict(
+        text_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, vocab_size=49408,
+            max_position_embeddings=77, bos_token_id=49406, eos_token_id=49407, pad_token_id=49407,
+        ),
+        vision_config=dict(
+            hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=2, image_size=32,
+            patch_size=8,
+        ),
+        projection_dim=32,
+    )
+    kwargs = dict(
+        clip_config=clip, clip_resolution=32, guidance_layers=[0, 1], text_guidance_proj_dim=16,
+        appearance_guidance_proj_dim=16, decoder_dims=[16, 16], decoder_guidance_dims=[16, 8],
+        decoder_guidance_proj_dims=[8, 4], hidden_dim=16, num_heads=2, window_size=4, pad_len=8,
+    )
+    kwargs.update(overrides)
+    return CATSegConfig(**kwargs)
+
+
+@pytest.fixture
+def tiny_config() -> CATSegConfig:
+    return tiny_catseg_config()
+
+
+@pytest.fixture
+def tiny_model(tiny_config) -> CATSegForSemanticSegmentation:
+    torch.manual_seed(0)
+    return CATSegForSemanticSegmentation(tiny_config).eval()
+
+
+@pytest.fixture
+def tiny_processor(tiny_config) -> CATSegProcessor:
+    return CATSegProcessor.from_config(tiny_config)
