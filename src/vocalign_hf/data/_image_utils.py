@@ -1,0 +1,125 @@
+"""Small image / mask helpers shared by the loaders and the transforms (private)."""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
+
+
+def load_pil(value: Any) -> Image.Image:
+    """Accept what a ``datasets.Image`` column can hold (PIL image, path, ``{"bytes", "path"}`` dict, array)."""
+    if isinstance(value, Image.Image):
+        return value
+    if isinstance(value, np.ndarray):
+        return Image.fromarray(value)
+    if isinstance(value, (str, os.PathLike)):
+        return Image.open(value)
+    if isinstance(value, bytes):
+        return Image.open(io.BytesIO(value))
+    if isinstance(value, dict):
+        if value.get("bytes") is not None:
+            return Image.open(io.BytesIO(value["bytes"]))
+        if value.get("path"):
+            return Image.open(value["path"])
+    raise TypeError(f"cannot read an image from a {type(value).__name__}")
+
+
+def to_rgb(image: Any, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Image:
+    """Convert any image to 8-bit RGB.
+
+    * ``RGB`` is returned as is; ``L``, ``1``, ``CMYK``, ``YCbCr``, ``HSV``, ``LAB`` are converted by PIL.
+    * 16/32-bit grayscale (``I``, ``I;16*``) and float (``F``) images are rescaled to 0..255 from their dtype range
+      (uint16: /257; values already within 0..255 are kept), then replicated to 3 channels.
+    * Images with transparency (``RGBA``, ``LA``, ``PA``, ``P`` with a transparency entry) are **alpha-composited
+      over ``background``** (black by default, the same value the crop uses to pad images), so fully transparent
+      pixels become ``background`` and opaque pixels keep their colour.
+    * Numpy arrays ``(H, W)``, ``(H, W, 1)``, ``(H, W, 3)``, ``(H, W, 4)`` (uint8) are accepted as well.
+    """
+    img = load_pil(image) if not isinstance(image, np.ndarray) else _array_to_pil(image)
+    mode = img.mode
+    if mode == "RGB":
+        return img
+    if mode == "P":
+        img = img.convert("RGBA") if "transparency" in img.info else img.convert("RGB")
+        mode = img.mode
+        if mode == "RGB":
+            return img
+    if mode in ("I", "F") or mode.startswith("I;"):
+        arr = np.asarray(img)
+        if arr.dtype.kind == "f":
+            arr = np.clip(arr * (255.0 if arr.max(initial=0) <= 1.0 else 1.0), 0, 255)
+        elif arr.max(initial=0) > 255:
+            arr = arr / 257.0
+        arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="L").convert("RGB")
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        base = Image.new("RGBA", rgba.size, tuple(background) + (255,))
+        return Image.alpha_composite(base, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def _array_to_pil(arr: np.ndarray) -> Image.Image:
+    if arr.ndim == 3 and arr.shape[2] == 1:
+        arr = arr[:, :, 0]
+    if arr.ndim == 2:
+        if arr.dtype == np.uint8:
+            return Image.fromarray(arr, mode="L")
+        if arr.dtype.kind == "f":
+            return Image.fromarray(arr.astype(np.float32), mode="F")
+        return Image.fromarray(arr.astype(np.int32), mode="I")
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        if arr.dtype != np.uint8:
+            if arr.dtype.kind == "f" and arr.max(initial=0) <= 1.0:
+                arr = arr * 255.0
+            arr = np.clip(np.round(arr), 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, mode="RGB" if arr.shape[2] == 3 else "RGBA")
+    raise ValueError(f"cannot interpret an array of shape {arr.shape} as an image")
+
+
+def mask_to_array(mask: Any) -> np.ndarray:
+    """Decode a segmentation mask to a 2-D integer array (no value is changed).
+
+    Single-channel masks (``L``, ``P`` indices, ``I``, ``I;16``, ``1``) are read as is. A 3-channel mask whose
+    channels are all equal is read from its first channel. A colour-coded RGB mask is ambiguous and raises
+    ``ValueError`` (convert it to class indices first).
+    """
+    if isinstance(mask, np.ndarray):
+        arr = mask
+    else:
+        img = load_pil(mask)
+        if img.mode == "1":
+            img = img.convert("L")
+        arr = np.asarray(img)
+    if arr.ndim == 3:
+        gray = arr.shape[2] in (3, 4) and all(np.array_equal(arr[..., 0], arr[..., c]) for c in (1, 2))
+        if arr.shape[2] == 1 or gray:
+            arr = arr[..., 0]
+        else:
+            raise ValueError(
+                f"mask has {arr.shape[2]} different channels (a colour-coded mask?); segmentation masks must hold "
+                "one class index per pixel (mode L, P or I)"
+            )
+    if arr.ndim != 2:
+        raise ValueError(f"a mask must be 2-D, got shape {arr.shape}")
+    if arr.dtype.kind == "b":
+        arr = arr.astype(np.uint8)
+    if arr.dtype.kind == "f":
+        if not np.all(arr == np.round(arr)):
+            raise ValueError("mask holds non-integer values")
+        arr = arr.astype(np.int64)
+    return arr
+
+
+def array_to_mask_image(arr: np.ndarray) -> Image.Image:
+    """Encode an integer mask as a PIL image: ``L`` (uint8) when values fit 0..255, else ``I`` (int32)."""
+    arr = np.asarray(arr)
+    if arr.size == 0 or (arr.min() >= 0 and arr.max() <= 255):
+        return Image.fromarray(arr.astype(np.uint8), mode="L")
+    return Image.fromarray(arr.astype(np.int32), mode="I")

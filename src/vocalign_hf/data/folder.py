@@ -1,0 +1,198 @@
+"""Plain image folders: unlabeled target images for adaptation, optionally with masks and a class list.
+
+Layout::
+
+    images/                 masks/ (optional)          classes.json (optional)
+      a.jpg                   a.png                      ["road", "car", ...]   or   {"classes": [...]}
+      sub/b.png               sub/b.png
+
+Images (``.png .jpg .jpeg .bmp .webp``, case-insensitive) are listed sorted; ``recursive=True`` also walks
+sub-folders. Masks are matched to images by file stem (by relative path + stem when recursive), after removing
+optional ``image_suffix`` / ``mask_suffix`` (e.g. ``"_leftImg8bit"`` / ``"_gtFine_labelTrainIds"``). Masks must be
+single-channel class-index images (``L``, ``P`` or 16-bit); pixel value ``k`` is class ``k`` of the class list and
+255 is ignored, unless a ``dataset_info`` with a label conversion (e.g. ADE20K reduce labels) is given.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Sequence, Union
+
+import datasets
+
+from ._image_utils import IMAGE_EXTENSIONS
+from .dataset_info import DatasetInfo, _validate_class_names
+from .normalize import LabelEncoding, normalize_segmentation_dataset
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["IMAGE_EXTENSIONS", "MASK_EXTENSIONS", "list_images", "load_class_names", "load_image_folder"]
+
+#: Extensions accepted for masks (lossless formats; ``.jpg`` masks are accepted with a warning).
+MASK_EXTENSIONS: tuple[str, ...] = (".png", ".bmp", ".tif", ".tiff", ".webp", ".jpg", ".jpeg")
+
+_MAX_LISTED = 10
+
+
+def _fmt(names: Sequence[str]) -> str:
+    shown = ", ".join(names[:_MAX_LISTED])
+    return shown + (f" ... (+{len(names) - _MAX_LISTED} more)" if len(names) > _MAX_LISTED else "")
+
+
+def list_images(
+    folder: Union[str, Path], *, recursive: bool = False, extensions: Sequence[str] = IMAGE_EXTENSIONS
+) -> list[Path]:
+    """Sorted image files of ``folder`` (extension match is case-insensitive; hidden files are skipped).
+
+    Raises:
+        FileNotFoundError: ``folder`` does not exist or is not a directory.
+    """
+    folder = Path(folder).expanduser()
+    if not folder.is_dir():
+        raise FileNotFoundError(f"image folder not found: {folder}")
+    exts = {e.lower() for e in extensions}
+    pattern = "**/*" if recursive else "*"
+    files = [
+        p
+        for p in folder.glob(pattern)
+        if p.is_file()
+        and p.suffix.lower() in exts
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+    ]
+    return sorted(files, key=lambda p: p.relative_to(folder).as_posix())
+
+
+def _key(path: Path, folder: Path, suffix: str, recursive: bool) -> Optional[str]:
+    stem = path.stem
+    if suffix:
+        if not stem.endswith(suffix):
+            return None
+        stem = stem[: -len(suffix)]
+    if recursive:
+        parent = path.parent.relative_to(folder).as_posix()
+        return stem if parent == "." else f"{parent}/{stem}"
+    return stem
+
+
+def _index(files: Sequence[Path], folder: Path, suffix: str, recursive: bool, what: str) -> dict[str, Path]:
+    index: dict[str, Path] = {}
+    dups: list[str] = []
+    for f in files:
+        k = _key(f, folder, suffix, recursive)
+        if k is None:
+            continue
+        if k in index:
+            dups.append(f"{index[k].name} / {f.name}")
+        index[k] = f
+    if dups:
+        raise ValueError(f"several {what} files share a stem in {folder}: {_fmt(dups)}")
+    return index
+
+
+def load_class_names(path: Union[str, Path]) -> list[str]:
+    """Read and validate a class-list JSON file: ``["a", "b", ...]`` or ``{"classes": ["a", "b", ...]}``.
+
+    Returns:
+        The class names, in label-id order (value ``k`` in a mask is ``names[k]``).
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: invalid JSON, a wrong structure, an empty list, a non-string / empty name, or duplicates
+            (the message names the file and the offending entries).
+    """
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(f"class list not found: {path}")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: invalid JSON ({e})") from e
+    if isinstance(data, dict):
+        if "classes" not in data:
+            raise ValueError(f'{path}: a JSON object must have a "classes" key, got keys {sorted(data)}')
+        data = data["classes"]
+    if not isinstance(data, list):
+        raise ValueError(f'{path}: expected a list of class names or {{"classes": [...]}}, got {type(data).__name__}')
+    _validate_class_names(data, source=str(path))
+    return list(data)
+
+
+def load_image_folder(
+    image_dir: Union[str, Path],
+    mask_dir: Union[str, Path, None] = None,
+    *,
+    recursive: bool = False,
+    image_suffix: str = "",
+    mask_suffix: str = "",
+    strict: bool = True,
+    dataset_info: Union[str, DatasetInfo, None] = None,
+    label_encoding: LabelEncoding = "auto",
+    num_proc: Optional[int] = None,
+) -> datasets.Dataset:
+    """Load a folder of images (unlabeled) or of images and masks matched by stem.
+
+    Args:
+        image_dir: folder of images.
+        mask_dir: optional folder of masks; ``None`` gives an unlabeled dataset (``image`` column only).
+        recursive: also walk sub-folders (matching then uses the relative path + stem).
+        image_suffix: suffix removed from image stems before matching (images without it are skipped).
+        mask_suffix: suffix removed from mask stems before matching (masks without it are skipped).
+        strict: ``True``: every image needs a mask **and** every mask an image. ``False``: masks without an
+            image are ignored (images without a mask still raise).
+        dataset_info: known dataset (name or :class:`DatasetInfo`) whose label conversion should be applied to the
+            masks (e.g. ``"ade20k_150"`` for raw ADE annotations). ``None``: masks already hold training ids.
+        label_encoding: see :func:`~vocalign_hf.data.normalize.normalize_segmentation_dataset`.
+        num_proc: processes for the label conversion.
+
+    Returns:
+        ``datasets.Dataset`` with ``image`` (and ``label``) ``datasets.Image`` columns, sorted by relative path.
+
+    Raises:
+        FileNotFoundError: a missing folder, or no image in ``image_dir``.
+        ValueError: images and masks that do not match; the message lists the unmatched names.
+    """
+    image_dir = Path(image_dir).expanduser()
+    images = list_images(image_dir, recursive=recursive)
+    img_index = _index(images, image_dir, image_suffix, recursive, "image")
+    if not img_index:
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}"
+            + (f" with suffix {image_suffix!r}" if image_suffix else "")
+            + ("" if recursive else " (pass recursive=True to search sub-folders)")
+        )
+    keys = sorted(img_index)
+
+    if mask_dir is None:
+        return datasets.Dataset.from_dict(
+            {"image": [str(img_index[k]) for k in keys]}, features=datasets.Features({"image": datasets.Image()})
+        )
+
+    mask_dir = Path(mask_dir).expanduser()
+    if not mask_dir.is_dir():
+        raise FileNotFoundError(f"mask folder not found: {mask_dir}")
+    masks = list_images(mask_dir, recursive=recursive, extensions=MASK_EXTENSIONS)
+    mask_index = _index(masks, mask_dir, mask_suffix, recursive, "mask")
+    lossy = [p.name for p in mask_index.values() if p.suffix.lower() in (".jpg", ".jpeg")]
+    if lossy:
+        logger.warning("JPEG masks are lossy and may hold wrong class ids: %s", _fmt(lossy))
+
+    no_mask = [img_index[k].relative_to(image_dir).as_posix() for k in keys if k not in mask_index]
+    no_image = sorted(m.relative_to(mask_dir).as_posix() for k, m in mask_index.items() if k not in img_index)
+    if no_mask or (strict and no_image):
+        parts = []
+        if no_mask:
+            parts.append(f"{len(no_mask)} image(s) without a mask in {mask_dir}: {_fmt(no_mask)}")
+        if strict and no_image:
+            parts.append(f"{len(no_image)} mask(s) without an image in {image_dir}: {_fmt(no_image)}")
+        hint = f" (matching by stem; mask_suffix={mask_suffix!r}, image_suffix={image_suffix!r})"
+        raise ValueError("images and masks do not match: " + "; ".join(parts) + hint)
+
+    ds = datasets.Dataset.from_dict(
+        {"image": [str(img_index[k]) for k in keys], "label": [str(mask_index[k]) for k in keys]},
+        features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}),
+    )
+    if dataset_info is None:
+        return ds
+    return normalize_segmentation_dataset(ds, dataset_info, label_encoding=label_encoding, num_proc=num_proc)
