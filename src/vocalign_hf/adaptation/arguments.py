@@ -62,6 +62,10 @@ class VocAlignArguments(TrainingArguments):
     lora_use_rslora: bool = field(
         default=True, metadata={"help": "scale LoRA by alpha/sqrt(rank) as the released code does"}
     )
+    eval_sliding_window: bool = field(
+        default=False,
+        metadata={"help": "evaluate with the reference's sliding-window inference (384 windows on a 640 canvas)"},
+    )
     warmup_start_factor: float = field(
         default=0.1, metadata={"help": "linear warm-up starts at learning_rate * factor (5e-6 -> 5e-5 in the paper)"}
     )

@@ -31,6 +31,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
+from ..data import collate_fn
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
 from .arguments import VocAlignArguments
@@ -46,18 +47,19 @@ VOCALIGN_STATE = "vocalign.json"
 
 
 class SegmentationCollator:
-    """Stacks `pixel_values` (0..1 floats, (3, H, W)) and optional `labels`, then applies CLIP normalisation."""
+    """Batches transformed examples with [`vocalign_hf.data.collate_fn`] (0..1 `pixel_values`, optional `labels`,
+    padding to the largest image), then applies the model's CLIP normalisation."""
 
     def __init__(self, image_mean: Sequence[float], image_std: Sequence[float]) -> None:
         self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
         self.std = torch.tensor(image_std).view(1, 3, 1, 1)
 
     def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
-        pixels = torch.stack([torch.as_tensor(e["pixel_values"], dtype=torch.float32) for e in examples])
-        batch = {"pixel_values": (pixels - self.mean) / self.std}
-        if all(e.get("labels") is not None for e in examples):
-            batch["labels"] = torch.stack([torch.as_tensor(e["labels"], dtype=torch.long) for e in examples])
-        return batch
+        batch = collate_fn(examples)
+        out = {"pixel_values": (batch["pixel_values"].float() - self.mean) / self.std}
+        if "labels" in batch:
+            out["labels"] = batch["labels"]
+        return out
 
 
 def add_lora(model: CATSegForSemanticSegmentation, args: VocAlignArguments) -> PeftModel:
@@ -288,9 +290,12 @@ class VocAlignTrainer(Trainer):
             pixel_values = batch["pixel_values"].to(device)
             labels = batch["labels"].to(device)
             with self.autocast_smart_context_manager():
-                logits = model(pixel_values=pixel_values, text_embeds=text).logits
-            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            metric.update(logits.argmax(dim=1), labels)
+                if self.args.eval_sliding_window:
+                    scores = model.predict_sliding_window(pixel_values, text_embeds=text, output_size=labels.shape[-2:])
+                else:
+                    scores = model(pixel_values=pixel_values, text_embeds=text).logits
+            scores = F.interpolate(scores.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            metric.update(scores.argmax(dim=1), labels)
         results = metric.gather(self.accelerator).compute()
         model.train(was_training)
         metrics = {f"{metric_key_prefix}_mean_iou": 100 * results["mean_iou"]}
