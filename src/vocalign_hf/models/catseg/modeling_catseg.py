@@ -197,7 +197,40 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
     def __init__(self, config: CATSegConfig) -> None:
         super().__init__(config)
         self.catseg = CATSegModel(config)
+        self._vocabulary_cache: torch.Tensor | None = None
         self.post_init()
+
+    def set_vocabulary(self, class_names: list[str], processor) -> None:
+        """Make `class_names` the model's default vocabulary (used when a call gives no text).
+
+        The names go to `config.id2label` (so `pipeline("image-segmentation")` labels its masks with them) and their
+        prompt token ids to `config.vocabulary_token_ids`, so the vocabulary survives `save_pretrained`. Its text
+        embeddings are computed once and cached until the model is put back in training mode.
+        """
+        tokens = processor.tokenize_classes(class_names)["input_ids"]
+        self.config.id2label = {i: name for i, name in enumerate(class_names)}
+        self.config.label2id = {name: i for i, name in enumerate(class_names)}
+        self.config.vocabulary_token_ids = tokens.tolist()
+        self._vocabulary_cache = None
+
+    def train(self, mode: bool = True):
+        self._vocabulary_cache = None  # weights may change: re-encode the default vocabulary next time
+        return super().train(mode)
+
+    def _default_text_embeds(self) -> torch.Tensor:
+        token_ids = getattr(self.config, "vocabulary_token_ids", None)
+        if token_ids is None:
+            raise ValueError(
+                "No classes given: pass `input_ids` (processor(text=class_names)) or `text_embeds`, or set a default "
+                "vocabulary with model.set_vocabulary(class_names, processor)."
+            )
+        if self._vocabulary_cache is None or self.training or torch.is_grad_enabled():
+            ids = torch.tensor(token_ids, device=self.device)
+            embeds = self.get_text_embeddings(ids)
+            if self.training or torch.is_grad_enabled():
+                return embeds
+            self._vocabulary_cache = embeds
+        return self._vocabulary_cache
 
     def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
@@ -225,6 +258,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             `SemanticSegmenterOutput` with `logits` of shape (B, num_classes, 4 * grid, 4 * grid) (not upsampled,
             like SegFormer; use `post_process_semantic_segmentation`) and `loss` when labels are given.
         """
+        if input_ids is None and text_embeds is None:
+            text_embeds = self._default_text_embeds()
         logits = self.catseg(
             pixel_values,
             input_ids=input_ids,
@@ -253,6 +288,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         pixel_values: torch.Tensor,
         input_ids: torch.Tensor | None = None,
         text_embeds: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
         output_size: tuple[int, int] | None = None,
         kernel: int | None = None,
         overlap: float | None = None,
@@ -281,8 +317,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         global_view = F.interpolate(pixel_values, size=(kernel, kernel), mode="bilinear", align_corners=False)
         views = torch.cat([windows, global_view], dim=0)
 
-        if text_embeds is None:
-            text_embeds = self.get_text_embeddings(input_ids)  # encode the vocabulary once for all views
+        if text_embeds is None:  # encode the vocabulary once for all views
+            text_embeds = self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
         if text_embeds.dim() == 4:  # per-image vocabularies: repeat for each image's windows, then globals
             text_embeds = torch.cat([text_embeds.repeat_interleave(num_windows, dim=0), text_embeds], dim=0)
         logits = self.catseg(views, text_embeds=text_embeds)
