@@ -55,7 +55,7 @@ def test_a_class_changes_only_its_own_cost_slice_order(tiny_model, tiny_processo
 
 @pytest.mark.parametrize(
     "names, message",
-    [([], "empty"), (["road", "car", "Road"], "road"), (["road", ""], "non-empty"), ("road", "list")],
+    [([], "empty"), (["road", "car", "Road"], "road"), (["road", ""], "entry 1 is blank"), ("road", "list")],
 )
 def test_bad_class_lists_are_clear_errors(tiny_processor, names, message):
     with pytest.raises((ValueError, TypeError), match=message):

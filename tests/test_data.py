@@ -266,11 +266,11 @@ def test_image_folder_recursive_suffix_and_reduce(tmp_path):
 @pytest.mark.parametrize(
     "content, match",
     [
-        ("[\"a\", ", "invalid JSON"),
+        ("[\"a\", ", "not valid JSON"),
         ("[]", "empty"),
         ("[\"a\", \"b\", \"a\"]", "duplicate"),
-        ("[\"a\", 3]", "non-empty strings"),
-        ("[\"a\", \"  \"]", "non-empty strings"),
+        ("[\"a\", 3]", "entry 1 is int"),
+        ("[\"a\", \"  \"]", "entry 1 is blank"),
         ("{\"names\": [\"a\"]}", "classes"),
         ("\"road\"", "list"),
     ],

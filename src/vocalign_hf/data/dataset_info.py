@@ -24,6 +24,8 @@ from typing import Mapping, Optional, Sequence
 
 import numpy as np
 
+from ..class_names import validate_class_names
+
 __all__ = [
     "IGNORE_INDEX",
     "CITYSCAPES_CLASSES",
@@ -312,7 +314,7 @@ class DatasetInfo:
     def __post_init__(self) -> None:
         names = tuple(self.class_names)
         object.__setattr__(self, "class_names", names)
-        _validate_class_names(names, source=f"DatasetInfo({self.name!r})")
+        validate_class_names(names, source=f"DatasetInfo({self.name!r})")
         if self.label_mapping is not None and self.reduce_labels:
             raise ValueError("DatasetInfo: give either label_mapping or reduce_labels, not both")
         if 0 <= self.ignore_index < len(names):
@@ -390,22 +392,6 @@ class DatasetInfo:
             palette=tuple(tuple(c) for c in palette) if palette is not None else (),  # type: ignore[misc]
             reduce_labels=reduce_labels,
         )
-
-
-def _validate_class_names(names: Sequence[object], source: str) -> None:
-    if len(names) == 0:
-        raise ValueError(f"{source}: the class list is empty")
-    bad = [repr(n) for n in names if not isinstance(n, str) or not n.strip()]
-    if bad:
-        raise ValueError(f"{source}: class names must be non-empty strings, got {', '.join(bad[:5])}")
-    seen: set[str] = set()
-    dups = []
-    for n in names:
-        if n in seen and n not in dups:
-            dups.append(n)
-        seen.add(n)  # type: ignore[arg-type]
-    if dups:
-        raise ValueError(f"{source}: duplicate class names: {', '.join(map(repr, dups))}")
 
 
 _KNOWN: tuple[DatasetInfo, ...] = (

@@ -23,7 +23,8 @@ from typing import Optional, Sequence, Union
 import datasets
 
 from ._image_utils import IMAGE_EXTENSIONS
-from .dataset_info import DatasetInfo, _validate_class_names
+from ..class_names import load_class_names  # noqa: F401  (re-exported)
+from .dataset_info import DatasetInfo
 from .normalize import LabelEncoding, normalize_segmentation_dataset
 
 logger = logging.getLogger(__name__)
@@ -89,34 +90,6 @@ def _index(files: Sequence[Path], folder: Path, suffix: str, recursive: bool, wh
     if dups:
         raise ValueError(f"several {what} files share a stem in {folder}: {_fmt(dups)}")
     return index
-
-
-def load_class_names(path: Union[str, Path]) -> list[str]:
-    """Read and validate a class-list JSON file: ``["a", "b", ...]`` or ``{"classes": ["a", "b", ...]}``.
-
-    Returns:
-        The class names, in label-id order (value ``k`` in a mask is ``names[k]``).
-
-    Raises:
-        FileNotFoundError: the file does not exist.
-        ValueError: invalid JSON, a wrong structure, an empty list, a non-string / empty name, or duplicates
-            (the message names the file and the offending entries).
-    """
-    path = Path(path).expanduser()
-    if not path.is_file():
-        raise FileNotFoundError(f"class list not found: {path}")
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: invalid JSON ({e})") from e
-    if isinstance(data, dict):
-        if "classes" not in data:
-            raise ValueError(f'{path}: a JSON object must have a "classes" key, got keys {sorted(data)}')
-        data = data["classes"]
-    if not isinstance(data, list):
-        raise ValueError(f'{path}: expected a list of class names or {{"classes": [...]}}, got {type(data).__name__}')
-    _validate_class_names(data, source=str(path))
-    return list(data)
 
 
 def load_image_folder(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import gzip
-from collections import Counter
 from collections.abc import Sequence
 from functools import lru_cache
 from importlib import resources
@@ -14,6 +13,7 @@ from transformers import CLIPTokenizer
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
+from ...class_names import validate_class_names
 from .image_processing_catseg import CATSegImageProcessor
 from .prompt_templates import resolve_prompt_templates
 
@@ -54,22 +54,6 @@ def clip_tokenizer() -> CLIPTokenizer:
     """
     vocab, merges = _clip_vocab_and_merges()
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
-
-
-def validate_class_names(class_names: Sequence[str]) -> list[str]:
-    """Check a class list: non-empty, strings, no blank and no duplicate names (named in the error)."""
-    if isinstance(class_names, str):
-        raise TypeError(f"class names must be a list of strings, not the string {class_names!r}")
-    names = list(class_names)
-    if not names:
-        raise ValueError("The class list is empty: give at least one class name.")
-    bad = [name for name in names if not isinstance(name, str) or not name.strip()]
-    if bad:
-        raise ValueError(f"Class names must be non-empty strings; got {bad!r}")
-    duplicates = sorted(name for name, count in Counter(n.strip().lower() for n in names).items() if count > 1)
-    if duplicates:
-        raise ValueError(f"Duplicate class names (case-insensitive): {duplicates}")
-    return [name.strip() for name in names]
 
 
 class CATSegProcessor(ProcessorMixin):
