@@ -61,7 +61,12 @@ class RecipeArguments:
     push_adapter_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id for the adapter"})
     adapter: str | None = field(default=None, metadata={"help": "evaluate.py: a VocAlign adapter (folder or Hub id)"})
     world_seed: int = 0
+    world_image_size: int = 64
+    world_num_source_train: int = 1500
+    world_num_target_train: int = 400
+    world_num_target_eval: int = 100
     world_pretrain_steps: int = 700
+    world_pretrain_batch_size: int = 16
 
 
 def parse_recipe_args(
@@ -162,11 +167,22 @@ def _limit(dataset, count: int | None):
 def _world_data(recipe: RecipeArguments, output_dir: str) -> TargetData:
     from .world import WorldConfig, build_world, pretrain_source_model
 
-    world = build_world(WorldConfig(seed=recipe.world_seed))
+    world = build_world(
+        WorldConfig(
+            seed=recipe.world_seed,
+            image_size=recipe.world_image_size,
+            num_source_train=recipe.world_num_source_train,
+            num_target_train=recipe.world_num_target_train,
+            num_target_eval=recipe.world_num_target_eval,
+        )
+    )
     base = recipe.base_model
-    if base is None:
+    if base is None:  # pretrained once, then reused (the folder records a hash of world and settings)
         base = str(Path(output_dir) / "source_model")
-        pretrain_source_model(world, base, steps=recipe.world_pretrain_steps, seed=recipe.world_seed)
+        pretrain_source_model(
+            world, base, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
+            seed=recipe.world_seed,
+        )
     size = world.config.image_size
     train = _limit(world.target_train, recipe.max_train_images).with_transform(
         make_train_transform(crop_size=size, ratio_range=(0.75, 1.5), flip_prob=0.5)
