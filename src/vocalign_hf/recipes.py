@@ -229,7 +229,8 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     """The main job: zero-shot evaluation, VocAlign adaptation, evaluation of the adapted student, a per-class
     report, overlays, and the adapter (with class list, concepts and model card) in `<output_dir>/adapter`.
 
-    Returns `{"zero_shot_miou": ..., "adapted_miou": ...}` (percent), also written to `<output_dir>/results.json`.
+    Returns `{"zero_shot_miou": ..., "adapted_miou": ...}` plus per-class IoUs (`adapted_iou_<class>`, percent),
+    also written to `<output_dir>/results.json`.
     """
     from dataclasses import replace
 
@@ -253,7 +254,9 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     zero_shot_model = CATSegForSemanticSegmentation.from_pretrained(data.base_model)
     if recipe.eval_zero_shot or args.method == "zero_shot":
         zero_shot = trainer_for(zero_shot_model, "zero_shot")
-        results["zero_shot_miou"] = zero_shot.evaluate(metric_key_prefix="zero_shot")["zero_shot_mean_iou"]
+        metrics = zero_shot.evaluate(metric_key_prefix="zero_shot")
+        results["zero_shot_miou"] = metrics["zero_shot_mean_iou"]
+        results.update({k: v for k, v in metrics.items() if k.startswith("zero_shot_iou_")})
         tables["zero-shot"] = zero_shot.last_eval_table
     if args.method == "zero_shot":
         print(tables["zero-shot"])
@@ -263,7 +266,9 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     student = add_lora(CATSegForSemanticSegmentation.from_pretrained(data.base_model), args)
     trainer = trainer_for(student, args.method)
     trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
-    results["adapted_miou"] = trainer.evaluate(metric_key_prefix="adapted")["adapted_mean_iou"]
+    metrics = trainer.evaluate(metric_key_prefix="adapted")
+    results["adapted_miou"] = metrics["adapted_mean_iou"]
+    results.update({k: v for k, v in metrics.items() if k.startswith("adapted_iou_")})
     tables["adapted"] = trainer.last_eval_table
     if not trainer.is_world_process_zero():
         return results
