@@ -76,13 +76,16 @@ class WindowAttention(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
         """x: (B * nW, N, dim + guidance); mask: (nW, N, N) additive or None."""
         bw, n, _ = x.shape
-        shape = (bw // num_windows, num_windows, n, self.num_heads, -1)
-        q = self.q(x).view(shape).transpose(2, 3)
-        k = self.k(x).view(shape).transpose(2, 3)
-        v = self.v(x[..., : self.dim]).view(shape).transpose(2, 3)
-        attn_mask = None if mask is None else mask.unsqueeze(1).to(q.dtype)
+        # 4-D tensors so that SDPA can pick a fused kernel; the mask repeats over the images of the batch.
+        shape = (bw, n, self.num_heads, -1)
+        q = self.q(x).view(shape).transpose(1, 2)
+        k = self.k(x).view(shape).transpose(1, 2)
+        v = self.v(x[..., : self.dim]).view(shape).transpose(1, 2)
+        attn_mask = None
+        if mask is not None:
+            attn_mask = mask.to(q.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1).reshape(bw, 1, n, n)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(2, 3).reshape(bw, n, -1))
+        return self.proj(out.transpose(1, 2).reshape(bw, n, -1))
 
 
 class SwinTransformerBlock(nn.Module):

@@ -151,6 +151,12 @@ class CATSegModel(CATSegPreTrainedModel):
         `class_indices` (B, K) keeps only those classes of the vocabulary for each image (VocAlign's Top-K): the
         pruned classes never enter the cost volume and the logits are (B, K, ...), in the order of the indices.
         """
+        if class_indices is not None and input_ids is not None and text_embeds is None:
+            # Top-K: encode only the classes some image keeps (with gradients, LoRA sits in the text tower).
+            used, inverse = class_indices.unique(return_inverse=True)
+            ids = input_ids if input_ids.dim() == 3 else input_ids.view(-1, self.config.num_templates, input_ids.shape[-1])
+            text_embeds = self.get_text_embeddings(ids[used])[inverse]  # (B, K, P, D)
+            input_ids, class_indices = None, None
         text_embeds = self._resolve_text(input_ids, text_embeds, attention_mask, pixel_values.shape[0])
         if class_indices is not None:
             index = class_indices[..., None, None].expand(-1, -1, *text_embeds.shape[2:])
