@@ -124,7 +124,9 @@ SOURCE_HUE_JITTER_DEGREES = 8.0
 CLASS_COLOR_JITTER = 0.05
 _FLOOR_CLASSES = {"source": (GRASS, EARTH, ROAD, WATER), "target": (GRASS, ROAD, WATER)}
 _BUILDING_COLORS = np.array([(0.70, 0.36, 0.28), (0.80, 0.72, 0.55), (0.55, 0.58, 0.66), (0.62, 0.50, 0.40)])
-_CAR_COLORS = np.array([(0.80, 0.12, 0.12), (0.15, 0.25, 0.75), (0.90, 0.80, 0.15), (0.92, 0.92, 0.92), (0.12, 0.12, 0.12)])
+_CAR_COLORS = np.array(
+    [(0.80, 0.12, 0.12), (0.15, 0.25, 0.75), (0.90, 0.80, 0.15), (0.92, 0.92, 0.92), (0.12, 0.12, 0.12)]
+)
 
 
 def source_class_names() -> list[str]:
@@ -294,7 +296,9 @@ def _class_texture(
         period = rng.uniform(4.0, 6.0) * scale
         a = np.deg2rad(rotation * 0.3)
         u, v = xx * np.cos(a) + yy * np.sin(a), -xx * np.sin(a) + yy * np.cos(a)
-        win = ((u + rng.uniform(0, period)) % period < period * 0.5) & ((v + rng.uniform(0, period)) % period < period * 0.5)
+        offset_u = rng.uniform(0, period)
+        offset_v = rng.uniform(0, period)
+        win = ((u + offset_u) % period < period * 0.5) & ((v + offset_v) % period < period * 0.5)
         lum = np.where(win, -0.28, 0.0) + 0.02 * rng.standard_normal(yy.shape)
     elif cls == CAR:  # body colour, handled by the car painter (windows and wheels)
         lum = 0.02 * rng.standard_normal(yy.shape)
@@ -352,7 +356,9 @@ def _apply_shift(image: np.ndarray, shift: DomainShift, rng: np.random.Generator
 
 
 # -------------------------------------------------------------------------------------------- layout
-def render_scene(rng: np.random.Generator, size: int = 64, domain: str = "source", shift: DomainShift | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render_scene(
+    rng: np.random.Generator, size: int = 64, domain: str = "source", shift: DomainShift | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Render one scene.
 
     Args:
@@ -395,7 +401,8 @@ def render_scene(rng: np.random.Generator, size: int = 64, domain: str = "source
         centre = rng.uniform(0.25, 0.75) * size
         half0 = rng.uniform(1.0, 4.0) * s
         spread = rng.uniform(0.5, 1.1)
-        road = floor & (np.abs(xx - centre - rng.uniform(-0.4, 0.4) * (yy - horizon0)) < half0 + spread * (yy - horizon0))
+        lean = rng.uniform(-0.4, 0.4)
+        road = floor & (np.abs(xx - centre - lean * (yy - horizon0)) < half0 + spread * (yy - horizon0))
         layers.append((ROAD, road))
 
     for _ in range(rng.integers(0, 4)):  # buildings standing on the horizon
@@ -447,7 +454,8 @@ def render_scene(rng: np.random.Generator, size: int = 64, domain: str = "source
         color = _CAR_COLORS[rng.integers(len(_CAR_COLORS))] + rng.normal(0.0, 0.03, 3)
         tex = _class_texture(CAR, rng, yy, xx, color, scale, rotation, horizon0)
         window = (yy < y0 + 0.4 * h) & (xx > x0 + 0.25 * w) & (xx < x0 + 0.75 * w)
-        wheel = (yy > y0 + 0.78 * h) & ((np.abs(xx - x0 - 0.22 * w) < 0.11 * w) | (np.abs(xx - x0 - 0.78 * w) < 0.11 * w))
+        wheels_x = (np.abs(xx - x0 - 0.22 * w) < 0.11 * w) | (np.abs(xx - x0 - 0.78 * w) < 0.11 * w)
+        wheel = (yy > y0 + 0.78 * h) & wheels_x
         tex[window] = (0.25, 0.3, 0.38)
         tex[wheel] = (0.06, 0.06, 0.06)
         image[visible] = tex[visible]

@@ -29,7 +29,14 @@ from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegP
 from .datasets import World, dataset_to_tensors
 from .evaluation import evaluate_segmenter
 
-__all__ = ["DISTRACTOR_WORDS", "PRETRAIN_VERSION", "auto_num_threads", "pretrain_settings_hash", "pretrain_source_model", "tiny_catseg_config"]
+__all__ = [
+    "DISTRACTOR_WORDS",
+    "PRETRAIN_VERSION",
+    "auto_num_threads",
+    "pretrain_settings_hash",
+    "pretrain_source_model",
+    "tiny_catseg_config",
+]
 
 #: Bumped when the training procedure changes, so that old checkpoints are not reused.
 PRETRAIN_VERSION = 2
@@ -232,9 +239,9 @@ def _train(
     def probe_loss() -> float:
         model.eval()
         with torch.no_grad():
-            loss = model(pixel_values=pixel_values[probe], input_ids=all_ids[:num_classes], labels=labels_all[probe]).loss
+            out = model(pixel_values=pixel_values[probe], input_ids=all_ids[:num_classes], labels=labels_all[probe])
         model.train()
-        return float(loss)
+        return float(out.loss)
 
     loss_before = probe_loss()
     optimizer = torch.optim.AdamW(model.parameters(), lr=settings["lr"], weight_decay=settings["weight_decay"])
