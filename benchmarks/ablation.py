@@ -23,8 +23,8 @@ from vocalign_hf.world.generator import CLASSES
 ROOT = Path(__file__).resolve().parents[1]
 REDUCED = [
     "--world_image_size", "32", "--world_num_source_train", "400", "--world_num_target_train", "120",
-    "--world_num_target_eval", "40", "--world_pretrain_steps", "200", "--world_pretrain_batch_size", "8",
-    "--max_steps", "60", "--per_device_train_batch_size", "8",
+    "--world_num_target_eval", "40", "--world_pretrain_steps", "600", "--world_pretrain_batch_size", "8",
+    "--max_steps", "100", "--per_device_train_batch_size", "8",
 ]
 RENAMED = [c.target_name for c in CLASSES if c.kind not in ("same", "source-only")]
 

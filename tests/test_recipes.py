@@ -14,8 +14,8 @@ WORLD_CONFIG = ROOT / "recipes" / "configs" / "world.yaml"
 # The main job, reduced for CI: 32x32 images, fewer images and steps (the full job uses 64x64 and ~10 min).
 REDUCED = [
     "--world_image_size", "32", "--world_num_source_train", "400", "--world_num_target_train", "120",
-    "--world_num_target_eval", "40", "--world_pretrain_steps", "200", "--world_pretrain_batch_size", "8",
-    "--max_steps", "60", "--per_device_train_batch_size", "8", "--logging_steps", "10", "--save_steps", "1000",
+    "--world_num_target_eval", "40", "--world_pretrain_steps", "600", "--world_pretrain_batch_size", "8",
+    "--max_steps", "100", "--per_device_train_batch_size", "8", "--logging_steps", "10", "--save_steps", "1000",
     "--num_overlays", "2", "--disable_tqdm", "true",
 ]
 

@@ -67,6 +67,9 @@ class RecipeArguments:
     world_num_target_eval: int = 100
     world_pretrain_steps: int = 700
     world_pretrain_batch_size: int = 16
+    world_pretrain_threads: int = field(
+        default=1, metadata={"help": "torch threads for pretraining; fixed so the source model is reproducible"}
+    )
 
 
 def parse_recipe_args(
@@ -181,7 +184,7 @@ def _world_data(recipe: RecipeArguments, output_dir: str) -> TargetData:
         base = str(Path(output_dir) / "source_model")
         pretrain_source_model(
             world, base, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
-            seed=recipe.world_seed,
+            seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads,
         )
     size = world.config.image_size
     train = _limit(world.target_train, recipe.max_train_images).with_transform(
