@@ -38,44 +38,25 @@ def _temperature(value: str) -> float | None:
     return number
 
 
-def _positive_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}") from None
-    if number < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value!r}")
-    return number
+def _number(kind: type, minimum: float, inclusive: bool, description: str):
+    """An argparse type: `kind(value)` that is >= `minimum` (or > it when not `inclusive`)."""
+
+    def parse(value: str):
+        try:
+            number = kind(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {description}, got {value!r}") from None
+        if number < minimum or (number == minimum and not inclusive):
+            raise argparse.ArgumentTypeError(f"expected {description}, got {value!r}")
+        return number
+
+    return parse
 
 
-def _non_negative_int(value: str) -> int:
-    try:
-        number = int(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value!r}")
-    return number
-
-
-def _positive_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}") from None
-    if number <= 0:
-        raise argparse.ArgumentTypeError(f"expected a positive number, got {value!r}")
-    return number
-
-
-def _non_negative_float(value: str) -> float:
-    try:
-        number = float(value)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}") from None
-    if number < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {value!r}")
-    return number
+_positive_int = _number(int, 1, True, "a positive integer")
+_non_negative_int = _number(int, 0, True, "an integer >= 0")
+_positive_float = _number(float, 0.0, False, "a positive number")
+_non_negative_float = _number(float, 0.0, True, "a number >= 0")
 
 
 def build_parser() -> argparse.ArgumentParser:
