@@ -167,3 +167,19 @@ def test_adapter_round_trip_and_model_card(tmp_path, tiny_config, tiny_processor
         plain = CATSegForSemanticSegmentation.from_pretrained(tmp_path / "base").eval()(pixel_values=x, input_ids=ids).logits
     assert torch.equal(expected, got)
     assert not torch.allclose(expected, plain), "the adapter changed nothing"
+
+
+def test_sliding_window_evaluation_matches_a_manual_loop(tmp_path, tiny_model, tiny_processor):
+    from vocalign_hf.metrics import StreamingMeanIoU
+
+    args = make_args(tmp_path, method="zero_shot", eval_sliding_window=True, per_device_eval_batch_size=1)
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    metrics = trainer.evaluate()
+    metric = StreamingMeanIoU(len(CLASSES))
+    with torch.no_grad():
+        text = tiny_model.get_text_embeddings(tiny_processor(text=CLASSES)["input_ids"])
+        for index in range(len(RandomImages())):
+            batch = trainer.data_collator([RandomImages()[index]])
+            probs = tiny_model.predict_sliding_window(batch["pixel_values"], text_embeds=text, output_size=(32, 32))
+            metric.update(probs.argmax(1), batch["labels"])
+    assert metrics["eval_mean_iou"] == pytest.approx(100 * metric.compute()["mean_iou"], abs=1e-9)
