@@ -156,6 +156,28 @@ def _adjust_hue(x: torch.Tensor, shift: float) -> torch.Tensor:
     return hsv_to_rgb(hsv).clamp_(0.0, 1.0)
 
 
+# torchvision-style colour jitter blends with a grey / mean image; mmseg's photometric distortion adds and
+# multiplies, and saturates in HSV. Both share the hue shift.
+_JITTER_OPS = {
+    "brightness": _adjust_brightness_factor,
+    "contrast": _adjust_contrast_blend,
+    "saturation": _adjust_saturation_blend,
+    "hue": _adjust_hue,
+}
+_PHOTOMETRIC_OPS = {
+    "brightness": _adjust_brightness_delta,
+    "contrast": _adjust_contrast_mul,
+    "saturation": _adjust_saturation_hsv,
+    "hue": _adjust_hue,
+}
+
+
+def _apply_ops(x: torch.Tensor, ops: Optional[Sequence[tuple[str, float]]], table) -> torch.Tensor:
+    for name, value in ops or ():
+        x = table[name](x, value)
+    return x
+
+
 @dataclass(frozen=True)
 class ColorJitter:
     """torchvision-style colour jitter, applied with probability ``p``.
@@ -199,18 +221,7 @@ class ColorJitter:
     @staticmethod
     def apply(x: torch.Tensor, ops: Optional[Sequence[tuple[str, float]]]) -> torch.Tensor:
         """Apply sampled operations to a float image ``(3, H, W)`` in ``[0, 1]``."""
-        if not ops:
-            return x
-        for name, v in ops:
-            if name == "brightness":
-                x = _adjust_brightness_factor(x, v)
-            elif name == "contrast":
-                x = _adjust_contrast_blend(x, v)
-            elif name == "saturation":
-                x = _adjust_saturation_blend(x, v)
-            else:
-                x = _adjust_hue(x, v)
-        return x
+        return _apply_ops(x, ops, _JITTER_OPS)
 
 
 @dataclass(frozen=True)
@@ -250,16 +261,7 @@ class PhotoMetricDistortion:
     @staticmethod
     def apply(x: torch.Tensor, ops: Sequence[tuple[str, float]]) -> torch.Tensor:
         """Apply sampled operations to a float image ``(3, H, W)`` in ``[0, 1]``."""
-        for name, v in ops:
-            if name == "brightness":
-                x = _adjust_brightness_delta(x, v)
-            elif name == "contrast":
-                x = _adjust_contrast_mul(x, v)
-            elif name == "saturation":
-                x = _adjust_saturation_hsv(x, v)
-            else:
-                x = _adjust_hue(x, v)
-        return x
+        return _apply_ops(x, ops, _PHOTOMETRIC_OPS)
 
 
 def _np_rng_from_torch(generator: Optional[torch.Generator]) -> np.random.Generator:
