@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -13,17 +12,10 @@ from typing import Any
 from huggingface_hub import ModelCard, ModelCardData
 from peft import PeftModel
 
+from ..atomic import atomic_write_json, atomic_write_text
 from ..models.catseg import CATSegForSemanticSegmentation
 
 VOCALIGN_FILE = "vocalign.json"
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    with tempfile.NamedTemporaryFile("w", dir=path.parent, delete=False, suffix=".tmp", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(handle.name, path)
 
 
 def build_model_card(
@@ -105,9 +97,9 @@ def save_adapter(
         "metrics": dict(metrics or {}),
         "settings": dict(settings or {}),
     }
-    _write_atomic(output_dir / VOCALIGN_FILE, json.dumps(info, indent=2))
+    atomic_write_json(output_dir / VOCALIGN_FILE, info)
     card = build_model_card(base_model, class_names, concepts, metrics, dataset, settings)
-    _write_atomic(output_dir / "README.md", str(card))
+    atomic_write_text(output_dir / "README.md", str(card))
     return output_dir
 
 

@@ -17,7 +17,6 @@ evaluated and saved, as in the reference.
 from __future__ import annotations
 
 import copy
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -31,6 +30,7 @@ from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback
 
+from ..atomic import atomic_write_json
 from ..data import collate_fn
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
@@ -228,12 +228,10 @@ class VocAlignTrainer(Trainer):
 
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        names = [n for n, p in self.teacher.named_parameters() if "lora_" in n]
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.teacher.named_parameters() if "lora_" in n}
         tmp = path.with_suffix(".tmp")
         save_file(tensors, str(tmp))
         os.replace(tmp, path)
-        assert len(names) == len(tensors)
 
     def load_teacher(self, path: str | Path) -> None:
         from safetensors.torch import load_file
@@ -270,9 +268,7 @@ class VocAlignTrainer(Trainer):
             "pseudo_threshold": self.args.pseudo_threshold,
             "ema_alpha": self.args.ema_alpha,
         }
-        tmp = output_dir / (VOCALIGN_STATE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2))
-        os.replace(tmp, output_dir / VOCALIGN_STATE)
+        atomic_write_json(output_dir / VOCALIGN_STATE, info)
 
     # -------------------------------------------------------------------------------------- evaluation
     @torch.no_grad()

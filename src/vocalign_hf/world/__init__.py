@@ -2,7 +2,7 @@
 pretrained on its source domain: the stand-in for COCO-Stuff pretraining and a real target dataset."""
 
 from .preview import save_world_preview
-from .datasets import World, build_world, dataset_to_tensors, default_world_cache, segmentation_collate
+from .datasets import World, build_world, dataset_to_tensors, default_world_cache
 from .evaluation import evaluate_segmenter
 from .generator import (
     CLASSES,
@@ -34,7 +34,6 @@ __all__ = [
     "render_scene",
     "save_world_preview",
     "render_split_arrays",
-    "segmentation_collate",
     "source_class_names",
     "target_class_names",
     "target_concepts",

@@ -26,7 +26,7 @@ from .generator import (
     target_to_source,
 )
 
-__all__ = ["World", "build_world", "dataset_to_tensors", "default_world_cache", "segmentation_collate"]
+__all__ = ["World", "build_world", "dataset_to_tensors", "default_world_cache"]
 
 _INFO_FILE = "world.json"
 
@@ -175,12 +175,3 @@ def dataset_to_tensors(dataset: datasets.Dataset) -> tuple[torch.Tensor, torch.T
     labels = np.stack([np.asarray(lb) for lb in dataset["label"]]) if "label" in dataset.column_names else None
     image_t = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
     return image_t, (torch.from_numpy(labels) if labels is not None else None)
-
-
-def segmentation_collate(examples: list[dict[str, Any]]) -> dict[str, Any]:
-    """Collate rows of a world dataset for a `DataLoader`: `images` (list of PIL, for the processor) and
-    `labels` (LongTensor (B, H, W)) when labeled."""
-    batch: dict[str, Any] = {"images": [ex["image"].convert("RGB") for ex in examples]}
-    if "label" in examples[0]:
-        batch["labels"] = torch.from_numpy(np.stack([np.asarray(ex["label"]) for ex in examples]).astype(np.int64))
-    return batch

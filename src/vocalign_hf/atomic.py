@@ -1,0 +1,65 @@
+"""Crash-safe file writes: temp file in the destination directory, fsync, ``os.replace``."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+__all__ = ["atomic_write_text", "atomic_write_json"]
+
+
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` so that readers see either the old file or the complete new one.
+
+    The data goes to a temporary file in the same directory, which is flushed and fsynced and then
+    moved over the destination with :func:`os.replace` (atomic on POSIX and Windows). If anything
+    fails before the replace (including ``KeyboardInterrupt``), the temporary file is removed and
+    the destination is left untouched. Missing parent directories are created.
+
+    Returns:
+        The destination path.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        # mkstemp creates files with mode 0600; give the result the usual permissions.
+        with contextlib.suppress(OSError):
+            os.chmod(tmp_name, 0o666 & ~_current_umask())
+        os.replace(tmp_name, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    # Persist the rename itself (best effort; not supported on every platform / filesystem).
+    with contextlib.suppress(OSError, AttributeError):
+        dir_fd = os.open(dest.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return dest
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2) -> Path:
+    """Serialise ``data`` as UTF-8 JSON (non-ASCII kept as is) and write it with :func:`atomic_write_text`.
+
+    The data is serialised completely before the file is touched, so an unserialisable object never
+    leaves a file behind.
+    """
+    text = json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
+    return atomic_write_text(path, text)
