@@ -41,3 +41,16 @@ def tiny_model(tiny_config) -> CATSegForSemanticSegmentation:
 @pytest.fixture
 def tiny_processor(tiny_config) -> CATSegProcessor:
     return CATSegProcessor.from_config(tiny_config)
+
+
+def tiny_catseg_v1_config(**overrides) -> CATSegConfig:
+    """The tiny CLIP with CAT-Seg v1's appearance backbone: a 3-stage bottleneck ResNet (strides 4, 8, 16)."""
+    backbone = dict(
+        model_type="resnet", depths=[1, 1, 1], hidden_sizes=[16, 32, 32], embedding_size=8,
+        layer_type="bottleneck", out_features=["stage1", "stage2", "stage3"],
+    )
+    kwargs = dict(variant="v1", backbone_config=backbone, pad_len=0, clip_resolution=128)
+    kwargs.update(overrides)
+    config = tiny_catseg_config(**kwargs)
+    config.clip_config.vision_config.patch_size = 16  # the backbone's stride-16 map must match the CLIP grid
+    return config

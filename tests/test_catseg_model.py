@@ -144,3 +144,40 @@ def test_config_errors_name_the_problem():
         CATSegConfig(prompt_templates=["no placeholder"])
     with pytest.raises(ValueError, match="loss_type"):
         CATSegConfig(loss_type="dice")
+
+
+def test_v1_config_errors_name_the_problem():
+    with pytest.raises(ValueError, match="variant"):
+        CATSegConfig(variant="v3")
+    with pytest.raises(ValueError, match="backbone_config is only used by variant='v1'"):
+        CATSegConfig(backbone_config={"model_type": "resnet", "out_features": ["stage1", "stage2", "stage3"]})
+    with pytest.raises(ValueError, match="three out_features"):
+        CATSegConfig(variant="v1", backbone_config={"model_type": "resnet", "out_features": ["stage2", "stage3"]})
+    with pytest.raises(ValueError, match="sliding_window_mode"):
+        CATSegConfig(sliding_window_mode="tiles")
+    default = CATSegConfig(variant="v1")  # ResNet-101 cut after stage 3, as VocAlign's configs
+    assert default.backbone_config.depths == [3, 4, 23] and default.decoder_guidance_dims == [512, 256]
+    assert default.appearance_guidance_dim == 1024 and default.sliding_window_mode == "mmseg"
+
+
+def test_v1_round_trip_any_size_and_stride_check(tmp_path, tiny_processor):
+    from conftest import tiny_catseg_v1_config
+
+    torch.manual_seed(0)
+    model = CATSegForSemanticSegmentation(tiny_catseg_v1_config()).eval()
+    inputs = tiny_processor(images=[random_image(50, 70), random_image(33, 90, seed=1)], text=["road", "car"])
+    with torch.no_grad():
+        expected = model(**inputs).logits
+    assert expected.shape == (2, 2, 32, 32)  # 4x the 8x8 CLIP grid at clip_resolution 128
+    model.save_pretrained(tmp_path)
+    loaded = AutoModelForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert loaded.config.variant == "v1" and type(loaded.catseg.backbone).__name__ == "ResNetBackbone"
+    with torch.no_grad():
+        assert torch.equal(loaded(**inputs).logits, expected)
+    # A backbone whose deepest map is not at the CLIP patch stride cannot guide the cost volume.
+    shallow = tiny_catseg_v1_config(
+        backbone_config=dict(model_type="resnet", depths=[1, 1], hidden_sizes=[16, 32], embedding_size=8,
+                             layer_type="bottleneck", out_features=["stem", "stage1", "stage2"])
+    )
+    with pytest.raises(ValueError, match="stride must equal the CLIP patch size"):
+        CATSegForSemanticSegmentation(shallow)(**inputs)

@@ -183,3 +183,29 @@ def test_sliding_window_evaluation_matches_a_manual_loop(tmp_path, tiny_model, t
             probs = tiny_model.predict_sliding_window(batch["pixel_values"], text_embeds=text, output_size=(32, 32))
             metric.update(probs.argmax(1), batch["labels"])
     assert metrics["eval_mean_iou"] == pytest.approx(100 * metric.compute()["mean_iou"], abs=1e-9)
+
+
+def test_v1_model_adapts_with_an_unmasked_frozen_backbone(tmp_path, tiny_processor):
+    """CAT-Seg v1: only LoRA trains; the ResNet (weights and batch-norm statistics) stays fixed and sees the
+    unmasked image while CLIP sees the masked one, as in the reference."""
+    from conftest import tiny_catseg_v1_config
+
+    torch.manual_seed(0)
+    base = CATSegForSemanticSegmentation(tiny_catseg_v1_config()).eval()
+    args = make_args(tmp_path, mask_ratio=0.7)
+    trainer = make_trainer(base, tiny_processor, args)
+    student = trainer.model.base_model.model.catseg
+    backbone_before = {k: v.clone() for k, v in student.backbone.state_dict().items()}
+    seen = []
+    student.backbone.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0].detach().clone()))
+    batch = trainer.data_collator([RandomImages()[i] for i in range(2)])
+    trainer.compute_loss(trainer.model, batch)
+    assert len(seen) == 1  # the student's call (the teacher is a separate copy)
+    expected = student._backbone_input(None, batch["pixel_values"])
+    assert torch.allclose(seen[0], expected, atol=1e-6)
+    result = trainer.train()
+    assert math.isfinite(result.training_loss)
+    trainable = {n for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    after = student.backbone.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in backbone_before.items())

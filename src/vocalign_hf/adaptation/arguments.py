@@ -64,7 +64,10 @@ class VocAlignArguments(TrainingArguments):
     )
     eval_sliding_window: bool = field(
         default=False,
-        metadata={"help": "evaluate with the reference's sliding-window inference (384 windows on a 640 canvas)"},
+        metadata={
+            "help": "evaluate with the model's sliding-window inference (CVPR'24: 384 windows on a 640 canvas; "
+            "v1: mmseg's 384 crops at the image's own size, as VocAlign evaluates)"
+        },
     )
     warmup_start_factor: float = field(
         default=0.1, metadata={"help": "linear warm-up starts at learning_rate * factor (5e-6 -> 5e-5 in the paper)"}

@@ -121,6 +121,7 @@ class VocAlignTrainer(Trainer):
         mean = torch.tensor(image_processor.image_mean)
         std = torch.tensor(image_processor.image_std)
         self._mask_fill = (-mean / std).tolist()
+        self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
         self.teacher = None
         if args.method in ("vocalign", "teacher_student"):
             self.teacher = copy.deepcopy(self.model).eval()
@@ -170,8 +171,10 @@ class VocAlignTrainer(Trainer):
             mask = sample_block_mask(b, h, w, self.args.mask_block_size, self.args.mask_ratio, device=device)
             student_input = apply_block_mask(pixel_values, mask, fill=self._mask_fill)
         # Text is encoded inside the forward (LoRA sits in the text tower too); pruned classes never enter the
-        # student's cost volume.
-        logits = model(pixel_values=student_input, input_ids=class_tokens, class_indices=indices).logits
+        # student's cost volume. A v1 model's ResNet sees the unmasked image, as in the reference (only CLIP's
+        # input is masked there).
+        guidance = {"guidance_pixel_values": pixel_values} if self._has_guidance_backbone else {}
+        logits = model(pixel_values=student_input, input_ids=class_tokens, class_indices=indices, **guidance).logits
         loss = weighted_cross_entropy(logits.float(), pseudo_labels, weight)
         self._record(loss=loss.item(), pseudo_weight=float(weight))
         return (loss, {"logits": logits}) if return_outputs else loss

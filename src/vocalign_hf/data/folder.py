@@ -15,7 +15,6 @@ single-channel class-index images (``L``, ``P`` or 16-bit); pixel value ``k`` is
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Optional, Sequence, Union

@@ -10,6 +10,10 @@ converted checkpoints map one to one. Differences, none of which change the numb
   token) are identical at every position, so their contribution to the linear attention's key/value sums is
   added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
   reference, so the result is the same while the cost scales with the real number of classes.
+
+The v1 aggregator (mmsegmentation port in andraghetti/VocAlign, `cat_aggregator.py` + `cat_head.py`) has the
+same layers under other names (the converter maps them); it differs in one computation: its class-aggregation
+MLP is mmcv's `FFN`, which adds its own input, so that step is `x + norm2(x) + MLP(norm2(x))` (`mlp_adds_input`).
 """
 
 from __future__ import annotations
@@ -201,9 +205,17 @@ class ClassTransformerLayer(nn.Module):
     """Class aggregation: attention across the class axis at every (pooled) pixel."""
 
     def __init__(
-        self, hidden_dim: int, guidance_dim: int, num_heads: int, attention_type: str, pooling_size, pad_len: int
+        self,
+        hidden_dim: int,
+        guidance_dim: int,
+        num_heads: int,
+        attention_type: str,
+        pooling_size,
+        pad_len: int,
+        mlp_adds_input: bool = False,
     ) -> None:
         super().__init__()
+        self.mlp_adds_input = mlp_adds_input
         self.pool = nn.AvgPool2d(tuple(pooling_size)) if pooling_size is not None else nn.Identity()
         self.attention = AttentionLayer(hidden_dim, guidance_dim, num_heads, attention_type)
         self.MLP = nn.Sequential(nn.Linear(hidden_dim, hidden_dim * 4), nn.ReLU(), nn.Linear(hidden_dim * 4, hidden_dim))
@@ -227,7 +239,8 @@ class ClassTransformerLayer(nn.Module):
         pad_x = self.norm1(self.padding_tokens) if num_pad else None
         pad_g = self.padding_guidance if (num_pad and guidance is not None) else None
         tokens = tokens + self.attention(self.norm1(tokens), guidance, pad_x, pad_g, num_pad)
-        tokens = tokens + self.MLP(self.norm2(tokens))
+        normed = self.norm2(tokens)
+        tokens = tokens + (normed + self.MLP(normed) if self.mlp_adds_input else self.MLP(normed))
         tokens = tokens.view(b, hp, wp, t, c).permute(0, 3, 4, 1, 2).reshape(b * t, c, hp, wp)
         tokens = F.interpolate(tokens, size=(h, w), mode="bilinear", align_corners=True)
         return x + tokens.view(b, t, c, h, w).transpose(1, 2)
@@ -252,6 +265,7 @@ class AggregatorLayer(GradientCheckpointingLayer):
             config.attention_type,
             config.pooling_size,
             config.pad_len,
+            mlp_adds_input=config.variant == "v1",
         )
 
     def forward(self, x: torch.Tensor, appearance_guidance, text_guidance) -> torch.Tensor:
@@ -303,7 +317,8 @@ class Aggregator(nn.Module):
         self.layers = nn.ModuleList([AggregatorLayer(config) for _ in range(config.num_layers)])
         self.conv1 = nn.Conv2d(config.num_templates, config.hidden_dim, kernel_size=7, stride=1, padding=3)
         self.guidance_projection = nn.Sequential(
-            nn.Conv2d(embed_dim, config.appearance_guidance_proj_dim, kernel_size=3, stride=1, padding=1), nn.ReLU()
+            nn.Conv2d(config.appearance_guidance_dim, config.appearance_guidance_proj_dim, 3, stride=1, padding=1),
+            nn.ReLU(),
         )
         self.text_guidance_projection = nn.Sequential(nn.Linear(embed_dim, config.text_guidance_proj_dim), nn.ReLU())
         self.decoder_guidance_projection = nn.ModuleList(

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from transformers import CLIPConfig, PreTrainedConfig
+from transformers import AutoConfig, CLIPConfig, PreTrainedConfig, ResNetConfig
 from transformers.configuration_utils import SubConfigSpec
 
 from .prompt_templates import resolve_prompt_templates
@@ -12,12 +12,34 @@ from .prompt_templates import resolve_prompt_templates
 # Normalisation CAT-Seg applies before its CLIP image encoder (0-255 scale in the reference; 0-1 here).
 CLIP_PIXEL_MEAN = (122.7709383 / 255.0, 116.7460125 / 255.0, 104.09373615 / 255.0)
 CLIP_PIXEL_STD = (68.5005327 / 255.0, 66.6321579 / 255.0, 70.3231630 / 255.0)
+# Normalisation of the v1 appearance backbone (ImageNet statistics, as torchvision's ResNet-101 weights).
+IMAGENET_PIXEL_MEAN = (123.675 / 255.0, 116.28 / 255.0, 103.53 / 255.0)
+IMAGENET_PIXEL_STD = (58.395 / 255.0, 57.12 / 255.0, 57.375 / 255.0)
+
+VARIANTS = ("cvpr24", "v1")
+
+
+def default_v1_backbone_config() -> ResNetConfig:
+    """ResNet-101 cut after its third stage (strides 4, 8, 16; 256, 512, 1024 channels), as CAT-Seg v1 uses it."""
+    return ResNetConfig(
+        depths=[3, 4, 23],
+        hidden_sizes=[256, 512, 1024],
+        embedding_size=64,
+        layer_type="bottleneck",
+        out_features=["stage1", "stage2", "stage3"],
+    )
 
 
 class CATSegConfig(PreTrainedConfig):
     r"""Configuration of [`CATSegForSemanticSegmentation`].
 
     The defaults reproduce the released CVPR'24 ViT-B/16 model (`configs/vitb_384.yaml` of cvlab-kaist/CAT-Seg).
+    `variant="v1"` gives the earlier CAT-Seg that the VocAlign paper adapts (the mmsegmentation port in
+    andraghetti/VocAlign, `CAT-Seg/cat_seg/models/*`): an extra ResNet guidance backbone (`backbone_config`,
+    loaded through the transformers backbone API) supplies the appearance guidance (its last feature map) and the
+    decoder guidance (the two earlier ones) instead of intermediate CLIP layers; the dense last CLIP layer keeps
+    every token's own residual; the class aggregation's MLP adds its (normalised) input once more, as mmcv's `FFN`
+    does; and sliding-window inference is mmsegmentation's (`sliding_window_mode="mmseg"`).
 
     Args:
         clip_config (`CLIPConfig` or `dict`): the CLIP towers. The checkpoint's native resolution stays in
@@ -25,15 +47,25 @@ class CATSegConfig(PreTrainedConfig):
             to `clip_resolution` at run time, as the reference does.
         clip_resolution (`int`): side of the square image fed to CLIP (384 for B/16, 336 for L/14).
         guidance_layers (`list[int]`): CLIP vision layers whose outputs guide the upsampling decoder ([3, 7] for
-            B/16, [7, 15] for L/14).
+            B/16, [7, 15] for L/14). Unused by `variant="v1"`.
+        variant (`str`): `"cvpr24"` (default) or `"v1"` (see above).
+        backbone_config (`ResNetConfig` or `dict`, *optional*): the v1 appearance backbone; three `out_features`
+            (strides 4, 8, 16). Defaults to ResNet-101's first three stages when `variant="v1"`.
+        backbone_pixel_mean, backbone_pixel_std: normalisation the appearance backbone expects (0-1 scale;
+            ImageNet). The model derives its input from the CLIP-normalised `pixel_values`.
         prompt_templates (`str` or `list[str]`): template set name (`"single"`, `"imagenet"`, `"imagenet_select"`,
             `"imagenet_select_clip"`) or a list of templates with one `{}`; their number P is the number of input
             channels of the cost-volume embedding.
         text_guidance_proj_dim, appearance_guidance_proj_dim, decoder_dims, decoder_guidance_dims,
         decoder_guidance_proj_dims, num_layers, num_heads, hidden_dim, pooling_size, window_size, attention_type,
-        pad_len: the aggregator's hyper-parameters, named as in the reference.
+        pad_len: the aggregator's hyper-parameters, named as in the reference. For v1, `decoder_guidance_dims` is
+        set from the backbone (the channels of its stride-8 and stride-4 maps) and `pad_len` is 0 in its checkpoints.
         sliding_window_kernel, sliding_window_overlap, sliding_window_out_res: the reference's sliding-window
             inference (kernel 384, overlap 0.333, 640x640 canvas).
+        sliding_window_mode (`str`): `"catseg"` (the CVPR'24 reference: canvas resize, sigmoid, global view) or
+            `"mmseg"` (v1 / VocAlign: `kernel` crops of the image at its own size every `sliding_window_stride`
+            pixels, logits averaged where crops overlap). Defaults to `"mmseg"` for v1 and `"catseg"` otherwise.
+        sliding_window_stride (`int`): crop stride of the `"mmseg"` mode (VocAlign's configs: 384, no overlap).
         loss_type (`str`): `"cross_entropy"` (softmax over classes, what VocAlign trains with) or `"bce"`
             (one-hot binary cross-entropy, what CAT-Seg pretraining uses).
         semantic_loss_ignore_index (`int`): label value ignored by the loss (255).
@@ -44,12 +76,18 @@ class CATSegConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "clip_config": SubConfigSpec(
             config_class=CLIPConfig, init_kwargs={"vision_config": {"patch_size": 16}, "projection_dim": 512}
-        )
+        ),
+        # Only CAT-Seg v1 has one; `variant="v1"` fills in ResNet-101 when it is left out.
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="resnet", optional=True),
     }
 
     clip_config: dict | CLIPConfig | None = None
     clip_resolution: int = 384
     guidance_layers: list[int] | tuple[int, ...] = (3, 7)
+    variant: str = "cvpr24"
+    backbone_config: dict | ResNetConfig | None = None
+    backbone_pixel_mean: list[float] | tuple[float, ...] = IMAGENET_PIXEL_MEAN
+    backbone_pixel_std: list[float] | tuple[float, ...] = IMAGENET_PIXEL_STD
     prompt_templates: str | list[str] | tuple[str, ...] = "single"
     text_guidance_proj_dim: int = 128
     appearance_guidance_proj_dim: int = 128
@@ -66,6 +104,8 @@ class CATSegConfig(PreTrainedConfig):
     sliding_window_kernel: int = 384
     sliding_window_overlap: float = 0.333
     sliding_window_out_res: list[int] | tuple[int, ...] = (640, 640)
+    sliding_window_mode: str | None = None
+    sliding_window_stride: int = 384
     loss_type: str = "cross_entropy"
     semantic_loss_ignore_index: int = 255
     initializer_range: float = 0.02
@@ -74,6 +114,15 @@ class CATSegConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if isinstance(self.clip_config, dict):
             self.clip_config = CLIPConfig(**self.clip_config)
+        if self.variant == "v1" and self.backbone_config is None:
+            self.backbone_config = default_v1_backbone_config()
+        if self.variant == "v1" and len(getattr(self.backbone_config, "out_features", ())) == 3:
+            # The decoder is guided by the backbone's stride-8 and stride-4 maps: their channels fix these dims.
+            self.decoder_guidance_dims = self._backbone_channels()[1::-1]
+        if self.sliding_window_mode is None:
+            self.sliding_window_mode = "mmseg" if self.variant == "v1" else "catseg"
+        self.backbone_pixel_mean = list(self.backbone_pixel_mean)
+        self.backbone_pixel_std = list(self.backbone_pixel_std)
         self.guidance_layers = list(self.guidance_layers)
         self.decoder_dims = list(self.decoder_dims)
         self.decoder_guidance_dims = list(self.decoder_guidance_dims)
@@ -87,6 +136,14 @@ class CATSegConfig(PreTrainedConfig):
     def validate(self) -> None:
         """Raise a `ValueError` naming the first inconsistent setting."""
         resolve_prompt_templates(self.prompt_templates)
+        if self.variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")
+        if self.sliding_window_mode not in ("catseg", "mmseg"):
+            raise ValueError(f"sliding_window_mode must be 'catseg' or 'mmseg', got {self.sliding_window_mode!r}")
+        if self.variant == "v1":
+            self._validate_backbone()
+        elif self.backbone_config is not None:
+            raise ValueError("backbone_config is only used by variant='v1'; the CVPR'24 model guides with CLIP layers")
         vision = self.clip_config.vision_config
         if self.clip_resolution % vision.patch_size:
             raise ValueError(
@@ -95,7 +152,7 @@ class CATSegConfig(PreTrainedConfig):
         if len(self.guidance_layers) != 2:
             raise ValueError(f"guidance_layers needs two CLIP layer indices, got {self.guidance_layers}")
         bad = [i for i in self.guidance_layers if not 0 <= i < vision.num_hidden_layers - 1]
-        if bad:
+        if bad and self.variant == "cvpr24":
             raise ValueError(
                 f"guidance_layers {bad} out of range for a {vision.num_hidden_layers}-layer CLIP vision tower "
                 "(the last layer is the dense output layer)"
@@ -109,6 +166,24 @@ class CATSegConfig(PreTrainedConfig):
         for dims in (self.decoder_dims, self.decoder_guidance_dims, self.decoder_guidance_proj_dims):
             if len(dims) != 2:
                 raise ValueError(f"decoder dimension lists need two entries, got {dims}")
+
+    def _validate_backbone(self) -> None:
+        stages = list(getattr(self.backbone_config, "out_features", None) or ())
+        if len(stages) != 3:
+            raise ValueError(f"the v1 appearance backbone needs three out_features (strides 4, 8, 16), got {stages}")
+        if not hasattr(self.backbone_config, "hidden_sizes") or not hasattr(self.backbone_config, "embedding_size"):
+            raise ValueError(f"the v1 appearance backbone must be a ResNet-like config, got {type(self.backbone_config).__name__}")
+
+    def _backbone_channels(self) -> list[int]:
+        """Channels of the backbone's three feature maps, shallowest first."""
+        config = self.backbone_config
+        sizes = [config.embedding_size, *config.hidden_sizes]  # stage_names: stem, stage1, stage2, ...
+        return [sizes[config.stage_names.index(stage)] for stage in config.out_features]
+
+    @property
+    def appearance_guidance_dim(self) -> int:
+        """Channels of the map the appearance guidance is projected from (CLIP embedding, or v1 backbone stage)."""
+        return self._backbone_channels()[-1] if self.variant == "v1" else self.clip_config.projection_dim
 
     @property
     def feature_resolution(self) -> int:

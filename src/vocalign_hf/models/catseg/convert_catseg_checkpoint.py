@@ -1,9 +1,20 @@
-"""Convert an official CAT-Seg checkpoint (detectron2 `.pth`) into a `save_pretrained` folder.
+"""Convert an official CAT-Seg checkpoint into a `save_pretrained` folder.
 
 Usage::
 
     convert-catseg-checkpoint model_base.pth ./catseg-vitb-384            # CVPR'24 B/16 release
     convert-catseg-checkpoint model_large.pth ./catseg-vitl-336 --push-to-hub org/catseg-vitl-336
+    convert-catseg-checkpoint catseg_vitb-r101_..._ade20k-384x384-54194d72.pth ./catseg-v1-r101   # v1 (mmseg)
+
+Two layouts are recognised from their keys:
+
+* CVPR'24 detectron2 checkpoints (`sem_seg_head.predictor.*`, `upsample1/2.*`);
+* CAT-Seg v1 in mmsegmentation layout (`backbone.clip_model.*`, `backbone.feature_extractor.*` (ResNet),
+  `neck.*`, `decode_head.*`), the model VocAlign adapts (openmmlab's `catseg_vitb-r101_...pth`, linked from
+  andraghetti/VocAlign's `CAT-Seg/README.md`). Its ResNet goes to the transformers `ResNetBackbone`. The v1
+  defaults are VocAlign's configs: 10 `vocalign_select_clip` templates, class pooling (1, 1), 4 heads. A checkpoint
+  whose cost embedding has more channels than templates (80 for 10) is used by the reference with the templates
+  tiled; here those conv1 weights are summed per template instead (`fold_prompt_channels`), which is the same map.
 
 The checkpoints are `hamacojr/CAT-Seg-weights` (`model_base.pth`, `model_large.pth`, a Space repo). OpenAI-CLIP keys
 (with CAT-Seg's separate `q/k/v_proj_weight` or a fused `in_proj_weight`) are mapped onto the transformers
@@ -27,6 +38,8 @@ from .configuration_catseg import CATSegConfig
 from .modeling_catseg import CATSegForSemanticSegmentation
 
 CLIP_PREFIX = "sem_seg_head.predictor.clip_model."
+V1_CLIP_PREFIX = "backbone.clip_model."
+V1_RESNET_PREFIX = "backbone.feature_extractor."
 AGGREGATOR_PREFIX = "sem_seg_head.predictor.transformer."
 DROPPED_BUFFER = re.compile(r"\.attn_mask$")
 
@@ -44,7 +57,8 @@ class CheckpointConversionError(ValueError):
 
 
 def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Read a detectron2 checkpoint (`{"model": state_dict, ...}`), a bare state dict, or a safetensors file."""
+    """Read a detectron2 (`{"model": ...}`) or mmengine (`{"state_dict": ...}`) checkpoint, a bare state dict, or a
+    safetensors file."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -53,7 +67,10 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
 
         return load_file(str(path))
     blob = torch.load(path, map_location="cpu", weights_only=False)
-    state = blob.get("model", blob) if isinstance(blob, Mapping) else blob
+    if isinstance(blob, Mapping):  # detectron2 keeps weights under "model", mmengine under "state_dict"
+        state = blob.get("model", blob.get("state_dict", blob))
+    else:
+        state = blob
     if not isinstance(state, Mapping):
         raise CheckpointConversionError(f"{path} holds no state dict (found {type(state).__name__})")
     return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
@@ -83,19 +100,15 @@ def _convert_block(prefix_in: str, prefix_out: str, state: dict, out: dict, used
                 break
 
 
-def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Map reference CAT-Seg keys to `CATSegForSemanticSegmentation` keys (raises on keys it cannot place)."""
-    state = dict(state)
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
-
+def _convert_clip(c: str, state: dict, out: dict, used: set) -> None:
+    """OpenAI-CLIP keys under prefix `c` -> the port's transformers `CLIPModel` (`catseg.clip.*`)."""
     def move(src: str, dst: str, transpose: bool = False) -> None:
         if src not in state:
             raise CheckpointConversionError(f"Missing key in checkpoint: {src}")
         used.add(src)
         out[dst] = state[src].t().contiguous() if transpose else state[src]
 
-    c, m = CLIP_PREFIX, "catseg.clip."
+    m = "catseg.clip."
     move(c + "visual.conv1.weight", m + "vision_model.embeddings.patch_embedding.weight")
     move(c + "visual.class_embedding", m + "vision_model.embeddings.class_embedding")
     move(c + "visual.positional_embedding", m + "vision_model.embeddings.position_embedding.weight")
@@ -114,6 +127,123 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
         for i in indices:
             _convert_block(f"{c}{tower_in}resblocks.{i}.", f"{m}{tower_out}layers.{i}.", state, out, used)
 
+
+# mmseg names -> port names, applied to the key after its prefix (first match wins).
+_V1_RESNET_RENAMES = (
+    (re.compile(r"^conv1\.(.*)$"), r"embedder.embedder.convolution.\1"),
+    (re.compile(r"^bn1\.(.*)$"), r"embedder.embedder.normalization.\1"),
+    (re.compile(r"^layer(\d+)\.(\d+)\.downsample\.0\.(.*)$"), r"encoder.stages.{s}.layers.\2.shortcut.convolution.\3"),
+    (re.compile(r"^layer(\d+)\.(\d+)\.downsample\.1\.(.*)$"), r"encoder.stages.{s}.layers.\2.shortcut.normalization.\3"),
+    (re.compile(r"^layer(\d+)\.(\d+)\.conv(\d)\.(.*)$"), r"encoder.stages.{s}.layers.\2.layer.{n}.convolution.\4"),
+    (re.compile(r"^layer(\d+)\.(\d+)\.bn(\d)\.(.*)$"), r"encoder.stages.{s}.layers.\2.layer.{n}.normalization.\4"),
+)
+_V1_NECK_RENAMES = (
+    (re.compile(r"^layers\.(\d+)\.spatial_agg\.guidance_norm\.(.*)$"), r"layers.\1.swin_block.guidance_norm.\2"),
+    (re.compile(r"^layers\.(\d+)\.spatial_agg\.(block_\d)\.(norm\d)\.(.*)$"), r"layers.\1.swin_block.\2.\3.\4"),
+    (re.compile(r"^layers\.(\d+)\.spatial_agg\.(block_\d)\.attn\.w_msa\.(q|k|v|proj)\.(.*)$"),
+     r"layers.\1.swin_block.\2.attn.\3.\4"),
+    (re.compile(r"^layers\.(\d+)\.spatial_agg\.(block_\d)\.ffn\.layers\.0\.0\.(.*)$"), r"layers.\1.swin_block.\2.mlp.fc1.\3"),
+    (re.compile(r"^layers\.(\d+)\.spatial_agg\.(block_\d)\.ffn\.layers\.1\.(.*)$"), r"layers.\1.swin_block.\2.mlp.fc2.\3"),
+    (re.compile(r"^layers\.(\d+)\.class_agg\.attention\.(q|k|v)\.(.*)$"), r"layers.\1.attention.attention.\2.\3"),
+    (re.compile(r"^layers\.(\d+)\.class_agg\.MLP\.layers\.0\.0\.(.*)$"), r"layers.\1.attention.MLP.0.\2"),
+    (re.compile(r"^layers\.(\d+)\.class_agg\.MLP\.layers\.1\.(.*)$"), r"layers.\1.attention.MLP.2.\2"),
+    (re.compile(r"^layers\.(\d+)\.class_agg\.(norm\d)\.(.*)$"), r"layers.\1.attention.\2.\3"),
+    (re.compile(r"^((?:conv1|guidance_projection\.0|text_guidance_projection\.0)\..*)$"), r"\1"),
+)
+_V1_HEAD_RENAMES = (
+    (re.compile(r"^(decoder_guidance_projection\.\d\.0\..*)$"), r"\1"),
+    (re.compile(r"^(decoder\d)\.up\.(.*)$"), r"\1.up.\2"),
+    (re.compile(r"^(decoder\d)\.conv1\.conv\.(.*)$"), r"\1.conv.double_conv.0.\2"),
+    (re.compile(r"^(decoder\d)\.conv1\.gn\.(.*)$"), r"\1.conv.double_conv.1.\2"),
+    (re.compile(r"^(decoder\d)\.conv2\.conv\.(.*)$"), r"\1.conv.double_conv.3.\2"),
+    (re.compile(r"^(decoder\d)\.conv2\.gn\.(.*)$"), r"\1.conv.double_conv.4.\2"),
+    (re.compile(r"^conv_seg\.(.*)$"), r"head.\1"),
+)
+# Unused by the v1 forward (no relative position bias table exists to index): dropped.
+V1_DROPPED_BUFFER = re.compile(r"\.attn\.w_msa\.relative_position_index$")
+
+
+def _rename(rest: str, rules) -> str | None:
+    for pattern, target in rules:
+        match = pattern.match(rest)
+        if match:
+            name = match.expand(target)
+            if "{s}" in name or "{n}" in name:  # ResNet: mmseg counts stages and convs from 1, transformers from 0
+                groups = match.groups()
+                name = name.replace("{s}", str(int(groups[0]) - 1))
+                if "{n}" in name:
+                    name = name.replace("{n}", str(int(groups[2]) - 1))
+            return name
+    return None
+
+
+def fold_prompt_channels(weight: torch.Tensor, num_templates: int) -> torch.Tensor:
+    """Fold a cost-embedding conv trained on C = r * P tiled template channels down to P channels.
+
+    The v1 reference feeds P templates to a C-channel conv by tiling them (`repeat(1, 1, C // P, 1)`), so input
+    channel c sees template c mod P; summing the weights of the channels that see the same template gives the same
+    convolution on the untiled P channels.
+    """
+    channels = weight.shape[1]
+    if channels == num_templates:
+        return weight
+    if channels % num_templates:
+        raise CheckpointConversionError(
+            f"The checkpoint's cost embedding has {channels} template channels, which {num_templates} templates "
+            "cannot tile: choose a template set whose size divides it (e.g. 10 or 80 for 80)"
+        )
+    return weight.unflatten(1, (channels // num_templates, num_templates)).sum(dim=1)
+
+
+def convert_v1_state_dict(state: Mapping[str, torch.Tensor], num_templates: int | None = None) -> dict[str, torch.Tensor]:
+    """Map a CAT-Seg v1 mmseg state dict to the port's keys; `num_templates` folds conv1 (see `fold_prompt_channels`)."""
+    state = dict(state)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    _convert_clip(V1_CLIP_PREFIX, state, out, used)
+    sections = (
+        (V1_RESNET_PREFIX, "catseg.backbone.", _V1_RESNET_RENAMES),
+        ("neck.", "catseg.aggregator.", _V1_NECK_RENAMES),
+        ("decode_head.", "catseg.aggregator.", _V1_HEAD_RENAMES),
+    )
+    for key, value in state.items():
+        for prefix, target, rules in sections:
+            if not key.startswith(prefix):
+                continue
+            if V1_DROPPED_BUFFER.search(key):
+                used.add(key)
+                break
+            name = _rename(key[len(prefix) :], rules)
+            if name is not None:
+                used.add(key)
+                out[target + name] = value
+            break
+    unknown = sorted(set(state) - used)
+    if unknown:
+        raise CheckpointConversionError(f"Unknown keys in checkpoint (not mapped, refusing to drop them): {unknown}")
+    conv1 = "catseg.aggregator.conv1.weight"
+    if num_templates is not None:
+        out[conv1] = fold_prompt_channels(out[conv1], num_templates)
+    return out
+
+
+def is_v1_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for CAT-Seg v1 in mmsegmentation layout (`backbone.clip_model.*`)."""
+    return any(key.startswith(V1_CLIP_PREFIX) for key in state)
+
+
+def convert_state_dict(state: Mapping[str, torch.Tensor], num_templates: int | None = None) -> dict[str, torch.Tensor]:
+    """Map reference CAT-Seg keys to `CATSegForSemanticSegmentation` keys (raises on keys it cannot place).
+
+    `num_templates` (v1 only): fold the cost embedding's input channels to this many templates.
+    """
+    state = dict(state)
+    if is_v1_checkpoint(state):
+        return convert_v1_state_dict(state, num_templates)
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    _convert_clip(CLIP_PREFIX, state, out, used)
+
     for key, value in state.items():
         if key.startswith(AGGREGATOR_PREFIX):
             used.add(key)
@@ -128,30 +258,19 @@ def convert_state_dict(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Ten
     return out
 
 
-def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegConfig:
-    """Build a [`CATSegConfig`] from the shapes of a reference state dict; `overrides` win.
-
-    Not visible in shapes and taken from the release defaults unless overridden: `num_heads` (4), `pooling_size`
-    (2, 2), `window_size` (12), `attention_type` ("linear"), `pad_len` (256 if padding tokens exist),
-    attention heads of the CLIP towers (width // 64, the OpenAI rule), `guidance_layers` ([3, 7] for 12 layers,
-    [7, 15] for 24) and `clip_resolution` (384 for patch 16, 336 for patch 14).
-    """
-    c, a = CLIP_PREFIX, AGGREGATOR_PREFIX
-    overrides = dict(overrides)
+def _infer_clip_config(state: Mapping[str, torch.Tensor], c: str, overrides: dict) -> tuple[dict, int, int]:
+    """The transformers `CLIPConfig` kwargs of the OpenAI-CLIP weights under prefix `c`, its layer count and patch."""
     conv1 = state[c + "visual.conv1.weight"]
     width, patch = conv1.shape[0], conv1.shape[-1]
-    count = lambda prefix: len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})  # noqa: E731
-    vision_layers = count(c + "visual.transformer.resblocks.")
-    text_layers = count(c + "transformer.resblocks.")
+    vision_layers = _count(state, c + "visual.transformer.resblocks.")
     grid = math.isqrt(state[c + "visual.positional_embedding"].shape[0] - 1)
     text_width = state[c + "ln_final.weight"].shape[0]
     embed_dim = state[c + "text_projection"].shape[1]
-    mlp_key = "visual.transformer.resblocks.0.mlp.c_fc.weight"
     clip_config = {
         "projection_dim": embed_dim,
         "vision_config": {
             "hidden_size": width,
-            "intermediate_size": state[c + mlp_key].shape[0],
+            "intermediate_size": state[c + "visual.transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
             "num_hidden_layers": vision_layers,
             "num_attention_heads": overrides.pop("vision_heads", max(width // 64, 1)),
             "image_size": grid * patch,
@@ -161,7 +280,7 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
         "text_config": {
             "hidden_size": text_width,
             "intermediate_size": state[c + "transformer.resblocks.0.mlp.c_fc.weight"].shape[0],
-            "num_hidden_layers": text_layers,
+            "num_hidden_layers": _count(state, c + "transformer.resblocks."),
             "num_attention_heads": overrides.pop("text_heads", max(text_width // 64, 1)),
             "vocab_size": state[c + "token_embedding.weight"].shape[0],
             "max_position_embeddings": state[c + "positional_embedding"].shape[0],
@@ -171,6 +290,29 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
             "pad_token_id": 49407,
         },
     }
+    return clip_config, vision_layers, patch
+
+
+def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
+    """Number of distinct indices right after `prefix` (layers, blocks)."""
+    return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
+
+
+def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegConfig:
+    """Build a [`CATSegConfig`] from the shapes of a reference state dict; `overrides` win.
+
+    Not visible in shapes and taken from the release defaults unless overridden: `num_heads` (4), `pooling_size`
+    (2, 2), `window_size` (12), `attention_type` ("linear"), `pad_len` (256 if padding tokens exist),
+    attention heads of the CLIP towers (width // 64, the OpenAI rule), `guidance_layers` ([3, 7] for 12 layers,
+    [7, 15] for 24) and `clip_resolution` (384 for patch 16, 336 for patch 14). v1 checkpoints: see
+    [`infer_v1_config`].
+    """
+    if is_v1_checkpoint(state):
+        return infer_v1_config(state, **overrides)
+    a = AGGREGATOR_PREFIX
+    overrides = dict(overrides)
+    clip_config, vision_layers, patch = _infer_clip_config(state, CLIP_PREFIX, overrides)
+    grid = math.isqrt(state[CLIP_PREFIX + "visual.positional_embedding"].shape[0] - 1)
     default_guidance = {12: [3, 7], 24: [7, 15]}.get(vision_layers)
     kwargs: dict[str, Any] = {
         "clip_config": clip_config,
@@ -184,7 +326,7 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
         "decoder_guidance_dims": [state["upsample1.weight"].shape[1], state["upsample2.weight"].shape[1]],
         "decoder_guidance_proj_dims": [state[a + "decoder_guidance_projection.0.0.weight"].shape[0],
                                        state[a + "decoder_guidance_projection.1.0.weight"].shape[0]],
-        "num_layers": count(a + "layers."),
+        "num_layers": _count(state, a + "layers."),
         "pad_len": 256 if a + "layers.0.attention.padding_tokens" in state else 0,
     }
     templates = state[a + "conv1.weight"].shape[1]
@@ -202,13 +344,57 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
     return CATSegConfig(**kwargs)
 
 
+def infer_v1_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegConfig:
+    """[`CATSegConfig`] (`variant="v1"`) of a CAT-Seg v1 mmseg state dict; `overrides` win.
+
+    From shapes: the CLIP towers, the ResNet (stem width, blocks and channels of its three stages), the aggregator
+    and decoder widths. Not visible in shapes, VocAlign's configs are the defaults: `prompt_templates`
+    "vocalign_select_clip" (10 templates; the 80-channel cost embedding is folded to them), `pooling_size` (1, 1),
+    `num_heads` 4, `window_size` 12, linear attention, `clip_resolution` 384 for patch 16 (336 for 14).
+    """
+    overrides = dict(overrides)
+    clip_config, _, patch = _infer_clip_config(state, V1_CLIP_PREFIX, overrides)
+    r, n, h = V1_RESNET_PREFIX, "neck.", "decode_head."
+    stages = sorted({int(k[len(r) + 5 :].split(".")[0]) for k in state if k.startswith(r + "layer")})
+    if stages != [1, 2, 3] or r + "layer1.0.conv3.weight" not in state:
+        raise CheckpointConversionError(
+            f"Expected a 3-stage bottleneck ResNet under {r} (layer1..layer3 with conv3), found stages {stages}"
+        )
+    backbone = {
+        "model_type": "resnet",
+        "embedding_size": state[r + "conv1.weight"].shape[0],
+        "depths": [_count(state, f"{r}layer{i}.") for i in stages],
+        "hidden_sizes": [state[f"{r}layer{i}.0.conv3.weight"].shape[0] for i in stages],
+        "layer_type": "bottleneck",
+        "out_features": ["stage1", "stage2", "stage3"],
+    }
+    kwargs: dict[str, Any] = {
+        "variant": "v1",
+        "clip_config": clip_config,
+        "backbone_config": backbone,
+        "clip_resolution": {16: 384, 14: 336}.get(patch, 384),
+        "prompt_templates": "vocalign_select_clip",
+        "pooling_size": [1, 1],
+        "hidden_dim": state[n + "conv1.weight"].shape[0],
+        "text_guidance_proj_dim": state[n + "text_guidance_projection.0.weight"].shape[0],
+        "appearance_guidance_proj_dim": state[n + "guidance_projection.0.weight"].shape[0],
+        "decoder_dims": [state[h + "decoder1.conv1.conv.weight"].shape[0], state[h + "decoder2.conv1.conv.weight"].shape[0]],
+        "decoder_guidance_proj_dims": [state[h + "decoder_guidance_projection.0.0.weight"].shape[0],
+                                       state[h + "decoder_guidance_projection.1.0.weight"].shape[0]],
+        "num_layers": _count(state, n + "layers."),
+        "pad_len": 0,
+    }
+    kwargs.update(overrides)
+    return CATSegConfig(**kwargs)
+
+
 def convert_checkpoint(
     state: Mapping[str, torch.Tensor], **config_overrides: Any
 ) -> CATSegForSemanticSegmentation:
     """Build a port model holding the reference weights; every parameter must come from the checkpoint."""
     config = infer_config(state, **config_overrides)
     model = CATSegForSemanticSegmentation(config)
-    converted = convert_state_dict(state)
+    converted = convert_state_dict(state, num_templates=config.num_templates)
     expected = set(model.state_dict())
     missing, unexpected = sorted(expected - set(converted)), sorted(set(converted) - expected)
     if missing or unexpected:
@@ -223,10 +409,17 @@ def convert_checkpoint(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2) or a state-dict file")
+    parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2 CVPR'24 or mmseg v1) or a state-dict file")
     parser.add_argument("output_dir", help="folder for save_pretrained (model + processor)")
-    parser.add_argument("--prompt-templates", default=None, help="template set name (default: single)")
+    parser.add_argument(
+        "--prompt-templates", default=None,
+        help="template set name (default: single, or imagenet for 80 channels; v1: vocalign_select_clip)",
+    )
     parser.add_argument("--num-heads", type=int, default=None, help="aggregator heads (default 4)")
+    parser.add_argument(
+        "--pooling-size", type=int, nargs=2, default=None, metavar=("H", "W"),
+        help="class-aggregation pooling (default: 2 2 for CVPR'24, 1 1 for v1 as VocAlign's configs)",
+    )
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push to this Hub repo")
     args = parser.parse_args(argv)
 
@@ -237,6 +430,8 @@ def main(argv: list[str] | None = None) -> None:
         overrides["prompt_templates"] = args.prompt_templates
     if args.num_heads:
         overrides["num_heads"] = args.num_heads
+    if args.pooling_size:
+        overrides["pooling_size"] = args.pooling_size
     model = convert_checkpoint(load_reference_state_dict(args.checkpoint), **overrides)
     processor = CATSegProcessor.from_config(model.config)
     model.save_pretrained(args.output_dir)

@@ -12,6 +12,20 @@ port differs from the reference, on purpose:
   (the reference's multi-template `get_text_embeds` crashes; CAT-Seg v1 did it this way);
 * the loss is the softmax cross-entropy that VocAlign trains with (`loss_type="bce"` gives the reference's
   one-hot BCE).
+
+`variant="v1"` follows the mmsegmentation CAT-Seg that VocAlign adapts (andraghetti/VocAlign 146c662,
+`CAT-Seg/cat_seg/models/{clip_ovseg,cat_aggregator,cat_head}.py`; parity in `tests/test_catseg_v1_parity.py`).
+Differences from it, on purpose:
+
+* the ResNet guidance backbone is the transformers `ResNetBackbone` (`AutoBackbone`), and its batch norms always
+  use their running statistics (frozen, as in the detectron2 CAT-Seg v1); the reference leaves them in training
+  mode while adapting, so a batch of two re-estimates them;
+* its input is derived from the CLIP-normalised `pixel_values` (undo CLIP's normalisation, apply ImageNet's) and
+  resized with them to `clip_resolution` when the image has another size (the reference only works at 384);
+* with several images per batch the reference pairs image i's classes with the guidance of image `i mod B`
+  (`Tensor.repeat` where its einops original meant `repeat_interleave`); here every image keeps its own guidance;
+* 80-channel checkpoints used with 10 templates tile the templates 8 times in the reference; the converter folds
+  those conv1 weights instead (`convert_catseg_checkpoint.fold_prompt_channels`), which gives the same numbers.
 """
 
 from __future__ import annotations
@@ -21,11 +35,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPModel, PreTrainedModel
+from transformers import AutoBackbone, CLIPModel, PreTrainedModel
 from transformers.modeling_outputs import SemanticSegmenterOutput
 
 from .aggregation_catseg import Aggregator, SwinTransformerBlock, shifted_window_mask
-from .configuration_catseg import CATSegConfig
+from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
 
 
 @dataclass
@@ -33,7 +47,9 @@ class CATSegImageFeatures:
     """Dense CLIP image features and the decoder guidance maps."""
 
     dense: torch.Tensor  # (B, D, h, w) projected dense CLIP features (the cost volume's image side)
-    guidance: tuple[torch.Tensor, ...]  # (dense, upsampled layer-a features, upsampled layer-b features)
+    # (appearance guidance, decoder guidance at 2x, decoder guidance at 4x): CVPR'24: (dense, upsampled CLIP
+    # layer a, upsampled CLIP layer b); v1: the backbone's stride-16, stride-8 and stride-4 maps.
+    guidance: tuple[torch.Tensor, ...]
 
 
 class CATSegPreTrainedModel(PreTrainedModel):
@@ -73,11 +89,20 @@ class CATSegModel(CATSegPreTrainedModel):
     def __init__(self, config: CATSegConfig) -> None:
         super().__init__(config)
         self.clip = CLIPModel(config.clip_config)
-        width = config.clip_config.vision_config.hidden_size
-        self.upsample1 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[0], kernel_size=2, stride=2)
-        self.upsample2 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[1], kernel_size=4, stride=4)
+        if config.variant == "v1":
+            self.backbone = AutoBackbone.from_config(config.backbone_config)
+        else:
+            width = config.clip_config.vision_config.hidden_size
+            self.upsample1 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[0], kernel_size=2, stride=2)
+            self.upsample2 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[1], kernel_size=4, stride=4)
         self.aggregator = Aggregator(config)
         self.post_init()
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.config.variant == "v1":
+            self.backbone.eval()  # frozen batch-norm statistics (see the module docstring)
+        return self
 
     # ----------------------------------------------------------------------------------------- text side
     def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -106,16 +131,25 @@ class CATSegModel(CATSegPreTrainedModel):
         return F.normalize(embeds, dim=-1).view(-1, p, embeds.shape[-1])
 
     # --------------------------------------------------------------------------------------- image side
-    def get_image_features(self, pixel_values: torch.Tensor) -> CATSegImageFeatures:
-        """Dense CLIP features (CAT-Seg's modified last layer) and the two guidance maps.
+    def get_image_features(
+        self, pixel_values: torch.Tensor, guidance_pixel_values: torch.Tensor | None = None
+    ) -> CATSegImageFeatures:
+        """Dense CLIP features (CAT-Seg's modified last layer) and the guidance maps.
 
-        The last vision layer keeps only its value path: `v = out_proj(v_proj(ln1(x)))`, adds the CLS token as the
-        residual and applies the MLP; all tokens then go through `post_layernorm` and `visual_projection`
-        (reference: `ResidualAttentionBlock.forward_dense` of `third_party/model_vpt.py`).
+        The last vision layer keeps only its value path, `v = out_proj(v_proj(ln1(x)))`, adds a residual and applies
+        the MLP; all tokens then go through `post_layernorm` and `visual_projection`. The residual is the CLS token
+        for every token in the CVPR'24 model (`ResidualAttentionBlock.forward_dense` of `third_party/model_vpt.py`)
+        and each token's own input in v1 (`forward_dense` of VocAlign's `cat_seg/utils/clip_model.py`).
+
+        Args:
+            pixel_values: (B, 3, H, W) CLIP-normalised images.
+            guidance_pixel_values: v1 only: the images the appearance backbone sees (default: `pixel_values`).
+                VocAlign masks only the CLIP input of the student and passes the unmasked image here.
         """
         size = self.config.clip_resolution
         if pixel_values.shape[-2:] != (size, size):
             pixel_values = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
+        v1 = self.config.variant == "v1"
         vision = self.clip.vision_model
         hidden = vision.embeddings(pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
         hidden = vision.pre_layrnorm(hidden)
@@ -123,19 +157,39 @@ class CATSegModel(CATSegPreTrainedModel):
         intermediate = []
         for index, layer in enumerate(layers[:-1]):
             hidden = layer(hidden, None)
-            if index in self.config.guidance_layers:
+            if not v1 and index in self.config.guidance_layers:
                 intermediate.append(hidden)
         last = layers[-1]
         values = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden)))
-        hidden = values + hidden[:, :1]
+        hidden = values + (hidden if v1 else hidden[:, :1])
         hidden = hidden + last.mlp(last.layer_norm2(hidden))
         dense = self.clip.visual_projection(vision.post_layernorm(hidden))
 
         grid = self.config.feature_resolution
         to_map = lambda t: t[:, 1:].transpose(1, 2).unflatten(-1, (grid, grid))  # noqa: E731
         dense_map = to_map(dense)
-        guidance = (dense_map, self.upsample1(to_map(intermediate[0])), self.upsample2(to_map(intermediate[1])))
+        if v1:
+            maps = self.backbone(self._backbone_input(guidance_pixel_values, pixel_values)).feature_maps
+            if maps[2].shape[-2:] != dense_map.shape[-2:]:
+                raise ValueError(
+                    f"The appearance backbone's last map is {tuple(maps[2].shape[-2:])} but the CLIP grid is "
+                    f"{tuple(dense_map.shape[-2:])}: its stride must equal the CLIP patch size"
+                )
+            guidance = (maps[2], maps[1], maps[0])
+        else:
+            guidance = (dense_map, self.upsample1(to_map(intermediate[0])), self.upsample2(to_map(intermediate[1])))
         return CATSegImageFeatures(dense=dense_map, guidance=guidance)
+
+    def _backbone_input(self, guidance_pixel_values: torch.Tensor | None, clip_input: torch.Tensor) -> torch.Tensor:
+        """Re-normalise CLIP-normalised images for the v1 backbone: x * clip_std + clip_mean, then ImageNet's."""
+        images = clip_input if guidance_pixel_values is None else guidance_pixel_values
+        size = self.config.clip_resolution
+        if images.shape[-2:] != (size, size):
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        as_tensor = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # noqa: E731
+        mean, std = as_tensor(self.config.backbone_pixel_mean), as_tensor(self.config.backbone_pixel_std)
+        raw = images * as_tensor(CLIP_PIXEL_STD) + as_tensor(CLIP_PIXEL_MEAN)
+        return ((raw - mean) / std).to(self.backbone.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     def forward(
@@ -145,6 +199,7 @@ class CATSegModel(CATSegPreTrainedModel):
         text_embeds: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         class_indices: torch.Tensor | None = None,
+        guidance_pixel_values: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Per-class logits (B, num_classes, 4 * grid, 4 * grid) for normalised images (B, 3, H, W).
 
@@ -161,7 +216,7 @@ class CATSegModel(CATSegPreTrainedModel):
         if class_indices is not None:
             index = class_indices[..., None, None].expand(-1, -1, *text_embeds.shape[2:])
             text_embeds = torch.gather(text_embeds, 1, index)
-        features = self.get_image_features(pixel_values)
+        features = self.get_image_features(pixel_values, guidance_pixel_values)
         return self.aggregator(features.dense, text_embeds.to(features.dense.dtype), features.guidance)
 
     def _resolve_text(self, input_ids, text_embeds, attention_mask, batch_size: int) -> torch.Tensor:
@@ -250,6 +305,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         class_indices: torch.Tensor | None = None,
+        guidance_pixel_values: torch.Tensor | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> SemanticSegmenterOutput:
@@ -260,6 +316,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             text_embeds: precomputed normalised text embeddings, (num_classes, P, D) or (B, K, P, D).
             labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
             class_indices: (B, K) per-image subset of the vocabulary to segment with (Top-K); logits follow it.
+            guidance_pixel_values: v1 only: the images its appearance backbone sees (default: `pixel_values`).
         Returns:
             `SemanticSegmenterOutput` with `logits` of shape (B, num_classes, 4 * grid, 4 * grid) (not upsampled,
             like SegFormer; use `post_process_semantic_segmentation`) and `loss` when labels are given.
@@ -272,6 +329,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             text_embeds=text_embeds,
             attention_mask=attention_mask,
             class_indices=class_indices,
+            guidance_pixel_values=guidance_pixel_values,
         )
         loss = self.loss_function(logits, labels) if labels is not None else None
         return SemanticSegmenterOutput(loss=loss, logits=logits)
@@ -302,13 +360,18 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
     ) -> torch.Tensor:
         """The reference's sliding-window inference, batched over images and windows.
 
-        Each image is resized to `out_res` (640x640), cut into `kernel` (384) windows with `overlap` (0.333), and
-        also resized whole to one global window; sigmoid probabilities of the windows are folded back (averaging
-        overlaps) and averaged with the global view, then resized to `output_size` (default: the input size).
+        `config.sliding_window_mode == "catseg"` (CVPR'24): each image is resized to `out_res` (640x640), cut into
+        `kernel` (384) windows with `overlap` (0.333), and also resized whole to one global window; sigmoid
+        probabilities of the windows are folded back (averaging overlaps) and averaged with the global view, then
+        resized to `output_size` (default: the input size). Returns class probabilities.
+
+        `"mmseg"` (v1, what VocAlign evaluates with): see [`predict_sliding_window_mmseg`]; returns logits.
 
         Returns:
-            (B, num_classes, *output_size) class probabilities (sigmoid scores, as the reference).
+            (B, num_classes, *output_size) class scores whose argmax is the prediction.
         """
+        if self.config.sliding_window_mode == "mmseg":
+            return self.predict_sliding_window_mmseg(pixel_values, input_ids, text_embeds, output_size, kernel)
         kernel = kernel or self.config.sliding_window_kernel
         overlap = self.config.sliding_window_overlap if overlap is None else overlap
         out_res = tuple(out_res or self.config.sliding_window_out_res)
@@ -338,3 +401,52 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         global_probs = F.interpolate(probs[b * num_windows :], size=out_res, mode="bilinear", align_corners=False)
         merged = (folded + global_probs) / 2
         return F.interpolate(merged, size=output_size, mode="bilinear", align_corners=False)
+
+    @torch.no_grad()
+    def predict_sliding_window_mmseg(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        text_embeds: torch.Tensor | None = None,
+        output_size: tuple[int, int] | None = None,
+        kernel: int | None = None,
+        stride: int | None = None,
+    ) -> torch.Tensor:
+        """mmsegmentation's `slide_inference` (`EncoderDecoder.slide_inference`), which VocAlign evaluates with.
+
+        `kernel` x `kernel` crops are taken from the image at its own size every `stride` pixels (the last row and
+        column are moved back to end at the border), their logits are resized to the crop and averaged where crops
+        overlap; all crops of all images run as one batch. Images smaller than `kernel` are one crop.
+
+        Returns:
+            (B, num_classes, *output_size) averaged logits (default size: the input's).
+        """
+        kernel = kernel or self.config.sliding_window_kernel
+        stride = stride or self.config.sliding_window_stride
+        b, _, height, width = pixel_values.shape
+        crop_h, crop_w = min(kernel, height), min(kernel, width)
+
+        def starts(size: int, crop: int) -> list[int]:
+            count = max(size - crop + stride - 1, 0) // stride + 1
+            return [max(min(i * stride + crop, size) - crop, 0) for i in range(count)]
+
+        offsets = [(y, x) for y in starts(height, crop_h) for x in starts(width, crop_w)]
+        crops = torch.stack([pixel_values[:, :, y : y + crop_h, x : x + crop_w] for y, x in offsets], dim=1)
+        num_crops = len(offsets)
+        if text_embeds is None:
+            text_embeds = self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
+        if text_embeds.dim() == 4:  # per-image vocabularies follow their image's crops
+            text_embeds = text_embeds.repeat_interleave(num_crops, dim=0)
+        logits = self.catseg(crops.flatten(0, 1), text_embeds=text_embeds)
+        logits = F.interpolate(logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
+        logits = logits.view(b, num_crops, -1, crop_h, crop_w)
+
+        total = logits.new_zeros(b, logits.shape[2], height, width)
+        count = logits.new_zeros(1, 1, height, width)
+        for i, (y, x) in enumerate(offsets):
+            total[:, :, y : y + crop_h, x : x + crop_w] += logits[:, i]
+            count[:, :, y : y + crop_h, x : x + crop_w] += 1
+        averaged = total / count
+        if output_size is not None and tuple(output_size) != (height, width):
+            averaged = F.interpolate(averaged, size=tuple(output_size), mode="bilinear", align_corners=False)
+        return averaged

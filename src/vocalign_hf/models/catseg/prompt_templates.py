@@ -138,11 +138,27 @@ IMAGENET_SELECT_CLIP: tuple[str, ...] = (
     'This is one masked {} in the scene',
 )
 
+# The 10-template "imagenet_select_clip" of the mmsegmentation CAT-Seg v1 that VocAlign's configs use
+# (andraghetti/VocAlign, CAT-Seg/cat_seg/utils/clip_templates.py); the CVPR'24 set of that name has 32.
+VOCALIGN_SELECT_CLIP = (
+    'a cropped photo of a {}.',
+    'This is a photo of a {}',
+    'This is a masked photo of a {}',
+    'This is a cropped photo of a {}',
+    'A photo of a {} in the scene',
+    'a bad photo of the {} in the scene',
+    'a cropped photo of a {} in the scene',
+    'There is a {} in the scene',
+    'This is a masked {} in the scene',
+    'This is one masked {} in the scene',
+)
+
 PROMPT_TEMPLATE_SETS: dict[str, tuple[str, ...]] = {
     "single": SINGLE,
     "imagenet": IMAGENET,
     "imagenet_select": IMAGENET_SELECT,
     "imagenet_select_clip": IMAGENET_SELECT_CLIP,
+    "vocalign_select_clip": VOCALIGN_SELECT_CLIP,
 }
 
 
