@@ -74,7 +74,7 @@ def pixels(processor, image):
 def test_config_is_read_from_the_checkpoint(reference, port):
     state, _, config = reference
     c = port.config
-    assert c.variant == "v1" and c.sliding_window_mode == "mmseg" and c.pad_len == 0
+    assert c.variant == "v1" and c.sliding_window_mode == "mmseg" and c.pad_len == 0 and c.class_mlp_adds_input
     assert c.backbone_config.depths == [3, 4, 23]  # ResNet-101's first three stages
     assert c.backbone_config.hidden_sizes == [32, 64, 128] and c.backbone_config.embedding_size == 8
     assert c.decoder_guidance_dims == config["decode_head"]["decoder_guidance_dims"]
@@ -214,3 +214,12 @@ def test_cli_converts_an_mmengine_checkpoint_and_round_trips(reference, port, pr
     with torch.no_grad():
         logits = rebuilt(pixel_values=pixels(processor, io["direct_image"]), text_embeds=text).logits
     assert (logits - io["logits_direct"]).abs().max() <= TOL
+
+
+def test_the_mmcv_ffn_residual_is_needed_for_parity(reference, processor, text):
+    """Without `class_mlp_adds_input` (the detectron2 MLP) the same weights give different logits."""
+    state, io, config = reference
+    plain = convert_checkpoint(state, **overrides(config), class_mlp_adds_input=False)
+    with torch.no_grad():
+        logits = plain(pixel_values=pixels(processor, io["direct_image"]), text_embeds=text).logits
+    assert (logits - io["logits_direct"]).abs().max() > 1e-2

@@ -11,9 +11,9 @@ converted checkpoints map one to one. Differences, none of which change the numb
   added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
   reference, so the result is the same while the cost scales with the real number of classes.
 
-The v1 aggregator (mmsegmentation port in andraghetti/VocAlign, `cat_aggregator.py` + `cat_head.py`) has the
-same layers under other names (the converter maps them); it differs in one computation: its class-aggregation
-MLP is mmcv's `FFN`, which adds its own input, so that step is `x + norm2(x) + MLP(norm2(x))` (`mlp_adds_input`).
+The mmsegmentation CAT-Seg v1 (andraghetti/VocAlign, `cat_aggregator.py` + `cat_head.py`) has the same layers
+under other names (the converter maps them) and differs in one computation: its class-aggregation MLP is mmcv's
+`FFN`, which adds its own input, so that step is `x + norm2(x) + MLP(norm2(x))` (`config.class_mlp_adds_input`).
 """
 
 from __future__ import annotations
@@ -265,7 +265,7 @@ class AggregatorLayer(GradientCheckpointingLayer):
             config.attention_type,
             config.pooling_size,
             config.pad_len,
-            mlp_adds_input=config.variant == "v1",
+            mlp_adds_input=config.class_mlp_adds_input,
         )
 
     def forward(self, x: torch.Tensor, appearance_guidance, text_guidance) -> torch.Tensor:

@@ -38,8 +38,9 @@ class CATSegConfig(PreTrainedConfig):
     andraghetti/VocAlign, `CAT-Seg/cat_seg/models/*`): an extra ResNet guidance backbone (`backbone_config`,
     loaded through the transformers backbone API) supplies the appearance guidance (its last feature map) and the
     decoder guidance (the two earlier ones) instead of intermediate CLIP layers; the dense last CLIP layer keeps
-    every token's own residual; the class aggregation's MLP adds its (normalised) input once more, as mmcv's `FFN`
-    does; and sliding-window inference is mmsegmentation's (`sliding_window_mode="mmseg"`).
+    every token's own residual; and sliding-window inference defaults to mmsegmentation's
+    (`sliding_window_mode="mmseg"`). The mmsegmentation checkpoints also need `class_mlp_adds_input=True` (the
+    converter sets it).
 
     Args:
         clip_config (`CLIPConfig` or `dict`): the CLIP towers. The checkpoint's native resolution stays in
@@ -66,6 +67,9 @@ class CATSegConfig(PreTrainedConfig):
             `"mmseg"` (v1 / VocAlign: `kernel` crops of the image at its own size every `sliding_window_stride`
             pixels, logits averaged where crops overlap). Defaults to `"mmseg"` for v1 and `"catseg"` otherwise.
         sliding_window_stride (`int`): crop stride of the `"mmseg"` mode (VocAlign's configs: 384, no overlap).
+        class_mlp_adds_input (`bool`): the class-aggregation MLP adds its (normalised) input once more,
+            `x + norm2(x) + MLP(norm2(x))`, as mmcv's `FFN` does in the mmsegmentation CAT-Seg v1 (the detectron2
+            code has a plain MLP).
         loss_type (`str`): `"cross_entropy"` (softmax over classes, what VocAlign trains with) or `"bce"`
             (one-hot binary cross-entropy, what CAT-Seg pretraining uses).
         semantic_loss_ignore_index (`int`): label value ignored by the loss (255).
@@ -106,6 +110,7 @@ class CATSegConfig(PreTrainedConfig):
     sliding_window_out_res: list[int] | tuple[int, ...] = (640, 640)
     sliding_window_mode: str | None = None
     sliding_window_stride: int = 384
+    class_mlp_adds_input: bool = False
     loss_type: str = "cross_entropy"
     semantic_loss_ignore_index: int = 255
     initializer_range: float = 0.02

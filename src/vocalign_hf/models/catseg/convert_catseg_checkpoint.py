@@ -383,6 +383,8 @@ def infer_v1_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATS
                                        state[h + "decoder_guidance_projection.1.0.weight"].shape[0]],
         "num_layers": _count(state, n + "layers."),
         "pad_len": 0,
+        "class_mlp_adds_input": True,  # mmcv FFN
+        "sliding_window_mode": "mmseg",
     }
     kwargs.update(overrides)
     return CATSegConfig(**kwargs)
