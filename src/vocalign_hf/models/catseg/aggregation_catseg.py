@@ -6,6 +6,10 @@ converted checkpoints map one to one. Differences, none of which change the numb
 
 * window attention runs through `torch.nn.functional.scaled_dot_product_attention`;
 * the shifted-window mask is a non-persistent buffer (the reference saves it in the checkpoint);
+* layers that read a concatenation [x, guidance] (the Swin and class-attention q/k projections, the first decoder
+  conv) apply the two halves of their weight separately: the guidance half runs once per image (appearance and
+  decoder guidance, shared by the T classes) or once per image and class (text guidance, shared by the pixels),
+  instead of on T or H*W copies, and the copies are never built;
 * the class-attention padding tokens (the reference pads the class axis to `pad_len` = 256 with one learned
   token) are identical at every position, so their contribution to the linear attention's key/value sums is
   added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
@@ -52,6 +56,23 @@ def shifted_window_mask(resolution: int, window_size: int, shift: int) -> torch.
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
+def guided_linear(
+    linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None, group: int
+) -> torch.Tensor:
+    """`linear(cat([x, g]))` without building the concatenation, for guidance shared by groups of rows of x.
+
+    `x` is (N * group, ..., D) and `guidance` (N, ..., G): row i of x goes with guidance row i // group (the T
+    classes of an image share its appearance guidance; the pixels of an image share its text guidance). The
+    guidance half of the weight is applied once per guidance row instead of once per class or pixel.
+    """
+    dim = x.shape[-1]
+    out = F.linear(x, linear.weight[:, :dim], linear.bias)
+    if guidance is None:
+        return out
+    projected = F.linear(guidance, linear.weight[:, dim:])
+    return (out.unflatten(0, (-1, group)) + projected.unsqueeze(1)).flatten(0, 1)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 (timm's `Mlp` without dropout)."""
 
@@ -77,14 +98,17 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
-        """x: (B * nW, N, dim + guidance); mask: (nW, N, N) additive or None."""
-        bw, n, _ = x.shape
+    def project(self, x: torch.Tensor, guidance: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+        """q, k, v of every token, concatenated: x (B*T, H, W, dim), guidance (B, H, W, G) -> (B*T, H, W, 3*dim)."""
+        q = guided_linear(self.q, x, guidance, num_classes)
+        k = guided_linear(self.k, x, guidance, num_classes)
+        return torch.cat([q, k, self.v(x)], dim=-1)
+
+    def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
+        """qkv: (B * nW, N, 3 * dim) windows of `project`'s output; mask: (nW, N, N) additive or None."""
+        bw, n, _ = qkv.shape
         # 4-D tensors so that SDPA can pick a fused kernel; the mask repeats over the images of the batch.
-        shape = (bw, n, self.num_heads, -1)
-        q = self.q(x).view(shape).transpose(1, 2)
-        k = self.k(x).view(shape).transpose(1, 2)
-        v = self.v(x[..., : self.dim]).view(shape).transpose(1, 2)
+        q, k, v = (t.reshape(bw, n, self.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
         attn_mask = None
         if mask is not None:
             attn_mask = mask.to(q.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1).reshape(bw, 1, n, n)
@@ -107,13 +131,14 @@ class SwinTransformerBlock(nn.Module):
         mask = shifted_window_mask(resolution, window_size, shift) if shift > 0 else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, H*W, C); guidance: (B, H*W, G) or None."""
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+        """x: (B*T, H*W, C); guidance: (B, H*W, G), shared by the T classes of an image, or None."""
         r, ws = self.resolution, self.window_size
         b, _, c = x.shape
-        h = self.norm1(x).view(b, r, r, c)
         if guidance is not None:
-            h = torch.cat([h, guidance.view(b, r, r, -1)], dim=-1)
+            guidance = guidance.view(-1, r, r, guidance.shape[-1])
+        # Per-token projections commute with the roll and the window partition (they only move tokens).
+        h = self.attn.project(self.norm1(x).view(b, r, r, c), guidance, num_classes)
         if self.shift:
             h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
         windows = window_partition(h, ws)
@@ -138,12 +163,10 @@ class SwinTransformerBlockWrapper(nn.Module):
         """x: (B, C, T, H, W); guidance: (B, G, H, W) or None."""
         b, c, t, h, w = x.shape
         x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
-        if guidance is not None:
-            # LayerNorm per pixel is the same for every class: normalise once, then broadcast over T.
-            g = self.guidance_norm(guidance.flatten(2).transpose(1, 2))
-            guidance = g.unsqueeze(1).expand(b, t, h * w, g.shape[-1]).reshape(b * t, h * w, -1)
-        x = self.block_1(x, guidance)
-        x = self.block_2(x, guidance)
+        if guidance is not None:  # the same for every class: normalised (and projected) once per image
+            guidance = self.guidance_norm(guidance.flatten(2).transpose(1, 2))
+        x = self.block_1(x, guidance, t)
+        x = self.block_2(x, guidance, t)
         return x.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
@@ -163,10 +186,11 @@ class AttentionLayer(nn.Module):
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
 
-    def _project(self, x: torch.Tensor, guidance: torch.Tensor | None):
-        xg = torch.cat([x, guidance], dim=-1) if guidance is not None else x
+    def _project(self, x: torch.Tensor, guidance: torch.Tensor | None, group: int):
+        """x: (N * group, T, C); guidance: (N, T, G) shared by each group of rows (the pixels of an image)."""
         split = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731 - (..., H, D)
-        return split(self.q(xg)), split(self.k(xg)), split(self.v(x))
+        q, k = guided_linear(self.q, x, guidance, group), guided_linear(self.k, x, guidance, group)
+        return split(q), split(k), split(self.v(x))
 
     def forward(
         self,
@@ -176,11 +200,13 @@ class AttentionLayer(nn.Module):
         pad_guidance: torch.Tensor | None = None,
         num_pad: int = 0,
     ) -> torch.Tensor:
-        """x: (N, T, C), guidance: (N, T, G) or None. `num_pad` extra key/value tokens equal to the projection of
-        (`pad_x`, `pad_guidance`) take part in the attention; only the T real tokens are returned."""
-        q, k, v = self._project(x, guidance)  # (N, T, H, D)
+        """x: (B * P, T, C) for P pixels per image, guidance: (B, T, G) or None. `num_pad` extra key/value tokens
+        equal to the projection of (`pad_x`, `pad_guidance`) take part in the attention; only the T real tokens are
+        returned."""
+        group = x.shape[0] // guidance.shape[0] if guidance is not None else 1
+        q, k, v = self._project(x, guidance, group)  # (N, T, H, D)
         if num_pad:
-            _, pk, pv = self._project(pad_x, pad_guidance)  # (1, 1, H, D)
+            _, pk, pv = self._project(pad_x, pad_guidance, 1)  # (1, 1, H, D)
         if self.attention_type == "linear":
             q, k = _elu_feature_map(q), _elu_feature_map(k)
             kv = torch.einsum("nshd,nshv->nhdv", k, v)
@@ -233,8 +259,6 @@ class ClassTransformerLayer(nn.Module):
         pooled = self.pool(x.reshape(b, c * t, h, w))
         hp, wp = pooled.shape[-2:]
         tokens = pooled.view(b, c, t, hp * wp).permute(0, 3, 2, 1).reshape(b * hp * wp, t, c)
-        if guidance is not None:
-            guidance = guidance.unsqueeze(1).expand(b, hp * wp, t, guidance.shape[-1]).reshape(b * hp * wp, t, -1)
         num_pad = max(self.pad_len - t, 0) if self.padding_tokens is not None else 0
         pad_x = self.norm1(self.padding_tokens) if num_pad else None
         pad_g = self.padding_guidance if (num_pad and guidance is not None) else None
@@ -300,11 +324,15 @@ class Up(nn.Module):
         self.conv = DoubleConv(in_channels, out_channels)
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (B*T, C, h, w) class slices; guidance: (B, G, 2h, 2w), shared by the T classes of an image."""
         x = self.up(x)
+        first, rest = self.conv.double_conv[0], self.conv.double_conv[1:]
+        # conv(cat[x, g]) = conv_x(x) + conv_g(g) (bias-free): the guidance half runs once per image, not per class.
+        out = F.conv2d(x, first.weight[:, : x.shape[1]], padding=1)
         if guidance is not None:
-            repeats = x.shape[0] // guidance.shape[0]
-            x = torch.cat([x, guidance.repeat_interleave(repeats, dim=0)], dim=1)
-        return self.conv(x)
+            projected = F.conv2d(guidance, first.weight[:, x.shape[1] :], padding=1)
+            out = (out.unflatten(0, (guidance.shape[0], -1)) + projected.unsqueeze(1)).flatten(0, 1)
+        return rest(out)
 
 
 class Aggregator(nn.Module):
