@@ -383,3 +383,18 @@ def test_format_table():
     assert "mIoU 50.00" in lines[-1]
     with pytest.raises(ValueError, match="class names"):
         metric.format_table(["road"])
+
+
+def test_update_from_scores_resizes_then_takes_the_argmax():
+    torch.manual_seed(0)
+    scores, labels = torch.randn(2, 4, 8, 8), torch.randint(0, 4, (2, 32, 32))
+    labels[0, :5] = 255
+    metric, manual = StreamingMeanIoU(4), StreamingMeanIoU(4)
+    metric.update_from_scores(scores, labels)
+    upsampled = torch.nn.functional.interpolate(scores, size=(32, 32), mode="bilinear", align_corners=False)
+    manual.update(upsampled.argmax(1), labels)
+    assert torch.equal(metric.confusion_matrix, manual.confusion_matrix)
+    assert int(metric.confusion_matrix.sum()) == 2 * 32 * 32 - 5 * 32
+    same_size = StreamingMeanIoU(4)
+    same_size.update_from_scores(upsampled, labels)
+    assert torch.equal(same_size.confusion_matrix, manual.confusion_matrix)

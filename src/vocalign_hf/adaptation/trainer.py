@@ -293,8 +293,7 @@ class VocAlignTrainer(Trainer):
                     scores = model.predict_sliding_window(pixel_values, text_embeds=text, output_size=labels.shape[-2:])
                 else:
                     scores = model(pixel_values=pixel_values, text_embeds=text).logits
-            scores = F.interpolate(scores.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            metric.update(scores.argmax(dim=1), labels)
+            metric.update_from_scores(scores, labels)
         results = metric.gather(self.accelerator).compute()
         model.train(was_training)
         metrics = {f"{metric_key_prefix}_mean_iou": 100 * results["mean_iou"]}

@@ -245,6 +245,14 @@ class StreamingMeanIoU:
         cm = confusion_matrix(pred, references, self.num_classes, self.ignore_index, device=self._confmat.device)
         self._confmat += cm
 
+    def update_from_scores(self, scores: torch.Tensor, references: torch.Tensor) -> None:
+        """Add a batch of class scores (B, C, h, w): resized bilinearly to the references' (B, H, W), then argmax."""
+        if scores.shape[-2:] != references.shape[-2:]:
+            scores = torch.nn.functional.interpolate(
+                scores.float(), size=references.shape[-2:], mode="bilinear", align_corners=False
+            )
+        self.update(scores.argmax(dim=1), references)
+
     def reset(self) -> None:
         """Zero the confusion matrix (its device is kept)."""
         if self._confmat is not None:

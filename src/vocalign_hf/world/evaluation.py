@@ -7,7 +7,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..metrics import StreamingMeanIoU
 
@@ -53,9 +52,7 @@ def evaluate_segmenter(
             images = [image.convert("RGB") for image in rows["image"]]
             labels = torch.from_numpy(np.stack([np.asarray(label) for label in rows["label"]]).astype(np.int64))
             pixel_values = processor(images=images)["pixel_values"].to(device)
-            logits = model(pixel_values=pixel_values, text_embeds=text).logits
-            logits = F.interpolate(logits.float(), size=labels.shape[-2:], mode="bilinear", align_corners=False)
-            metric.update(logits.argmax(1).cpu(), labels)
+            metric.update_from_scores(model(pixel_values=pixel_values, text_embeds=text).logits.cpu(), labels)
     finally:
         model.train(was_training)
     result = metric.compute()
