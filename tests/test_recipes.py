@@ -73,3 +73,32 @@ def test_evaluate_recipe_reproduces_the_adapted_miou(world_run):
          "--base_model", str(output / "source_model"), "--adapter", str(output / "adapter")]
     )
     assert metrics["eval_mean_iou"] == pytest.approx(results["adapted_miou"], abs=1e-6)
+
+
+def test_main_job_runs_with_a_v1_base_model(tmp_path):
+    """The recipe with a CAT-Seg v1 base model (ResNet guidance): zero-shot and adapted evaluation with mmseg's
+    sliding window, a saved adapter that reloads onto the v1 base. Random weights: the numbers only have to be
+    valid mIoUs here."""
+    import torch
+    from conftest import tiny_catseg_v1_config
+
+    from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+    from vocalign_hf.adaptation import load_adapted_model
+
+    torch.manual_seed(0)
+    config = tiny_catseg_v1_config(sliding_window_kernel=24, sliding_window_stride=16)
+    base = tmp_path / "v1_base"
+    CATSegForSemanticSegmentation(config).save_pretrained(base)
+    CATSegProcessor.from_config(config).save_pretrained(base)
+    output = tmp_path / "run"
+    flags = [
+        "--config", str(WORLD_CONFIG), "--output_dir", str(output), "--base_model", str(base),
+        "--world_image_size", "32", "--world_num_source_train", "8", "--world_num_target_train", "8",
+        "--world_num_target_eval", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
+        "--eval_sliding_window", "true", "--num_overlays", "0", "--disable_tqdm", "true", "--save_steps", "1000",
+    ]
+    results = run_adaptation(*parse_recipe_args(flags))
+    assert 0 <= results["zero_shot_miou"] <= 100 and 0 <= results["adapted_miou"] <= 100
+    adapted, info = load_adapted_model(str(base), output / "adapter")
+    assert adapted.config.variant == "v1"
+    assert {f"adapted_iou_{name}" for name in info["class_names"]} <= set(results)
