@@ -100,9 +100,15 @@ class WindowAttention(nn.Module):
 
     def project(self, x: torch.Tensor, guidance: torch.Tensor | None, num_classes: int) -> torch.Tensor:
         """q, k, v of every token, concatenated: x (B*T, H, W, dim), guidance (B, H, W, G) -> (B*T, H, W, 3*dim)."""
-        q = guided_linear(self.q, x, guidance, num_classes)
-        k = guided_linear(self.k, x, guidance, num_classes)
-        return torch.cat([q, k, self.v(x)], dim=-1)
+        d = self.dim
+        # One GEMM for the token halves of q, k and v (weights are stacked, activations never concatenated).
+        weight = torch.cat([self.q.weight[:, :d], self.k.weight[:, :d], self.v.weight])
+        qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
+        if guidance is None:
+            return qkv
+        projected = F.linear(guidance, torch.cat([self.q.weight[:, d:], self.k.weight[:, d:]]))
+        projected = F.pad(projected, (0, d))  # v does not see the guidance
+        return (qkv.unflatten(0, (-1, num_classes)) + projected.unsqueeze(1)).flatten(0, 1)
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
         """qkv: (B * nW, N, 3 * dim) windows of `project`'s output; mask: (nW, N, N) additive or None."""
