@@ -9,6 +9,8 @@ Usage::
 Two layouts are recognised from their keys:
 
 * CVPR'24 detectron2 checkpoints (`sem_seg_head.predictor.*`, `upsample1/2.*`);
+* CAT-Seg v1 detectron2 checkpoints (`hamacojr/CAT-Seg` `model_final_base.pth`: the same predictor keys plus a
+  detectron2 ResNet-101 under `backbone.stem.*`, `backbone.res{2,3,4}.*`, with frozen batch norms);
 * CAT-Seg v1 in mmsegmentation layout (`backbone.clip_model.*`, `backbone.feature_extractor.*` (ResNet),
   `neck.*`, `decode_head.*`), the model VocAlign adapts (openmmlab's `catseg_vitb-r101_...pth`, linked from
   andraghetti/VocAlign's `CAT-Seg/README.md`). Its ResNet goes to the transformers `ResNetBackbone`. The v1
@@ -159,18 +161,28 @@ _V1_HEAD_RENAMES = (
     (re.compile(r"^(decoder\d)\.conv2\.gn\.(.*)$"), r"\1.conv.double_conv.4.\2"),
     (re.compile(r"^conv_seg\.(.*)$"), r"head.\1"),
 )
+_D2_RESNET_RENAMES = (
+    (re.compile(r"^stem\.conv1\.weight$"), r"embedder.embedder.convolution.weight"),
+    (re.compile(r"^stem\.conv1\.norm\.(.*)$"), r"embedder.embedder.normalization.\1"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.weight$"), r"encoder.stages.{s}.layers.\2.shortcut.convolution.weight"),
+    (re.compile(r"^res(\d)\.(\d+)\.shortcut\.norm\.(.*)$"), r"encoder.stages.{s}.layers.\2.shortcut.normalization.\3"),
+    (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.weight$"), r"encoder.stages.{s}.layers.\2.layer.{n}.convolution.weight"),
+    (re.compile(r"^res(\d)\.(\d+)\.conv(\d)\.norm\.(.*)$"), r"encoder.stages.{s}.layers.\2.layer.{n}.normalization.\4"),
+)
+D2_RESNET_PREFIX = "backbone."
+
 # Unused by the v1 forward (no relative position bias table exists to index): dropped.
 V1_DROPPED_BUFFER = re.compile(r"\.attn\.w_msa\.relative_position_index$")
 
 
-def _rename(rest: str, rules) -> str | None:
+def _rename(rest: str, rules, first_stage: int = 1) -> str | None:
     for pattern, target in rules:
         match = pattern.match(rest)
         if match:
             name = match.expand(target)
-            if "{s}" in name or "{n}" in name:  # ResNet: mmseg counts stages and convs from 1, transformers from 0
+            if "{s}" in name or "{n}" in name:  # ResNet stages: mmseg layer1 / detectron2 res2 is transformers' 0
                 groups = match.groups()
-                name = name.replace("{s}", str(int(groups[0]) - 1))
+                name = name.replace("{s}", str(int(groups[0]) - first_stage))
                 if "{n}" in name:
                     name = name.replace("{n}", str(int(groups[2]) - 1))
             return name
@@ -232,6 +244,27 @@ def is_v1_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
     return any(key.startswith(V1_CLIP_PREFIX) for key in state)
 
 
+def is_d2_v1_checkpoint(state: Mapping[str, torch.Tensor]) -> bool:
+    """True for CAT-Seg v1 in detectron2 layout (a ResNet under `backbone.stem.*` next to the predictor)."""
+    return "backbone.stem.conv1.weight" in state and any(key.startswith(CLIP_PREFIX) for key in state)
+
+
+def _convert_d2_resnet(state: dict, out: dict, used: set) -> None:
+    """detectron2 ResNet (FrozenBN) -> transformers `ResNetBackbone` under `catseg.backbone.`.
+
+    FrozenBatchNorm2d keeps no `num_batches_tracked`; the port's batch norms get 0 there (they are frozen too)."""
+    for key, value in state.items():
+        if not key.startswith(D2_RESNET_PREFIX) or key.startswith(V1_CLIP_PREFIX):
+            continue
+        name = _rename(key[len(D2_RESNET_PREFIX) :], _D2_RESNET_RENAMES, first_stage=2)
+        if name is None:
+            continue
+        used.add(key)
+        out["catseg.backbone." + name] = value
+        if name.endswith("normalization.running_var"):
+            out["catseg.backbone." + name.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
+
+
 def convert_state_dict(state: Mapping[str, torch.Tensor], num_templates: int | None = None) -> dict[str, torch.Tensor]:
     """Map reference CAT-Seg keys to `CATSegForSemanticSegmentation` keys (raises on keys it cannot place).
 
@@ -243,6 +276,8 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], num_templates: int | N
     out: dict[str, torch.Tensor] = {}
     used: set[str] = set()
     _convert_clip(CLIP_PREFIX, state, out, used)
+    if is_d2_v1_checkpoint(state):
+        _convert_d2_resnet(state, out, used)
 
     for key, value in state.items():
         if key.startswith(AGGREGATOR_PREFIX):
@@ -309,6 +344,8 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
     """
     if is_v1_checkpoint(state):
         return infer_v1_config(state, **overrides)
+    if is_d2_v1_checkpoint(state):
+        return infer_d2_v1_config(state, **overrides)
     a = AGGREGATOR_PREFIX
     overrides = dict(overrides)
     clip_config, vision_layers, patch = _infer_clip_config(state, CLIP_PREFIX, overrides)
@@ -344,6 +381,63 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
     return CATSegConfig(**kwargs)
 
 
+def _resnet_config(state: Mapping[str, torch.Tensor], prefix: str, stem_key: str, stage: str, first: int) -> dict:
+    """ResNet backbone config of the three stages `{prefix}{stage}{first..first+2}` (bottleneck blocks)."""
+    stages = sorted({int(k[len(prefix + stage) :].split(".")[0]) for k in state
+                     if k.startswith(prefix + stage) and k[len(prefix + stage) :][:1].isdigit()})
+    expected = [first, first + 1, first + 2]
+    if stages != expected or f"{prefix}{stage}{first}.0.conv3.weight" not in state:
+        raise CheckpointConversionError(
+            f"Expected a 3-stage bottleneck ResNet under {prefix} ({stage}{first}..{stage}{first + 2} with conv3), "
+            f"found stages {stages}"
+        )
+    return {
+        "model_type": "resnet",
+        "embedding_size": state[prefix + stem_key].shape[0],
+        "depths": [_count(state, f"{prefix}{stage}{i}.") for i in stages],
+        "hidden_sizes": [state[f"{prefix}{stage}{i}.0.conv3.weight"].shape[0] for i in stages],
+        "layer_type": "bottleneck",
+        "out_features": ["stage1", "stage2", "stage3"],
+    }
+
+
+def infer_d2_v1_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegConfig:
+    """[`CATSegConfig`] (`variant="v1"`) of a detectron2 CAT-Seg v1 state dict (`model_final_base.pth`).
+
+    From shapes: CLIP, the ResNet (`backbone.stem/res2-4`), the aggregator. Not visible in shapes, the release's
+    `configs/vitb_r101_384.yaml` gives the defaults: `pooling_size` (2, 2) (its eval.sh evaluates with (1, 1)),
+    `num_heads` 4, `window_size` 12, linear attention, the 80 ImageNet templates for an 80-channel cost
+    embedding, and its own sliding window (`sliding_window_mode="catseg"`).
+    """
+    a = AGGREGATOR_PREFIX
+    overrides = dict(overrides)
+    clip_config, _, patch = _infer_clip_config(state, CLIP_PREFIX, overrides)
+    templates = state[a + "conv1.weight"].shape[1]
+    kwargs: dict[str, Any] = {
+        "variant": "v1",
+        "clip_config": clip_config,
+        "backbone_config": _resnet_config(state, D2_RESNET_PREFIX, "stem.conv1.weight", "res", 2),
+        "clip_resolution": {16: 384, 14: 336}.get(patch, 384),
+        "prompt_templates": {1: "single", 80: "imagenet"}.get(templates),
+        "hidden_dim": state[a + "conv1.weight"].shape[0],
+        "text_guidance_proj_dim": state[a + "text_guidance_projection.0.weight"].shape[0],
+        "appearance_guidance_proj_dim": state[a + "guidance_projection.0.weight"].shape[0],
+        "decoder_dims": [state[a + "decoder1.conv.double_conv.0.weight"].shape[0],
+                         state[a + "decoder2.conv.double_conv.0.weight"].shape[0]],
+        "decoder_guidance_proj_dims": [state[a + "decoder_guidance_projection.0.0.weight"].shape[0],
+                                       state[a + "decoder_guidance_projection.1.0.weight"].shape[0]],
+        "num_layers": _count(state, a + "layers."),
+        "pad_len": 256 if a + "layers.0.attention.padding_tokens" in state else 0,
+        "sliding_window_mode": "catseg",
+    }
+    kwargs.update(overrides)
+    if kwargs["prompt_templates"] is None:
+        raise CheckpointConversionError(
+            f"The checkpoint was trained with {templates} prompt templates: pass --prompt-templates"
+        )
+    return CATSegConfig(**kwargs)
+
+
 def infer_v1_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegConfig:
     """[`CATSegConfig`] (`variant="v1"`) of a CAT-Seg v1 mmseg state dict; `overrides` win.
 
@@ -354,20 +448,8 @@ def infer_v1_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATS
     """
     overrides = dict(overrides)
     clip_config, _, patch = _infer_clip_config(state, V1_CLIP_PREFIX, overrides)
-    r, n, h = V1_RESNET_PREFIX, "neck.", "decode_head."
-    stages = sorted({int(k[len(r) + 5 :].split(".")[0]) for k in state if k.startswith(r + "layer")})
-    if stages != [1, 2, 3] or r + "layer1.0.conv3.weight" not in state:
-        raise CheckpointConversionError(
-            f"Expected a 3-stage bottleneck ResNet under {r} (layer1..layer3 with conv3), found stages {stages}"
-        )
-    backbone = {
-        "model_type": "resnet",
-        "embedding_size": state[r + "conv1.weight"].shape[0],
-        "depths": [_count(state, f"{r}layer{i}.") for i in stages],
-        "hidden_sizes": [state[f"{r}layer{i}.0.conv3.weight"].shape[0] for i in stages],
-        "layer_type": "bottleneck",
-        "out_features": ["stage1", "stage2", "stage3"],
-    }
+    n, h = "neck.", "decode_head."
+    backbone = _resnet_config(state, V1_RESNET_PREFIX, "conv1.weight", "layer", 1)
     kwargs: dict[str, Any] = {
         "variant": "v1",
         "clip_config": clip_config,

@@ -14,8 +14,9 @@ port differs from the reference, on purpose:
   one-hot BCE).
 
 `variant="v1"` follows the mmsegmentation CAT-Seg that VocAlign adapts (andraghetti/VocAlign 146c662,
-`CAT-Seg/cat_seg/models/{clip_ovseg,cat_aggregator,cat_head}.py`; parity in `tests/test_catseg_v1_parity.py`).
-Differences from it, on purpose:
+`CAT-Seg/cat_seg/models/{clip_ovseg,cat_aggregator,cat_head}.py`; parity in `tests/test_catseg_v1_parity.py`) and
+the detectron2 v1 release (cvlab-kaist/CAT-Seg af4fa0b; `tests/test_catseg_v1_d2_parity.py`). Differences, on
+purpose:
 
 * the ResNet guidance backbone is the transformers `ResNetBackbone` (`AutoBackbone`), and its batch norms always
   use their running statistics (frozen, as in the detectron2 CAT-Seg v1); the reference leaves them in training
@@ -26,6 +27,8 @@ Differences from it, on purpose:
   (`Tensor.repeat` where its einops original meant `repeat_interleave`); here every image keeps its own guidance;
 * 80-channel checkpoints used with 10 templates tile the templates 8 times in the reference; the converter folds
   those conv1 weights instead (`convert_catseg_checkpoint.fold_prompt_channels`), which gives the same numbers.
+* the detectron2 code pads the ResNet's and CLIP's inputs each after its own normalisation; here the padded
+  CLIP-normalised image is re-normalised, so a `size_divisibility` border differs for the ResNet.
 """
 
 from __future__ import annotations
