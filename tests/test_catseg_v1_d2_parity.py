@@ -87,3 +87,15 @@ def test_cli_converts_the_detectron2_file(reference, port, tmp_path):
     assert loaded.config.variant == "v1"
     for key, value in loaded.state_dict().items():
         assert torch.equal(value, expected[key]), key
+
+
+def test_unexpected_backbone_shapes_are_named(reference):
+    from vocalign_hf.models.catseg.convert_catseg_checkpoint import CheckpointConversionError
+
+    state, _, config = reference
+    with_res5 = dict(state, **{"backbone.res5.0.conv1.weight": torch.zeros(8, 128, 1, 1)})
+    with pytest.raises(CheckpointConversionError, match=r"found stages \[2, 3, 4, 5\]"):
+        convert_checkpoint(with_res5, **heads(config))
+    without = {k: v for k, v in state.items() if k != "backbone.res3.1.conv2.norm.running_var"}
+    with pytest.raises(CheckpointConversionError, match=r"stages\.1\.layers\.1\.layer\.1\.normalization\.running_var"):
+        convert_checkpoint(without, **heads(config))
