@@ -56,9 +56,12 @@ def shifted_window_mask(resolution: int, window_size: int, shift: int) -> torch.
     return torch.zeros_like(diff).masked_fill(diff != 0, -100.0)
 
 
-def guided_linear(
-    linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None, group: int
-) -> torch.Tensor:
+def add_per_group(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """x (N * group, ...) + shared (N, ...), row i of x getting row i // group of `shared`, without copying `shared`."""
+    return (x.unflatten(0, (shared.shape[0], -1)) + shared.unsqueeze(1)).flatten(0, 1)
+
+
+def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
     """`linear(cat([x, g]))` without building the concatenation, for guidance shared by groups of rows of x.
 
     `x` is (N * group, ..., D) and `guidance` (N, ..., G): row i of x goes with guidance row i // group (the T
@@ -69,8 +72,7 @@ def guided_linear(
     out = F.linear(x, linear.weight[:, :dim], linear.bias)
     if guidance is None:
         return out
-    projected = F.linear(guidance, linear.weight[:, dim:])
-    return (out.unflatten(0, (-1, group)) + projected.unsqueeze(1)).flatten(0, 1)
+    return add_per_group(out, F.linear(guidance, linear.weight[:, dim:]))
 
 
 class Mlp(nn.Module):
@@ -98,7 +100,7 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def project(self, x: torch.Tensor, guidance: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    def project(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
         """q, k, v of every token, concatenated: x (B*T, H, W, dim), guidance (B, H, W, G) -> (B*T, H, W, 3*dim)."""
         d = self.dim
         # One GEMM for the token halves of q, k and v (weights are stacked, activations never concatenated).
@@ -107,8 +109,7 @@ class WindowAttention(nn.Module):
         if guidance is None:
             return qkv
         projected = F.linear(guidance, torch.cat([self.q.weight[:, d:], self.k.weight[:, d:]]))
-        projected = F.pad(projected, (0, d))  # v does not see the guidance
-        return (qkv.unflatten(0, (-1, num_classes)) + projected.unsqueeze(1)).flatten(0, 1)
+        return add_per_group(qkv, F.pad(projected, (0, d)))  # v does not see the guidance
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
         """qkv: (B * nW, N, 3 * dim) windows of `project`'s output; mask: (nW, N, N) additive or None."""
@@ -137,14 +138,14 @@ class SwinTransformerBlock(nn.Module):
         mask = shifted_window_mask(resolution, window_size, shift) if shift > 0 else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None, num_classes: int) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
         """x: (B*T, H*W, C); guidance: (B, H*W, G), shared by the T classes of an image, or None."""
         r, ws = self.resolution, self.window_size
         b, _, c = x.shape
         if guidance is not None:
             guidance = guidance.view(-1, r, r, guidance.shape[-1])
         # Per-token projections commute with the roll and the window partition (they only move tokens).
-        h = self.attn.project(self.norm1(x).view(b, r, r, c), guidance, num_classes)
+        h = self.attn.project(self.norm1(x).view(b, r, r, c), guidance)
         if self.shift:
             h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
         windows = window_partition(h, ws)
@@ -171,8 +172,8 @@ class SwinTransformerBlockWrapper(nn.Module):
         x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
         if guidance is not None:  # the same for every class: normalised (and projected) once per image
             guidance = self.guidance_norm(guidance.flatten(2).transpose(1, 2))
-        x = self.block_1(x, guidance, t)
-        x = self.block_2(x, guidance, t)
+        x = self.block_1(x, guidance)
+        x = self.block_2(x, guidance)
         return x.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
@@ -192,10 +193,10 @@ class AttentionLayer(nn.Module):
         self.k = nn.Linear(hidden_dim + guidance_dim, hidden_dim)
         self.v = nn.Linear(hidden_dim, hidden_dim)
 
-    def _project(self, x: torch.Tensor, guidance: torch.Tensor | None, group: int):
+    def _project(self, x: torch.Tensor, guidance: torch.Tensor | None):
         """x: (N * group, T, C); guidance: (N, T, G) shared by each group of rows (the pixels of an image)."""
         split = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731 - (..., H, D)
-        q, k = guided_linear(self.q, x, guidance, group), guided_linear(self.k, x, guidance, group)
+        q, k = guided_linear(self.q, x, guidance), guided_linear(self.k, x, guidance)
         return split(q), split(k), split(self.v(x))
 
     def forward(
@@ -209,10 +210,9 @@ class AttentionLayer(nn.Module):
         """x: (B * P, T, C) for P pixels per image, guidance: (B, T, G) or None. `num_pad` extra key/value tokens
         equal to the projection of (`pad_x`, `pad_guidance`) take part in the attention; only the T real tokens are
         returned."""
-        group = x.shape[0] // guidance.shape[0] if guidance is not None else 1
-        q, k, v = self._project(x, guidance, group)  # (N, T, H, D)
+        q, k, v = self._project(x, guidance)  # (N, T, H, D)
         if num_pad:
-            _, pk, pv = self._project(pad_x, pad_guidance, 1)  # (1, 1, H, D)
+            _, pk, pv = self._project(pad_x, pad_guidance)  # (1, 1, H, D)
         if self.attention_type == "linear":
             q, k = _elu_feature_map(q), _elu_feature_map(k)
             kv = torch.einsum("nshd,nshv->nhdv", k, v)
@@ -337,7 +337,7 @@ class Up(nn.Module):
         out = F.conv2d(x, first.weight[:, : x.shape[1]], padding=1)
         if guidance is not None:
             projected = F.conv2d(guidance, first.weight[:, x.shape[1] :], padding=1)
-            out = (out.unflatten(0, (guidance.shape[0], -1)) + projected.unsqueeze(1)).flatten(0, 1)
+            out = add_per_group(out, projected)
         return rest(out)
 
 

@@ -6,7 +6,7 @@ Usage::
     convert-catseg-checkpoint model_large.pth ./catseg-vitl-336 --push-to-hub org/catseg-vitl-336
     convert-catseg-checkpoint catseg_vitb-r101_..._ade20k-384x384-54194d72.pth ./catseg-v1-r101   # v1 (mmseg)
 
-Two layouts are recognised from their keys:
+Three layouts are recognised from their keys:
 
 * CVPR'24 detectron2 checkpoints (`sem_seg_head.predictor.*`, `upsample1/2.*`);
 * CAT-Seg v1 detectron2 checkpoints (`hamacojr/CAT-Seg` `model_final_base.pth`: the same predictor keys plus a
@@ -333,6 +333,31 @@ def _count(state: Mapping[str, torch.Tensor], prefix: str) -> int:
     return len({k[len(prefix) :].split(".")[0] for k in state if k.startswith(prefix)})
 
 
+def _aggregator_dims(state: Mapping[str, torch.Tensor], a: str) -> dict[str, Any]:
+    """Aggregator widths of a detectron2-layout predictor (`a` = its prefix), read from the weight shapes."""
+    return {
+        "hidden_dim": state[a + "conv1.weight"].shape[0],
+        "text_guidance_proj_dim": state[a + "text_guidance_projection.0.weight"].shape[0],
+        "appearance_guidance_proj_dim": state[a + "guidance_projection.0.weight"].shape[0],
+        "decoder_dims": [state[a + "decoder1.conv.double_conv.0.weight"].shape[0],
+                         state[a + "decoder2.conv.double_conv.0.weight"].shape[0]],
+        "decoder_guidance_proj_dims": [state[a + "decoder_guidance_projection.0.0.weight"].shape[0],
+                                       state[a + "decoder_guidance_projection.1.0.weight"].shape[0]],
+        "num_layers": _count(state, a + "layers."),
+        "pad_len": 256 if a + "layers.0.attention.padding_tokens" in state else 0,
+        # 1 or 80 template channels: the single template or the 80 ImageNet ones; other counts must be given.
+        "prompt_templates": {1: "single", 80: "imagenet"}.get(state[a + "conv1.weight"].shape[1]),
+    }
+
+
+def _check_templates(kwargs: dict[str, Any], state: Mapping[str, torch.Tensor]) -> None:
+    if kwargs["prompt_templates"] is None:
+        templates = state[AGGREGATOR_PREFIX + "conv1.weight"].shape[1]
+        raise CheckpointConversionError(
+            f"The checkpoint was trained with {templates} prompt templates: pass --prompt-templates"
+        )
+
+
 def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegConfig:
     """Build a [`CATSegConfig`] from the shapes of a reference state dict; `overrides` win.
 
@@ -346,34 +371,18 @@ def infer_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> CATSegC
         return infer_v1_config(state, **overrides)
     if is_d2_v1_checkpoint(state):
         return infer_d2_v1_config(state, **overrides)
-    a = AGGREGATOR_PREFIX
     overrides = dict(overrides)
     clip_config, vision_layers, patch = _infer_clip_config(state, CLIP_PREFIX, overrides)
     grid = math.isqrt(state[CLIP_PREFIX + "visual.positional_embedding"].shape[0] - 1)
-    default_guidance = {12: [3, 7], 24: [7, 15]}.get(vision_layers)
     kwargs: dict[str, Any] = {
         "clip_config": clip_config,
         "clip_resolution": {16: 384, 14: 336}.get(patch, grid * patch),
-        "guidance_layers": default_guidance,
-        "hidden_dim": state[a + "conv1.weight"].shape[0],
-        "text_guidance_proj_dim": state[a + "text_guidance_projection.0.weight"].shape[0],
-        "appearance_guidance_proj_dim": state[a + "guidance_projection.0.weight"].shape[0],
-        "decoder_dims": [state[a + "decoder1.conv.double_conv.0.weight"].shape[0],
-                         state[a + "decoder2.conv.double_conv.0.weight"].shape[0]],
+        "guidance_layers": {12: [3, 7], 24: [7, 15]}.get(vision_layers),
         "decoder_guidance_dims": [state["upsample1.weight"].shape[1], state["upsample2.weight"].shape[1]],
-        "decoder_guidance_proj_dims": [state[a + "decoder_guidance_projection.0.0.weight"].shape[0],
-                                       state[a + "decoder_guidance_projection.1.0.weight"].shape[0]],
-        "num_layers": _count(state, a + "layers."),
-        "pad_len": 256 if a + "layers.0.attention.padding_tokens" in state else 0,
+        **_aggregator_dims(state, AGGREGATOR_PREFIX),
     }
-    templates = state[a + "conv1.weight"].shape[1]
-    if templates != 1 and "prompt_templates" not in overrides:
-        overrides["prompt_templates"] = "imagenet" if templates == 80 else None
-        if overrides["prompt_templates"] is None:
-            raise CheckpointConversionError(
-                f"The checkpoint was trained with {templates} prompt templates: pass --prompt-templates"
-            )
     kwargs.update(overrides)
+    _check_templates(kwargs, state)
     if kwargs["guidance_layers"] is None:
         raise CheckpointConversionError(
             f"No default guidance layers for a {vision_layers}-layer CLIP: pass guidance_layers explicitly"
@@ -409,32 +418,18 @@ def infer_d2_v1_config(state: Mapping[str, torch.Tensor], **overrides: Any) -> C
     `num_heads` 4, `window_size` 12, linear attention, the 80 ImageNet templates for an 80-channel cost
     embedding, and its own sliding window (`sliding_window_mode="catseg"`).
     """
-    a = AGGREGATOR_PREFIX
     overrides = dict(overrides)
     clip_config, _, patch = _infer_clip_config(state, CLIP_PREFIX, overrides)
-    templates = state[a + "conv1.weight"].shape[1]
     kwargs: dict[str, Any] = {
         "variant": "v1",
         "clip_config": clip_config,
         "backbone_config": _resnet_config(state, D2_RESNET_PREFIX, "stem.conv1.weight", "res", 2),
         "clip_resolution": {16: 384, 14: 336}.get(patch, 384),
-        "prompt_templates": {1: "single", 80: "imagenet"}.get(templates),
-        "hidden_dim": state[a + "conv1.weight"].shape[0],
-        "text_guidance_proj_dim": state[a + "text_guidance_projection.0.weight"].shape[0],
-        "appearance_guidance_proj_dim": state[a + "guidance_projection.0.weight"].shape[0],
-        "decoder_dims": [state[a + "decoder1.conv.double_conv.0.weight"].shape[0],
-                         state[a + "decoder2.conv.double_conv.0.weight"].shape[0]],
-        "decoder_guidance_proj_dims": [state[a + "decoder_guidance_projection.0.0.weight"].shape[0],
-                                       state[a + "decoder_guidance_projection.1.0.weight"].shape[0]],
-        "num_layers": _count(state, a + "layers."),
-        "pad_len": 256 if a + "layers.0.attention.padding_tokens" in state else 0,
         "sliding_window_mode": "catseg",
+        **_aggregator_dims(state, AGGREGATOR_PREFIX),
     }
     kwargs.update(overrides)
-    if kwargs["prompt_templates"] is None:
-        raise CheckpointConversionError(
-            f"The checkpoint was trained with {templates} prompt templates: pass --prompt-templates"
-        )
+    _check_templates(kwargs, state)
     return CATSegConfig(**kwargs)
 
 
@@ -493,7 +488,7 @@ def convert_checkpoint(
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2 CVPR'24 or mmseg v1) or a state-dict file")
+    parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2 CVPR'24 or v1, mmseg v1) or a state-dict file")
     parser.add_argument("output_dir", help="folder for save_pretrained (model + processor)")
     parser.add_argument(
         "--prompt-templates", default=None,

@@ -296,6 +296,12 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             self._vocabulary_cache = embeds
         return self._vocabulary_cache
 
+    def _vocabulary_embeds(self, input_ids: torch.Tensor | None, text_embeds: torch.Tensor | None) -> torch.Tensor:
+        """The given embeddings, else those of the given token ids, else the default vocabulary's."""
+        if text_embeds is not None:
+            return text_embeds
+        return self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
+
     def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
         return self.catseg.get_text_embeddings(input_ids, attention_mask)
@@ -389,8 +395,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         global_view = F.interpolate(pixel_values, size=(kernel, kernel), mode="bilinear", align_corners=False)
         views = torch.cat([windows, global_view], dim=0)
 
-        if text_embeds is None:  # encode the vocabulary once for all views
-            text_embeds = self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
+        text_embeds = self._vocabulary_embeds(input_ids, text_embeds)  # encoded once for all views
         if text_embeds.dim() == 4:  # per-image vocabularies: repeat for each image's windows, then globals
             text_embeds = torch.cat([text_embeds.repeat_interleave(num_windows, dim=0), text_embeds], dim=0)
         logits = self.catseg(views, text_embeds=text_embeds)
@@ -436,8 +441,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         offsets = [(y, x) for y in starts(height, crop_h) for x in starts(width, crop_w)]
         crops = torch.stack([pixel_values[:, :, y : y + crop_h, x : x + crop_w] for y, x in offsets], dim=1)
         num_crops = len(offsets)
-        if text_embeds is None:
-            text_embeds = self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
+        text_embeds = self._vocabulary_embeds(input_ids, text_embeds)  # encoded once for all crops
         if text_embeds.dim() == 4:  # per-image vocabularies follow their image's crops
             text_embeds = text_embeds.repeat_interleave(num_crops, dim=0)
         logits = self.catseg(crops.flatten(0, 1), text_embeds=text_embeds)
