@@ -28,6 +28,7 @@ from vocalign_hf.adaptation import (
     pseudo_labels_from_probs,
     remap_to_selected,
     sample_block_mask,
+    sample_clip_aligned_block_mask,
     scatter_to_full,
     select_topk_classes,
     topk_pseudo_labels,
@@ -136,6 +137,41 @@ def test_block_mask_matches_released_nearest_resize_when_divisible():
     mask = sample_block_mask(b, h, w, bs, r, generator=torch.Generator().manual_seed(7))
     grid = (torch.rand((b, 1, h // bs, w // bs), generator=torch.Generator().manual_seed(7)) > r).float()
     torch.testing.assert_close(mask, F.interpolate(grid, size=(h, w), mode="nearest"))
+
+
+def test_clip_aligned_mask_covers_whole_vit_patches():
+    """A 512 crop seen by a 384 CLIP with 16-px patches: blocks of 16 CLIP pixels are 21.33 input pixels; after the
+    model's bilinear resize every 16 x 16 patch is entirely visible or entirely hidden (up to the blurred edge)."""
+    mask = sample_clip_aligned_block_mask(2, 512, 512, 16, 0.5, 384, generator=torch.Generator().manual_seed(0))
+    assert mask.shape == (2, 1, 512, 512) and set(mask.unique().tolist()) == {0.0, 1.0}
+    seen = F.interpolate(mask, size=(384, 384), mode="bilinear", align_corners=False)
+    patches = seen.view(2, 24, 16, 24, 16)[:, :, 2:-2, :, 2:-2]  # the inside of every patch
+    assert ((patches == 0).all(dim=(2, 4)) | (patches == 1).all(dim=(2, 4))).all()
+    plain = sample_block_mask(2, 512, 512, 16, 0.5, generator=torch.Generator().manual_seed(0))
+    patches = F.interpolate(plain, size=(384, 384), mode="bilinear", align_corners=False).view(2, 24, 16, 24, 16)
+    assert not ((patches == 0).all(dim=(2, 4)) | (patches == 1).all(dim=(2, 4))).all()  # input-space blocks straddle
+    same = sample_clip_aligned_block_mask(2, 384, 384, 16, 0.5, 384, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(same, sample_block_mask(2, 384, 384, 16, 0.5, generator=torch.Generator().manual_seed(3)))
+
+
+def test_student_augmentation_draws_per_image_and_blurs_like_a_gaussian():
+    from vocalign_hf.adaptation.student_augmentation import StudentAugmentation, gaussian_blur
+
+    x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    aug = StudentAugmentation()
+    a = aug(x, torch.Generator().manual_seed(1))
+    assert torch.equal(a, aug(x, torch.Generator().manual_seed(1))) and a.shape == x.shape
+    assert a.min() >= 0 and a.max() <= 1 and not torch.equal(a[0], a[1])
+    gray = StudentAugmentation(0, 0, 0, 0, grayscale_prob=1.0, blur_prob=0.0)(x)
+    assert torch.allclose(gray[:, 0], gray[:, 1]) and torch.allclose(gray[:, 1], gray[:, 2])
+    # the blur: a 5-tap normalised Gaussian along each axis, reflect padding
+    sigma = torch.tensor([0.5, 1.0, 1.5, 2.0])
+    blurred = gaussian_blur(x, sigma)
+    taps = torch.exp(-0.5 * (torch.arange(-2.0, 3.0) / 1.0) ** 2)
+    taps = taps / taps.sum()
+    padded = F.pad(x[1:2], (2, 2, 2, 2), mode="reflect")
+    by_hand = sum(taps[i] * taps[j] * padded[..., i : i + 16, j : j + 16] for i in range(5) for j in range(5))
+    torch.testing.assert_close(blurred[1:2], by_hand, atol=1e-6, rtol=0)
 
 
 def test_block_mask_visible_ratio():

@@ -142,6 +142,23 @@ def test_seed_reproducibility():
     assert not all(torch.equal(xa, xc) for (xa, _), (xc, _) in zip(ra, rc))
 
 
+def test_seeded_transforms_differ_between_ranks(monkeypatch):
+    """Under torchrun / accelerate launch every rank has RANK set: same seed, different but reproducible draws."""
+    mask = _blocky_mask(20, 30, block=1, seed=6)
+    img = Image.fromarray(PALETTE[mask])
+    kw = dict(crop_size=12, jitter=ColorJitter(p=1.0))
+
+    def draws(rank: int) -> list[torch.Tensor]:
+        monkeypatch.setenv("RANK", str(rank))
+        t = SegmentationTrainTransform(seed=7, **kw)
+        return [t.apply(img)[0] for _ in range(3)]
+
+    rank0, rank1 = draws(0), draws(1)
+    assert all(torch.equal(a, b) for a, b in zip(rank0, draws(0)))
+    assert all(torch.equal(a, b) for a, b in zip(rank1, draws(1)))
+    assert not any(torch.equal(a, b) for a, b in zip(rank0, rank1))
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # Image modes
 # ---------------------------------------------------------------------------------------------------------------

@@ -73,26 +73,170 @@ def test_every_table2_row_trains_only_lora(row, tmp_path, tiny_model, tiny_proce
     assert {f"eval_iou_{c}" for c in CLASSES} <= set(metrics)
 
 
-def test_teacher_follows_student_by_ema(tmp_path, tiny_model, tiny_processor):
+def test_teacher_is_the_exact_ema_of_the_student(tmp_path, tiny_model, tiny_processor):
+    """After step t the teacher is alpha_t * teacher + (1 - alpha_t) * student, alpha_t = min(1 - 1/(t+1), 0.99)."""
+    from transformers import TrainerCallback
+
+    students = []
+
+    class RecordStudent(TrainerCallback):  # runs before the trainer's own EMA callback
+        def on_step_end(self, args, state, control, model=None, **kwargs):
+            students.append([p.detach().clone() for p in lora_parameters(model)])
+
     args = make_args(tmp_path, max_steps=3, ema_alpha=0.99)
-    trainer = make_trainer(tiny_model, tiny_processor, args)
-    teacher0 = [p.clone() for p in lora_parameters(trainer.teacher)]
+    trainer = make_trainer(tiny_model, tiny_processor, args, callbacks=[RecordStudent()])
+    expected = [p.detach().clone() for p in lora_parameters(trainer.teacher)]
     trainer.train()
-    student = lora_parameters(trainer.model)
+    assert len(students) == 3
+    for step, student in enumerate(students, start=1):
+        alpha = min(1 - 1 / (step + 1), 0.99)  # 0.5, 2/3, 3/4
+        expected = [alpha * t + (1 - alpha) * s for t, s in zip(expected, student)]
     teacher = lora_parameters(trainer.teacher)
-    assert not all(torch.equal(a, b) for a, b in zip(teacher, teacher0)), "teacher never updated"
-    assert not all(torch.equal(a, b) for a, b in zip(teacher, student)), "teacher is a copy, not an average"
+    for got, want in zip(teacher, expected):
+        assert torch.allclose(got, want, atol=1e-7, rtol=0)
+    assert not all(torch.equal(t, s) for t, s in zip(teacher, students[-1])), "teacher is a copy, not an average"
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
 
 
-def test_vocabulary_alignment_feeds_concepts_to_the_teacher(tmp_path, tiny_model, tiny_processor):
+def test_vocabulary_alignment_sums_entry_probabilities(tmp_path, tiny_model, tiny_processor):
+    """The teacher scores every entry (classes + concepts); a class's probability is the sum of the softmax over all
+    entries at its entries (Eq. 7), checked against the teacher's own entry logits by hand."""
     trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path))
     assert trainer.vocabulary.entries == ["road", "car", "automobile", "vehicle", "sky", "heaven"]
-    probs = trainer.teacher_class_probs(torch.randn(2, 3, 32, 32))
-    assert probs.shape == (2, 3, 32, 32)
-    assert torch.allclose(probs.sum(1), torch.ones(2, 32, 32), atol=1e-5)
+    x = torch.randn(1, 3, 32, 32)
+    probs = trainer.teacher_class_probs(x)
+    with torch.no_grad():
+        ids = tiny_processor(text=trainer.vocabulary.entries)["input_ids"]
+        logits = trainer.teacher(pixel_values=x, input_ids=ids).logits
+        logits = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    e = logits[0, :, 5, 7].double().exp().tolist()  # one pixel, by hand
+    total = sum(e)
+    by_hand = [e[0] / total, (e[1] + e[2] + e[3]) / total, (e[4] + e[5]) / total]
+    assert probs[0, :, 5, 7].tolist() == pytest.approx(by_hand, abs=1e-5)
     plain = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, use_concepts=False))
     assert plain.vocabulary.entries == CLASSES
+    with torch.no_grad():  # CAT-Seg's class attention makes logits depend on the whole vocabulary: recompute
+        logits = plain.teacher(pixel_values=x, input_ids=tiny_processor(text=CLASSES)["input_ids"]).logits
+        logits = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    e = logits[0, :, 5, 7].double().exp().tolist()
+    assert plain.teacher_class_probs(x)[0, :, 5, 7].tolist() == pytest.approx([v / sum(e) for v in e], abs=1e-5)
+
+
+def _record_forward_inputs(module):
+    """Record the keyword arguments of every call of `module` (a forward pre-hook; nothing is replaced)."""
+    calls = []
+    module.register_forward_pre_hook(lambda m, args, kwargs: calls.append(dict(kwargs)), with_kwargs=True)
+    return calls
+
+
+def _student_and_teacher_calls(trainer, batch):
+    student_calls = _record_forward_inputs(trainer.model)
+    teacher_calls = _record_forward_inputs(trainer.teacher)
+    loss = trainer.compute_loss(trainer.model, batch)
+    return student_calls[0], teacher_calls[0], loss
+
+
+def _batch(trainer, count=2):
+    return trainer.data_collator([RandomImages()[i] for i in range(count)])
+
+
+def test_student_sees_the_masked_view_and_the_teacher_the_clean_image(tmp_path, tiny_model, tiny_processor):
+    masked = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, student_augmentation=False, mask_ratio=0.5))
+    batch = _batch(masked)
+    student, teacher, _ = _student_and_teacher_calls(masked, batch)
+    assert torch.equal(teacher["pixel_values"], batch["pixel_values"])
+    x = student["pixel_values"]
+    fill = torch.tensor(masked._mask_fill).view(1, 3, 1, 1)
+    hidden = (x == fill).all(dim=1)  # (B, H, W): pixels replaced by black
+    kept = (x == batch["pixel_values"]).all(dim=1)
+    assert (hidden | kept).all() and 0.2 < hidden.float().mean() < 0.8
+    blocks = hidden.view(2, 4, 8, 4, 8)  # 8-pixel blocks: all hidden or all kept
+    assert (blocks.all(dim=(2, 4)) | (~blocks).all(dim=(2, 4))).all()
+
+    unmasked = make_trainer(
+        tiny_model, tiny_processor, make_args(tmp_path, student_augmentation=False, use_masking=False)
+    )
+    student, _, _ = _student_and_teacher_calls(unmasked, batch)
+    assert torch.equal(student["pixel_values"], batch["pixel_values"])
+
+
+def test_student_only_augmentation_reaches_the_student_not_the_teacher(tmp_path, tiny_model, tiny_processor):
+    trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, use_masking=False))
+    batch = _batch(trainer)
+    student, teacher, _ = _student_and_teacher_calls(trainer, batch)
+    assert torch.equal(teacher["pixel_values"], batch["pixel_values"])
+    mean, std = trainer._mean, trainer._std
+    view = student["pixel_values"] * std + mean
+    assert view.min() >= -1e-5 and view.max() <= 1 + 1e-5  # a valid image in 0..1 ...
+    assert (view - (batch["pixel_values"] * std + mean)).abs().mean() > 0.02  # ... that is not the clean one
+
+
+def test_top_k_and_concepts_change_what_the_student_is_trained_on(tmp_path, tiny_model, tiny_processor):
+    def trainer_with(**overrides):
+        args = make_args(tmp_path, student_augmentation=False, use_masking=False, pseudo_threshold=None, **overrides)
+        return make_trainer(tiny_model, tiny_processor, args)
+
+    full = trainer_with(top_k=None)
+    batch = _batch(full)
+    student, _, loss = _student_and_teacher_calls(full, batch)
+    assert student["class_indices"].tolist() == [[0, 1, 2]] * 2
+    pruned = trainer_with(top_k=2)
+    student, _, _ = _student_and_teacher_calls(pruned, batch)
+    assert student["class_indices"].shape == (2, 2)
+    indices, _, _ = pruned.teacher_targets(batch["pixel_values"])
+    assert torch.equal(student["class_indices"], indices)
+
+    # The loss is the weighted cross-entropy against the teacher's targets, which concepts change.
+    indices, labels, weight = full.teacher_targets(batch["pixel_values"])
+    with torch.no_grad():
+        logits = full.model(pixel_values=batch["pixel_values"], input_ids=full._class_tokens, class_indices=indices).logits
+    from vocalign_hf.adaptation.pseudo_labels import weighted_cross_entropy
+
+    assert float(loss) == pytest.approx(float(weighted_cross_entropy(logits, labels, weight)), rel=1e-5)
+    _, plain_labels, _ = trainer_with(top_k=None, use_concepts=False).teacher_targets(batch["pixel_values"])
+    assert not torch.equal(labels, plain_labels)
+
+
+def test_masks_and_augmentation_are_seeded_per_step_and_rank(tmp_path, tiny_model, tiny_processor):
+    from vocalign_hf.adaptation.trainer import step_seed
+
+    seeds = {step_seed(0, rank, step, micro) for rank in range(2) for step in range(3) for micro in range(2)}
+    assert len(seeds) == 12 and step_seed(0, 1, 2, 0) == step_seed(0, 1, 2, 0)
+    views = []
+    for _ in range(2):
+        trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path))
+        batch = _batch(trainer)
+        views.append([trainer.student_view(batch["pixel_values"]) for _ in range(2)])  # two micro-batches
+    assert torch.equal(views[0][0], views[1][0]) and torch.equal(views[0][1], views[1][1])
+    assert not torch.equal(views[0][0], views[0][1])
+
+
+def test_loss_is_scaled_under_gradient_accumulation(tmp_path, tiny_config, tiny_processor):
+    """Two accumulated micro-batches of the same images give the gradient of one batch, not twice it."""
+    grads = {}
+    for steps in (1, 2):
+        torch.manual_seed(0)
+        args = make_args(tmp_path / str(steps), gradient_accumulation_steps=steps, student_augmentation=False,
+                         use_masking=False)
+        trainer = make_trainer(CATSegForSemanticSegmentation(tiny_config), tiny_processor, args)
+        trainer.current_gradient_accumulation_steps = steps
+        batch = _batch(trainer)
+        for _ in range(steps):
+            trainer.training_step(trainer.model, batch)
+        grads[steps] = [p.grad.clone() for p in lora_parameters(trainer.model) if p.grad is not None]
+    for one, accumulated in zip(grads[1], grads[2]):
+        assert torch.allclose(one, accumulated, atol=1e-6, rtol=1e-4)
+    assert any(g.abs().sum() > 0 for g in grads[1])
+
+
+def test_lora_learning_rate_multiplier(tmp_path, tiny_model, tiny_processor):
+    args = make_args(tmp_path, learning_rate=1e-3, lora_lr_multiplier=0.1, warmup_steps=0)
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    groups = [g for g in trainer.optimizer.param_groups if g["params"]]
+    assert groups and all(g["lr"] == pytest.approx(1e-4) for g in groups)
+    assert trainer.lr_scheduler.get_last_lr()[0] == pytest.approx(1e-4)
+    assert make_args(tmp_path).max_grad_norm == 0.0  # no clipping, as released
 
 
 def test_warmup_schedule_starts_at_a_tenth(tmp_path, tiny_model, tiny_processor):

@@ -125,10 +125,13 @@ class TargetData:
     base_model: str | None = None
 
 
-def load_target_data(recipe: RecipeArguments, output_dir: str) -> TargetData:
-    """Assemble the target data of a recipe (the built-in world pretrains its own base model if none is given)."""
+def load_target_data(recipe: RecipeArguments, output_dir: str, seed: int = 0) -> TargetData:
+    """Assemble the target data of a recipe (the built-in world pretrains its own base model if none is given).
+
+    The training augmentation is seeded with `seed` (and the process rank, see `SegmentationTrainTransform`).
+    """
     if recipe.dataset == "world":
-        return _world_data(recipe, output_dir)
+        return _world_data(recipe, output_dir, seed)
     from concept_generation import load_concepts
 
     if recipe.dataset == "folder":
@@ -157,7 +160,7 @@ def load_target_data(recipe: RecipeArguments, output_dir: str) -> TargetData:
     concepts = {k: v for k, v in concepts.items() if v}
     train = _limit(train, recipe.max_train_images)
     evaluation = _limit(evaluation, recipe.max_eval_images)
-    overrides = {"crop_size": recipe.crop_size} if recipe.crop_size else {}
+    overrides = {"crop_size": recipe.crop_size, "seed": seed} if recipe.crop_size else {"seed": seed}
     train = train.with_transform(make_train_transform(name, recipe.augmentation, **overrides) if name else make_train_transform(**overrides))
     evaluation = evaluation.with_transform(make_eval_transform(name))
     return TargetData(train, evaluation, class_names, concepts, palette, recipe.base_model)
@@ -167,7 +170,7 @@ def _limit(dataset, count: int | None):
     return dataset.select(range(min(count, len(dataset)))) if count else dataset
 
 
-def _world_data(recipe: RecipeArguments, output_dir: str) -> TargetData:
+def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetData:
     from .world import WorldConfig, build_world, pretrain_source_model
 
     world = build_world(
@@ -188,7 +191,7 @@ def _world_data(recipe: RecipeArguments, output_dir: str) -> TargetData:
         )
     size = world.config.image_size
     train = _limit(world.target_train, recipe.max_train_images).with_transform(
-        make_train_transform(crop_size=size, ratio_range=(0.75, 1.5), flip_prob=0.5)
+        make_train_transform(crop_size=size, ratio_range=(0.75, 1.5), flip_prob=0.5, seed=seed)
     )
     evaluation = _limit(world.target_eval, recipe.max_eval_images).with_transform(make_eval_transform())
     return TargetData(
@@ -240,7 +243,7 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     from transformers import set_seed
 
     set_seed(args.seed)
-    data = load_target_data(recipe, args.output_dir)
+    data = load_target_data(recipe, args.output_dir, seed=args.seed)
     if data.base_model is None:
         raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
     processor = CATSegProcessor.from_pretrained(data.base_model)

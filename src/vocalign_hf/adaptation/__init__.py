@@ -12,7 +12,7 @@ from .lora import (
     lora_parameters,
     lora_target_regex,
 )
-from .masking import BlockMasking, apply_block_mask, sample_block_mask
+from .masking import BlockMasking, apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, pseudo_labels_from_probs, weighted_cross_entropy
 from .topk import (
     gather_class_probs,
@@ -22,6 +22,7 @@ from .topk import (
     select_topk_classes,
     topk_pseudo_labels,
 )
+from .student_augmentation import StudentAugmentation
 from .trainer import SegmentationCollator, VocAlignTrainer, add_lora
 from .vocabulary import ConceptVocabulary
 
@@ -29,6 +30,7 @@ __all__ = [
     "ABLATIONS",
     "METHODS",
     "SegmentationCollator",
+    "StudentAugmentation",
     "VocAlignArguments",
     "VocAlignTrainer",
     "add_lora",
@@ -52,6 +54,7 @@ __all__ = [
     "pseudo_labels_from_probs",
     "remap_to_selected",
     "sample_block_mask",
+    "sample_clip_aligned_block_mask",
     "scatter_to_full",
     "select_topk_classes",
     "topk_pseudo_labels",

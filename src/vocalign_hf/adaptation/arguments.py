@@ -45,6 +45,21 @@ class VocAlignArguments(TrainingArguments):
     use_masking: bool = field(default=True, metadata={"help": "block-mask the student's input (Eq. 5-6)"})
     mask_ratio: float = field(default=0.7, metadata={"help": "mask ratio r: 0.7 Cityscapes, 0.5 multi-dataset"})
     mask_block_size: int = field(default=16, metadata={"help": "mask block size b in pixels (released code: 16)"})
+    mask_space: str = field(
+        default="clip",
+        metadata={
+            "help": "'clip': b is measured on the CLIP input (blocks cover whole ViT patches whatever the crop size); "
+            "'input': in the training crop's own pixels (the released code; identical at its 384 crops)"
+        },
+    )
+    student_augmentation: bool = field(
+        default=True,
+        metadata={
+            "help": "the student's (masked) CLIP input is a strongly colour-augmented view: ColorJitter(0.5, 0.5, "
+            "0.5, 0.25), grayscale p 0.2, blur p 0.5; the teacher sees the clean image (released jitter_aug=True; "
+            "not in the paper)"
+        },
+    )
     use_concepts: bool = field(default=True, metadata={"help": "vocabulary alignment of the teacher (Eq. 7)"})
     include_class_names: bool = field(
         default=True, metadata={"help": "the teacher vocabulary keeps each class name beside its concepts"}
@@ -61,6 +76,19 @@ class VocAlignArguments(TrainingArguments):
     )
     lora_use_rslora: bool = field(
         default=True, metadata={"help": "scale LoRA by alpha/sqrt(rank) as the released code does"}
+    )
+    lora_lr_multiplier: float = field(
+        default=1.0,
+        metadata={
+            "help": "the LoRA weights train at learning_rate x this (paper: 1, i.e. 5e-5 on Cityscapes; released: "
+            "0.1 through lr_mult of backbone.clip_model, i.e. 5e-6)"
+        },
+    )
+    max_grad_norm: float = field(
+        default=0.0, metadata={"help": "gradient clipping norm; 0 = none (released code; the paper gives none)"}
+    )
+    weight_decay: float = field(
+        default=1e-4, metadata={"help": "AdamW weight decay (released code: 1e-4; the paper does not give it)"}
     )
     eval_sliding_window: bool = field(
         default=False,
@@ -83,6 +111,10 @@ class VocAlignArguments(TrainingArguments):
             raise ValueError(f"pseudo_threshold must be in [0, 1] or None, got {self.pseudo_threshold}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.mask_space not in ("clip", "input"):
+            raise ValueError(f"mask_space must be 'clip' or 'input', got {self.mask_space!r}")
+        if self.lora_lr_multiplier <= 0:
+            raise ValueError(f"lora_lr_multiplier must be > 0, got {self.lora_lr_multiplier}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         # Images arrive as dict batches the trainer builds itself; keep every column.

@@ -10,6 +10,11 @@ mask for the same random draw. When they are not, we follow the paper instead (e
 ``b x b`` blocks): we sample a ``ceil(H/b) x ceil(W/b)`` grid and crop the bottom/right
 border, whereas the released code would stretch ``round(H/b)`` cells over ``H`` pixels.
 
+Mask geometry: the released code draws blocks in the pixels of its 384 crops, which the CLIP ViT-B/16 sees at
+its own 384 resolution, so 16-pixel blocks cover whole ViT patches. When the training crop differs from the CLIP
+resolution (the paper's 512 crops are resized to 384 inside the model), :func:`sample_clip_aligned_block_mask`
+draws the blocks on the CLIP canvas and stretches them to the image, so they stay aligned with the patches.
+
 Where to apply it: the released code masks the *un-normalised* RGB tensor (its
 ``SegDataPreProcessor`` has no mean/std; CLIP normalisation happens later inside the
 backbone), so masked pixels are black. If you mask already-normalised ``pixel_values``,
@@ -23,9 +28,10 @@ from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sample_block_mask", "apply_block_mask", "BlockMasking"]
+__all__ = ["sample_block_mask", "sample_clip_aligned_block_mask", "apply_block_mask", "BlockMasking"]
 
 
 def _check_ratio_and_block(block_size: int, ratio: float) -> None:
@@ -73,6 +79,29 @@ def sample_block_mask(
     grid = (noise > ratio).to(dtype)
     mask = grid.repeat_interleave(block_size, dim=2).repeat_interleave(block_size, dim=3)
     return mask[:, :, :height, :width].contiguous()
+
+
+def sample_clip_aligned_block_mask(
+    batch_size: int,
+    height: int,
+    width: int,
+    block_size: int,
+    ratio: float,
+    canvas_size: int,
+    generator: Optional[torch.Generator] = None,
+    device: Optional[Union[str, torch.device]] = None,
+    dtype: torch.dtype = torch.float32,
+) -> Tensor:
+    """A block mask whose ``block_size`` is measured on the ``canvas_size x canvas_size`` image the model's CLIP
+    sees (the model resizes every input to that canvas), nearest-resized to the input's ``(height, width)``.
+
+    With ``block_size`` a multiple of the ViT patch size every block covers whole patches after the model's resize.
+    When the input already has the canvas size, this is :func:`sample_block_mask` with the same random draw.
+    """
+    mask = sample_block_mask(batch_size, canvas_size, canvas_size, block_size, ratio, generator, device, dtype)
+    if (height, width) == (canvas_size, canvas_size):
+        return mask
+    return F.interpolate(mask, size=(height, width), mode="nearest")
 
 
 def apply_block_mask(

@@ -6,12 +6,17 @@ One training step (paper Sec. 3, Eq. 3-7):
    over all entries, and each class's entries summed back to it (Eq. 7);
 2. **Top-K**: per image the K classes with the highest mean teacher probability are kept, the pseudo-label is the
    argmax over them and the weight q the share of confident pixels (Eq. 3-4, as the released code);
-3. the **student** sees the block-masked image (Eq. 5-6) with only the K selected class names in its cost volume
-   and learns `q * CE(student, pseudo-label)`;
+3. the **student** sees the block-masked image (Eq. 5-6) -- by default a strongly colour-augmented view of it, as
+   the released code (`student_augmentation`) -- with only the K selected class names in its cost volume and
+   learns `q * CE(student, pseudo-label)`;
 4. after the optimiser step the teacher's LoRA weights follow the student's by EMA.
 
 Only the LoRA weights (peft, q/k/v of the first CLIP layers of both towers) are trained. The student is what is
 evaluated and saved, as in the reference.
+
+Randomness: block masks and the student's augmentation come from a generator seeded per optimisation step from
+`(args.seed, process index, global step, micro-batch)`, so they differ between ranks, are reproducible per rank,
+and a resumed run draws what the uninterrupted run drew.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
@@ -37,13 +43,20 @@ from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, vali
 from .arguments import VocAlignArguments
 from .ema import ema_alpha, update_ema_
 from .lora import LoRASettings, lora_config_for_clip, lora_parameters
-from .masking import apply_block_mask, sample_block_mask
+from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, weighted_cross_entropy
+from .student_augmentation import StudentAugmentation
 from .topk import topk_pseudo_labels
 from .vocabulary import ConceptVocabulary
 
 TEACHER_WEIGHTS = "teacher_lora.safetensors"
 VOCALIGN_STATE = "vocalign.json"
+
+
+def step_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
+    """The seed of one micro-batch's random draws (masks, student augmentation): a hash of all four numbers, so
+    ranks and steps get independent streams and a resumed run redraws exactly what the straight run drew."""
+    return int(np.random.SeedSequence([seed, rank, step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
 
 
 class SegmentationCollator:
@@ -94,6 +107,10 @@ class VocAlignTrainer(Trainer):
             evaluation); the collator normalises them.
     """
 
+    # compute_loss returns a per-micro-batch mean (it does not use num_items_in_batch): the Trainer must divide it by
+    # the gradient-accumulation steps, which it would skip for a model whose forward takes **kwargs.
+    loss_is_scaled_for_ga = False
+
     def __init__(
         self,
         model: PeftModel | CATSegForSemanticSegmentation,
@@ -118,9 +135,11 @@ class VocAlignTrainer(Trainer):
         self._class_tokens = processor.tokenize_classes(self.class_names)["input_ids"]
         self._entry_tokens = processor.tokenize_classes(self.vocabulary.entries)["input_ids"]
         # Masked pixels become black: 0 in 0..1 space is -mean/std after normalisation.
-        mean = torch.tensor(image_processor.image_mean)
-        std = torch.tensor(image_processor.image_std)
-        self._mask_fill = (-mean / std).tolist()
+        self._mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
+        self._std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
+        self._mask_fill = (-self._mean / self._std).flatten().tolist()
+        self.student_augmentation = StudentAugmentation() if args.student_augmentation else None
+        self._rng_step, self._rng_micro = -1, 0
         self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
         self.teacher = None
         if args.method in ("vocalign", "teacher_student"):
@@ -148,6 +167,14 @@ class VocAlignTrainer(Trainer):
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return self.vocabulary.aggregate(logits, from_logits=True)
 
+    @torch.no_grad()
+    def teacher_targets(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """What the student is trained on (Eq. 3-4 after Top-K): the classes kept per image `(B, K)`, the
+        pseudo-labels `(B, H, W)` as positions among them, and the confidence weight q."""
+        class_probs = self.teacher_class_probs(pixel_values)
+        top_k = self.args.top_k if self.args.top_k is not None else len(self.class_names)
+        return topk_pseudo_labels(class_probs, top_k, self.args.pseudo_threshold)
+
     # --------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
         pixel_values = inputs["pixel_values"]
@@ -161,15 +188,8 @@ class VocAlignTrainer(Trainer):
         if self.args.method == "zero_shot":
             raise RuntimeError("method='zero_shot' does not train; call evaluate() instead of train().")
 
-        class_probs = self.teacher_class_probs(pixel_values)
-        top_k = self.args.top_k if self.args.top_k is not None else len(self.class_names)
-        indices, pseudo_labels, weight = topk_pseudo_labels(class_probs, top_k, self.args.pseudo_threshold)
-
-        student_input = pixel_values
-        if self.args.use_masking:
-            b, _, h, w = pixel_values.shape
-            mask = sample_block_mask(b, h, w, self.args.mask_block_size, self.args.mask_ratio, device=device)
-            student_input = apply_block_mask(pixel_values, mask, fill=self._mask_fill)
+        indices, pseudo_labels, weight = self.teacher_targets(pixel_values)
+        student_input = self.student_view(pixel_values)
         # Text is encoded inside the forward (LoRA sits in the text tower too); pruned classes never enter the
         # student's cost volume. A v1 model's ResNet sees the unmasked image, as in the reference (only CLIP's
         # input is masked there).
@@ -178,6 +198,34 @@ class VocAlignTrainer(Trainer):
         loss = weighted_cross_entropy(logits.float(), pseudo_labels, weight)
         self._record(loss=loss.item(), pseudo_weight=float(weight))
         return (loss, {"logits": logits}) if return_outputs else loss
+
+    def step_generator(self) -> torch.Generator:
+        """A CPU generator for this micro-batch's random draws, seeded from (seed, rank, global step, micro-batch)."""
+        step = self.state.global_step
+        self._rng_step, self._rng_micro = step, (self._rng_micro + 1 if step == self._rng_step else 0)
+        return torch.Generator().manual_seed(step_seed(self.args.seed, self.args.process_index, step, self._rng_micro))
+
+    @torch.no_grad()
+    def student_view(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """What the student's CLIP sees: the (normalised) batch, colour-augmented if `student_augmentation`, then
+        block-masked if `use_masking` (masked pixels black, as in the released code)."""
+        if self.student_augmentation is None and not self.args.use_masking:
+            return pixel_values
+        generator = self.step_generator()
+        view = pixel_values
+        if self.student_augmentation is not None:
+            mean, std = self._mean.to(view), self._std.to(view)
+            view = (self.student_augmentation((view * std + mean).clamp(0, 1), generator) - mean) / std
+        if self.args.use_masking:
+            b, _, h, w = view.shape
+            size, ratio = self.args.mask_block_size, self.args.mask_ratio
+            if self.args.mask_space == "clip":
+                canvas = self.accelerator.unwrap_model(self.model).config.clip_resolution
+                mask = sample_clip_aligned_block_mask(b, h, w, size, ratio, canvas, generator)
+            else:
+                mask = sample_block_mask(b, h, w, size, ratio, generator)
+            view = apply_block_mask(view, mask.to(view.device), fill=self._mask_fill)
+        return view
 
     def _record(self, **values: float) -> None:
         for key, value in values.items():
@@ -193,6 +241,18 @@ class VocAlignTrainer(Trainer):
         super().log(logs, *args, **kwargs)
 
     # ---------------------------------------------------------------------------------------- schedule
+    def create_optimizer(self, model=None):
+        """The Trainer's AdamW, with the LoRA weights' learning rate scaled by `lora_lr_multiplier` (the released
+        code's lr_mult of 0.1 on `backbone.clip_model`)."""
+        if self.optimizer is not None:
+            return self.optimizer
+        optimizer = super().create_optimizer(model)
+        lora = {id(p) for n, p in self.model.named_parameters() if "lora_" in n}
+        for group in optimizer.param_groups:
+            if all(id(p) in lora for p in group["params"]):
+                group["lr"] *= self.args.lora_lr_multiplier
+        return optimizer
+
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Linear warm-up from `learning_rate * warmup_start_factor` (5e-6 -> 5e-5 over 500 steps in the paper),
         then `lr_scheduler_type` (`constant` as the paper, or `linear` / `cosine` / `polynomial` decay)."""

@@ -343,28 +343,38 @@ def _accept_crop(crop: np.ndarray, ignore_index: int, cat_max_ratio: float) -> b
     return len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio
 
 
+def _process_rank() -> int:
+    """This process's rank under torchrun / `accelerate launch` (0 otherwise)."""
+    return int(os.environ.get("RANK", "0"))
+
+
 class _RngMixin:
-    """Per-process / per-DataLoader-worker numpy generators derived from one seed."""
+    """Per-process / per-DataLoader-worker numpy generators derived from one seed.
+
+    With a seed, the stream of a process is seeded from ``(seed, rank)`` and that of a DataLoader worker from
+    ``(seed, rank, the worker's torch seed)``, so ranks and workers draw different augmentations and every run of
+    the same command draws the same ones. A given ``rng`` is used as is in the process that built the transform.
+    """
 
     seed: Optional[int]
     rng: Optional[np.random.Generator]
 
     def _init_rng(self) -> None:
-        self._owner = (os.getpid(), None)
+        self._owner = None
         if self.seed is not None:
             self._base_seed = int(self.seed)
         elif self.rng is not None:
             self._base_seed = int(self.rng.integers(0, 2**62))
+            self._owner, self._gen = (os.getpid(), None), self.rng
         else:
             self._base_seed = int(np.random.SeedSequence().entropy % (2**62))  # type: ignore[operator]
-        self._gen = self.rng if self.rng is not None else np.random.default_rng(self._base_seed)
 
     def _generator(self) -> np.random.Generator:
         info = torch.utils.data.get_worker_info()
         key = (os.getpid(), None if info is None else info.id)
         if key != self._owner:
-            worker_seed = info.seed if info is not None else os.getpid()
-            self._gen = np.random.default_rng([self._base_seed, int(worker_seed) % (2**62)])
+            stream = [self._base_seed, _process_rank()] + ([] if info is None else [int(info.seed) % (2**62)])
+            self._gen = np.random.default_rng(stream)
             self._owner = key
         return self._gen
 
