@@ -216,3 +216,38 @@ def test_pretraining_runs_learns_saves_and_is_reused(tiny_world, tmp_path):
     pretrain_source_model(tiny_world, out, **{**settings, "steps": 2, "warmup_steps": 1})
     assert json.loads((out / "pretrain_info.json").read_text())["settings"]["steps"] == 2  # new settings: retrained
     assert not any(p.name.startswith((".tmp", ".old")) for p in tmp_path.iterdir())
+
+
+# ------------------------------------------------------------------------------------ shipped source model
+def test_exported_source_model_keeps_world_logits_and_is_unpacked_only_for_its_settings(
+    tiny_world, tmp_path, monkeypatch
+):
+    from vocalign_hf.world.shipped import export_source_model, unpack_shipped_source_model, world_token_ids
+
+    settings = dict(steps=3, batch_size=4, warmup_steps=1, seed=2, num_threads=1, progress=False, use_shipped=False)
+    model_dir = pretrain_source_model(tiny_world, tmp_path / "trained", **settings)
+    archive = export_source_model(model_dir, tmp_path / "shipped.zip", tiny_world)  # raises if logits changed
+    info = json.loads((model_dir / "pretrain_info.json").read_text())
+    assert not unpack_shipped_source_model("another-hash", tmp_path / "unpacked", archive)
+    assert unpack_shipped_source_model(info["settings_hash"], tmp_path / "unpacked", archive)
+
+    original = CATSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    shipped = CATSegForSemanticSegmentation.from_pretrained(tmp_path / "unpacked").eval()
+    processor = CATSegProcessor.from_pretrained(tmp_path / "unpacked")
+    names = tiny_world.target_class_names + [c for cs in tiny_world.target_concepts.values() for c in cs]
+    batch = processor(images=[tiny_world.target_eval[i]["image"] for i in range(2)], text=names)
+    with torch.no_grad():
+        assert torch.equal(original(**batch).logits, shipped(**batch).logits)
+    table = shipped.catseg.clip.text_model.embeddings.token_embedding.weight
+    used = world_token_ids(tiny_world, processor)
+    assert (table[used] != 0).any(dim=1).all() and int((table != 0).any(dim=1).sum()) == len(used)
+    assert archive.stat().st_size < table.numel()  # far smaller than the 4-byte table alone
+
+    # pretrain_source_model unpacks an archive made with the same settings instead of training
+    from vocalign_hf.world import shipped as shipped_module
+
+    monkeypatch.setattr(shipped_module, "SHIPPED_SOURCE_MODEL", archive)
+    out = pretrain_source_model(tiny_world, tmp_path / "from_archive", **{**settings, "use_shipped": True})
+    assert json.loads((out / "pretrain_info.json").read_text())["settings_hash"] == info["settings_hash"]
+    unpacked = CATSegForSemanticSegmentation.from_pretrained(out).catseg.clip.text_model.embeddings.token_embedding
+    assert torch.equal(unpacked.weight, table)  # unpacked, not retrained

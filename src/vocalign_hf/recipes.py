@@ -4,6 +4,7 @@ overlays. The scripts themselves stay short; this module is importable and teste
 from __future__ import annotations
 
 import json
+import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,6 +18,7 @@ from transformers import HfArgumentParser
 
 from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
 from .models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
+from .visualization import colorize, segmentation_grid
 from .data import (
     get_dataset_info,
     load_cityscapes,
@@ -57,7 +59,7 @@ class RecipeArguments:
     max_train_images: int | None = None
     max_eval_images: int | None = None
     eval_zero_shot: bool = field(default=True, metadata={"help": "also evaluate the unadapted model"})
-    num_overlays: int = field(default=4, metadata={"help": "prediction overlays (PNG) written after evaluation"})
+    num_overlays: int = field(default=6, metadata={"help": "evaluation images in the overlay grid (overlays.png)"})
     push_adapter_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id for the adapter"})
     adapter: str | None = field(default=None, metadata={"help": "evaluate.py: a VocAlign adapter (folder or Hub id)"})
     world_seed: int = 0
@@ -67,6 +69,10 @@ class RecipeArguments:
     world_num_target_eval: int = 100
     world_pretrain_steps: int = 700
     world_pretrain_batch_size: int = 16
+    world_source_model_dir: str | None = field(
+        default=None,
+        metadata={"help": "where the world's source model is pretrained or unpacked (default <output_dir>/source_model)"},
+    )
     world_pretrain_threads: int = field(
         default=1, metadata={"help": "torch threads for pretraining; fixed so the source model is reproducible"}
     )
@@ -183,8 +189,8 @@ def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetDa
         )
     )
     base = recipe.base_model
-    if base is None:  # pretrained once, then reused (the folder records a hash of world and settings)
-        base = str(Path(output_dir) / "source_model")
+    if base is None:  # the shipped model for the default world, else pretrained once and reused (settings hash)
+        base = recipe.world_source_model_dir or str(Path(output_dir) / "source_model")
         pretrain_source_model(
             world, base, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
             seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads,
@@ -205,30 +211,36 @@ def save_overlays(
     input_ids: torch.Tensor,
     collator,
     dataset,
+    class_names: list[str],
     palette: list[tuple[int, int, int]],
-    folder: Path,
+    path: Path,
     count: int,
-) -> list[Path]:
-    """Write `count` PNG strips: image | ground truth | the prediction of each model (e.g. zero-shot, adapted)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    colors = np.zeros((256, 3), dtype=np.uint8)
-    colors[: len(palette)] = np.asarray(palette, dtype=np.uint8)
+    titles: tuple[str, ...] = ("zero-shot", "adapted"),
+) -> Path | None:
+    """Write one PNG grid of `count` evaluation images: image | ground truth | the prediction of each model (e.g.
+    zero-shot, adapted), panels upscaled to at least 256 px, with a legend of the class names."""
+    count = min(count, len(dataset))
+    if count <= 0:
+        return None
     device = next(models[0].parameters()).device
-    written = []
-    for index in range(min(count, len(dataset))):
+    rows = []
+    for index in range(count):
         batch = collator([dataset[index]])
         labels = batch["labels"][0].numpy()
         image = (batch["pixel_values"][0] * collator.std[0] + collator.mean[0]).clamp(0, 1)
-        panels = [(image.permute(1, 2, 0).numpy() * 255).astype(np.uint8), colors[labels]]
+        row = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), colorize(labels, palette)]
         for model in models:
             with torch.no_grad():
                 logits = model(pixel_values=batch["pixel_values"].to(device), input_ids=input_ids.to(device)).logits
             logits = torch.nn.functional.interpolate(logits, size=labels.shape, mode="bilinear", align_corners=False)
-            panels.append(colors[logits[0].argmax(0).cpu().numpy()])
-        file = folder / f"overlay_{index:03d}.png"
-        Image.fromarray(np.concatenate(panels, axis=1)).save(file)
-        written.append(file)
-    return written
+            row.append(colorize(logits[0].argmax(0).cpu().numpy(), palette))
+        rows.append(row)
+    grid = segmentation_grid(rows, ("image", "ground truth", *titles), class_names, palette)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    grid.save(tmp, format="PNG")
+    os.replace(tmp, path)
+    return path
 
 
 def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str, float]:
@@ -289,11 +301,11 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     output = Path(args.output_dir)
     tokens = processor.tokenize_classes(data.class_names)["input_ids"]
     overlays = save_overlays(
-        [zero_shot_model.eval(), trainer.model.eval()], tokens, trainer.data_collator, data.eval, data.palette,
-        output / "overlays", recipe.num_overlays,
+        [zero_shot_model.eval(), trainer.model.eval()], tokens, trainer.data_collator, data.eval, data.class_names,
+        data.palette, output / "overlays.png", recipe.num_overlays,
     )
     if overlays:
-        print(f"overlays (image | ground truth | zero-shot | adapted): {overlays[0].parent}")
+        print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
     settings = {key: getattr(args, key) for key in (
         "method", "top_k", "use_masking", "mask_ratio", "mask_block_size", "use_concepts", "pseudo_threshold",
         "ema_alpha", "lora_rank", "lora_alpha", "lora_layers", "learning_rate", "max_steps", "seed")}

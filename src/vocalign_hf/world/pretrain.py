@@ -145,6 +145,7 @@ def pretrain_source_model(
     num_threads: int | str | None = "auto",
     progress: bool = True,
     force: bool = False,
+    use_shipped: bool = True,
 ) -> Path:
     """Train a CAT-Seg from scratch on `world.source_train` with the source class names and save it.
 
@@ -168,6 +169,8 @@ def pretrain_source_model(
             while one thread stays near full speed. None leaves the setting alone.
         progress: show a tqdm bar.
         force: retrain even if a matching checkpoint exists.
+        use_shipped: when the settings hash equals that of the source model shipped with the package (the
+            default world and recipe settings, see `vocalign_hf.world.shipped`), unpack it instead of training.
     Returns:
         `output_dir` as a `Path`. `pretrain_info.json` holds the settings hash, settings, the loss of a fixed
         probe batch before and after training, the mean training loss of the last steps, the source-eval mIoU and
@@ -192,6 +195,11 @@ def pretrain_source_model(
     info = _finished_info(output_dir)
     if not force and info is not None and info.get("settings_hash") == settings_hash:
         return output_dir
+    if not force and use_shipped:
+        from .shipped import unpack_shipped_source_model
+
+        if unpack_shipped_source_model(settings_hash, output_dir):
+            return output_dir
 
     previous_threads = torch.get_num_threads()
     if num_threads == "auto":

@@ -1,0 +1,153 @@
+"""The world's source model shipped with the package: the stand-in for downloading CAT-Seg weights.
+
+Pretraining the source model takes minutes and its result depends on the floating-point details of the machine
+(another CPU type, another BLAS, a refactor that reorders a sum: 700 steps of training amplify any rounding
+difference into another model). The package therefore ships the default world's source model (world seed 0,
+default `WorldConfig`, the recipe's pretraining settings), and `pretrain_source_model` unpacks it instead of
+training whenever the settings hash of the request equals the shipped one. Any other world or setting is
+pretrained as before.
+
+To stay small (about 3 MB instead of 19), the archive holds no tokenizer files (the processor is rebuilt from the
+config and the packaged CLIP BPE vocabulary when unpacking) and keeps only the rows of CLIP's 49408-token
+embedding table that the world's texts use (source and target names, concepts, distractors, with their prompt
+template, and the special tokens); the other rows are zero. Those tokens never occur in the world's vocabularies
+and were never trained, so every world result is unchanged (checked when exporting: identical logits). Words
+outside the world's vocabulary get a zero token embedding instead of an untrained random one.
+
+Re-create the archive (the command re-trains if needed, then exports):
+
+    python -m vocalign_hf.world.shipped
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+
+from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
+from .datasets import World, build_world, dataset_to_tensors
+from .generator import WorldConfig
+from .pretrain import DISTRACTOR_WORDS
+
+__all__ = ["SHIPPED_SOURCE_MODEL", "export_source_model", "unpack_shipped_source_model", "world_token_ids"]
+
+SHIPPED_SOURCE_MODEL = Path(__file__).resolve().parents[1] / "resources" / "world_source_model.zip"
+_INFO_FILE = "pretrain_info.json"
+
+
+def world_token_ids(world: World, processor: CATSegProcessor) -> torch.Tensor:
+    """Every token id the world's texts use with the processor's prompt templates (sorted, unique)."""
+    texts = set(world.source_class_names) | set(world.target_class_names) | set(DISTRACTOR_WORDS)
+    texts |= {concept for concepts in world.target_concepts.values() for concept in concepts}
+    ids = processor.tokenize_classes(sorted(texts))["input_ids"]
+    return torch.unique(ids)
+
+
+def _token_embedding(model: CATSegForSemanticSegmentation) -> torch.nn.Embedding:
+    return model.catseg.clip.text_model.embeddings.token_embedding
+
+
+def export_source_model(model_dir: str | os.PathLike, archive: str | os.PathLike, world: World) -> Path:
+    """Zip a pretrained world source model with its unused token-embedding rows zeroed (see the module docstring).
+
+    Checks before writing that the pruned model gives the same logits as the original on the world's target
+    evaluation images, with the target vocabulary with and without concepts and with the source names.
+    """
+    model_dir, archive = Path(model_dir), Path(archive)
+    original = CATSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    processor = CATSegProcessor.from_pretrained(model_dir)
+    pruned = CATSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    table = _token_embedding(pruned).weight
+    keep = torch.zeros(table.shape[0], dtype=torch.bool)
+    keep[world_token_ids(world, processor)] = True
+    with torch.no_grad():
+        table[~keep] = 0.0
+    images, _ = dataset_to_tensors(world.target_eval)
+    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
+    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
+    pixel_values = (images[:16].float() / 255.0 - mean) / std
+    concepts = [c for cs in world.target_concepts.values() for c in cs]
+    for names in (world.target_class_names, world.target_class_names + concepts, world.source_class_names):
+        ids = processor.tokenize_classes(names)["input_ids"]
+        with torch.no_grad():
+            same = torch.equal(original(pixel_values=pixel_values, input_ids=ids).logits,
+                               pruned(pixel_values=pixel_values, input_ids=ids).logits)
+        if not same:
+            raise RuntimeError(f"pruning the token table changed the logits for {names}")
+
+    archive.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=archive.parent) as tmp:
+        folder = Path(tmp) / "model"
+        pruned.save_pretrained(folder)  # the processor is rebuilt from the config when unpacking
+        shutil.copy2(model_dir / _INFO_FILE, folder / _INFO_FILE)
+        partial = Path(tmp) / "archive.zip"
+        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+            for file in sorted(folder.iterdir()):
+                zf.write(file, file.name)
+        os.replace(partial, archive)
+    return archive
+
+
+def shipped_settings_hash(archive: str | os.PathLike | None = None) -> str | None:
+    """The settings hash recorded in the shipped archive (None when there is no archive)."""
+    try:
+        with zipfile.ZipFile(archive or SHIPPED_SOURCE_MODEL) as zf:
+            return json.loads(zf.read(_INFO_FILE))["settings_hash"]
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile):
+        return None
+
+
+def unpack_shipped_source_model(
+    settings_hash: str, output_dir: str | os.PathLike, archive: str | os.PathLike | None = None
+) -> bool:
+    """Unpack the shipped model (or `archive`) into `output_dir`, atomically, if it was made with `settings_hash`;
+    True if so."""
+    archive = archive or SHIPPED_SOURCE_MODEL
+    if shipped_settings_hash(archive) != settings_hash:
+        return False
+    output_dir = Path(output_dir)
+    output_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
+    try:
+        with zipfile.ZipFile(archive) as zf:
+            zf.extractall(tmp)
+        CATSegProcessor.from_config(CATSegConfig.from_pretrained(tmp)).save_pretrained(tmp)
+        if output_dir.exists():
+            shutil.rmtree(output_dir)
+        os.replace(tmp, output_dir)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return True
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Pretrain (or reuse) the default world's source model with the recipe's settings and export the archive."""
+    from ..recipes import RecipeArguments
+    from .pretrain import pretrain_source_model
+
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work_dir", default="runs/shipped_source_model", help="where the model is pretrained")
+    parser.add_argument("--archive", default=str(SHIPPED_SOURCE_MODEL))
+    options = parser.parse_args(argv)
+    recipe = RecipeArguments()
+    world = build_world(WorldConfig(
+        seed=recipe.world_seed, image_size=recipe.world_image_size, num_source_train=recipe.world_num_source_train,
+        num_target_train=recipe.world_num_target_train, num_target_eval=recipe.world_num_target_eval,
+    ))
+    model_dir = pretrain_source_model(
+        world, options.work_dir, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
+        seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads, use_shipped=False,
+    )
+    path = export_source_model(model_dir, options.archive, world)
+    print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
+
+
+if __name__ == "__main__":
+    main()
