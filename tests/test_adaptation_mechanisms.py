@@ -455,3 +455,17 @@ def test_lora_placement_on_nested_clip():
         after = inner.vision_model(pixel_values=pixel).pooler_output
     torch.testing.assert_close(after, before)  # B = 0 at init: the function is unchanged
     assert len(lora_parameters(pm)) == 48
+
+
+def test_adaptive_topk_keeps_what_the_neediest_image_needs():
+    means = torch.tensor([[0.70, 0.20, 0.06, 0.04], [0.35, 0.40, 0.05, 0.20]])
+    probs = means.view(2, 4, 1, 1).expand(2, 4, 3, 3)
+    # mass 0.85: image 0 needs 2 classes (0.70 + 0.20), image 1 needs 3 (0.40 + 0.35 + 0.20) -> K = 3
+    assert select_topk_classes(probs, 4, mass=0.85).tolist() == [[0, 1, 2], [0, 1, 3]]
+    assert select_topk_classes(probs, 2, mass=0.85).tolist() == [[0, 1], [0, 1]]  # K capped by k
+    assert select_topk_classes(probs, 4, mass=0.5).shape == (2, 2)  # image 1 needs 0.40 + 0.35
+    assert select_topk_classes(probs, None, mass=1.0).shape == (2, 4)
+    indices, labels, _ = topk_pseudo_labels(probs, 4, None, mass=0.85)
+    assert indices.shape == (2, 3) and labels.max() < 3
+    with pytest.raises(ValueError, match="mass"):
+        select_topk_classes(probs, 4, mass=0.0)

@@ -66,6 +66,16 @@ def test_main_job_adapts_the_world_without_labels(world_run):
     assert "automobile" in card and f"{results['adapted_miou']:.2f}" in card
 
 
+def test_main_job_is_reproducible(world_run, tmp_path, capsys):
+    """Same command, same numbers: a second run from scratch (world, pretraining, augmentation, masks, data order)
+    prints the same mIoU and gives the same per-class IoUs."""
+    output, results = world_run
+    again = run_adaptation(*parse_recipe_args(["--config", str(WORLD_CONFIG), "--output_dir", str(tmp_path), *REDUCED]))
+    assert again == results
+    printed = capsys.readouterr().out
+    assert f"zero-shot mIoU {results['zero_shot_miou']:.2f} -> adapted mIoU {results['adapted_miou']:.2f}" in printed
+
+
 def test_evaluate_recipe_reproduces_the_adapted_miou(world_run):
     output, results = world_run
     spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")

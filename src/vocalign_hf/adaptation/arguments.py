@@ -68,6 +68,13 @@ class VocAlignArguments(TrainingArguments):
         default=15,
         metadata={"help": "classes per image in the student's cost volume (paper: 15 CS, 50 / 35 multi; code: 19 CS)"},
     )
+    top_k_mass: float | None = field(
+        default=None,
+        metadata={
+            "help": "extension beyond the paper (None: off): K adapts to the teacher, the fewest top classes whose "
+            "mean probability reaches this share in every image of the batch, at most top_k"
+        },
+    )
     lora_rank: int = field(default=2, metadata={"help": "LoRA rank (paper 2; released Cityscapes config 1)"})
     lora_alpha: float = field(default=2.0, metadata={"help": "LoRA alpha (paper 2; released Cityscapes config 1)"})
     lora_layers: list[int] = field(
@@ -115,6 +122,8 @@ class VocAlignArguments(TrainingArguments):
             raise ValueError(f"mask_space must be 'clip' or 'input', got {self.mask_space!r}")
         if self.lora_lr_multiplier <= 0:
             raise ValueError(f"lora_lr_multiplier must be > 0, got {self.lora_lr_multiplier}")
+        if self.top_k_mass is not None and not 0.0 < self.top_k_mass <= 1.0:
+            raise ValueError(f"top_k_mass must be in (0, 1] or None, got {self.top_k_mass}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
         # Images arrive as dict batches the trainer builds itself; keep every column.

@@ -42,12 +42,16 @@ def _expand_index(indices: Tensor, like: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def select_topk_classes(class_probs: Tensor, k: Optional[int]) -> Tensor:
+def select_topk_classes(class_probs: Tensor, k: Optional[int], mass: Optional[float] = None) -> Tensor:
     """Indices of the K classes with the highest spatial-mean probability, per image.
 
     Args:
         class_probs: ``(B, N_c, *spatial)`` teacher class probabilities.
         k: number of classes to keep; ``None`` or ``k >= N_c`` keeps all classes.
+        mass: extension beyond the paper (``None``: off). K adapts to the teacher: each image needs the fewest
+            top classes whose mean probabilities sum to ``mass``, and the batch keeps as many as its neediest
+            image, at most ``k``. A confident teacher prunes hard; an unsure one keeps the classes it hesitates
+            between instead of pruning a class that is present.
 
     Returns:
         ``LongTensor (B, K)``, each row sorted ascending (as the released code).
@@ -57,9 +61,15 @@ def select_topk_classes(class_probs: Tensor, k: Optional[int]) -> Tensor:
     b, n = class_probs.shape[:2]
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
+    if mass is not None and not 0.0 < mass <= 1.0:
+        raise ValueError(f"mass must be in (0, 1], got {mass}")
+    means = class_probs.detach().flatten(2).mean(dim=2)
+    if mass is not None:
+        ranked = means.sort(dim=1, descending=True).values
+        needed = int((ranked.cumsum(dim=1) < mass * ranked.sum(dim=1, keepdim=True)).sum(dim=1).max()) + 1
+        k = min(needed, k if k is not None else n)
     if k is None or k >= n:
         return torch.arange(n, device=class_probs.device).expand(b, n).clone()
-    means = class_probs.detach().flatten(2).mean(dim=2)
     top = torch.topk(means, k=k, dim=1, largest=True, sorted=False).indices
     return torch.sort(top, dim=1).values
 
@@ -153,6 +163,7 @@ def topk_pseudo_labels(
     k: Optional[int],
     threshold: Optional[float],
     per_image: bool = False,
+    mass: Optional[float] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Top-K selection + pseudo-labels as in the released teacher (gather first, then max).
 
@@ -161,12 +172,13 @@ def topk_pseudo_labels(
         k: classes kept per image (``None``/``>= N_c``: all).
         threshold: confidence threshold ``tau`` (``>=``), or ``None`` for weight 1.
         per_image: per-image weight ``(B,)`` instead of one batch scalar.
+        mass: adaptive K (see :func:`select_topk_classes`), ``None`` for the paper's fixed K.
 
     Returns:
         ``indices (B, K)`` sorted; ``labels (B, H, W)`` in ``0..K-1`` (arg-max over the
         gathered K probabilities); ``weight`` computed from those gathered probabilities.
     """
-    indices = select_topk_classes(class_probs, k)
+    indices = select_topk_classes(class_probs, k, mass)
     gathered = gather_class_probs(class_probs.detach(), indices)
     labels, weight = pseudo_labels_from_probs(gathered, threshold, per_image=per_image)
     return indices, labels, weight

@@ -173,7 +173,7 @@ class VocAlignTrainer(Trainer):
         pseudo-labels `(B, H, W)` as positions among them, and the confidence weight q."""
         class_probs = self.teacher_class_probs(pixel_values)
         top_k = self.args.top_k if self.args.top_k is not None else len(self.class_names)
-        return topk_pseudo_labels(class_probs, top_k, self.args.pseudo_threshold)
+        return topk_pseudo_labels(class_probs, top_k, self.args.pseudo_threshold, mass=self.args.top_k_mass)
 
     # --------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):
