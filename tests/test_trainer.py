@@ -98,6 +98,20 @@ def test_teacher_is_the_exact_ema_of_the_student(tmp_path, tiny_model, tiny_proc
     assert all(not p.requires_grad for p in trainer.teacher.parameters())
 
 
+def test_teacher_text_tower_can_stay_at_the_source_weights(tmp_path, tiny_model, tiny_processor):
+    from vocalign_hf.adaptation import lora_parameter_names
+
+    trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2, teacher_text_ema=False))
+    before = {n: p.detach().clone() for n, p in trainer.teacher.named_parameters()}
+    text = trainer.teacher_class_probs(torch.randn(1, 3, 32, 32)) is not None and trainer._teacher_text
+    trainer.train()
+    after = dict(trainer.teacher.named_parameters())
+    names = lora_parameter_names(trainer.teacher)
+    assert all(torch.equal(after[n], before[n]) for n in names if "text_model" in n)
+    assert not all(torch.equal(after[n], before[n]) for n in names if "vision_model" in n)
+    assert trainer._teacher_text is text  # the vocabulary was encoded once
+
+
 def test_vocabulary_alignment_sums_entry_probabilities(tmp_path, tiny_model, tiny_processor):
     """The teacher scores every entry (classes + concepts); a class's probability is the sum of the softmax over all
     entries at its entries (Eq. 7), checked against the teacher's own entry logits by hand."""

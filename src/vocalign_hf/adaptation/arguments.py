@@ -8,14 +8,20 @@ from transformers import TrainingArguments
 
 METHODS = ("vocalign", "teacher_student", "min_entropy", "zero_shot")
 
-# The rows of Table 2 (left) of the paper, as switches of one trainer.
+# The rows of Table 2 (left) of the paper, as switches of one trainer. Each adapting row sets the switches of this
+# library's extensions to the paper's behaviour, so that a config's own choices (e.g. the world's) never leak into
+# a paper row; the last rows add the extensions one at a time on top of full VocAlign.
+_PAPER = {"teacher_text_ema": True, "top_k_mass": None}
+_VOCALIGN = {"method": "vocalign", "use_masking": True, "use_concepts": True}
 ABLATIONS: dict[str, dict] = {
     "zero_shot": {"method": "zero_shot"},
     "min_entropy": {"method": "min_entropy"},
-    "teacher_student": {"method": "teacher_student", "use_masking": False, "use_concepts": False, "top_k": None},
-    "masking": {"method": "teacher_student", "use_masking": True, "use_concepts": False, "top_k": None},
-    "vocab_alignment": {"method": "vocalign", "use_masking": True, "use_concepts": True, "top_k": None},
-    "topk": {"method": "vocalign", "use_masking": True, "use_concepts": True},
+    "teacher_student": {"method": "teacher_student", "use_masking": False, "use_concepts": False, "top_k": None, **_PAPER},
+    "masking": {"method": "teacher_student", "use_masking": True, "use_concepts": False, "top_k": None, **_PAPER},
+    "vocab_alignment": {**_VOCALIGN, "top_k": None, **_PAPER},
+    "topk": {**_VOCALIGN, **_PAPER},
+    "frozen_teacher_text": {**_VOCALIGN, "teacher_text_ema": False, "top_k_mass": None},
+    "adaptive_topk": {**_VOCALIGN, "teacher_text_ema": False, "top_k_mass": 0.99},
 }
 
 
@@ -34,6 +40,14 @@ class VocAlignArguments(TrainingArguments):
 
     method: str = field(default="vocalign", metadata={"help": f"one of {METHODS}"})
     ema_alpha: float = field(default=0.99, metadata={"help": "teacher EMA momentum alpha (paper and code: 0.99)"})
+    teacher_text_ema: bool = field(
+        default=True,
+        metadata={
+            "help": "the teacher's text-tower LoRA follows the student by EMA (paper, released). False (extension): "
+            "it stays at the source weights, so the concepts keep the meaning the source model gave them while "
+            "the student's LoRA adapts the class names; the teacher's vocabulary is then encoded once"
+        },
+    )
     pseudo_threshold: float | None = field(
         default=0.968,
         metadata={

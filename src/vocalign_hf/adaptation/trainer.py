@@ -42,7 +42,7 @@ from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
 from .arguments import VocAlignArguments
 from .ema import ema_alpha, update_ema_
-from .lora import LoRASettings, lora_config_for_clip, lora_parameters
+from .lora import LoRASettings, lora_config_for_clip, lora_parameter_names
 from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, weighted_cross_entropy
 from .student_augmentation import StudentAugmentation
@@ -142,6 +142,7 @@ class VocAlignTrainer(Trainer):
         self._rng_step, self._rng_micro = -1, 0
         self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
         self.teacher = None
+        self._teacher_text = None
         if args.method in ("vocalign", "teacher_student"):
             self.teacher = copy.deepcopy(self.model).eval()
             self.teacher.requires_grad_(False)
@@ -152,17 +153,24 @@ class VocAlignTrainer(Trainer):
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
     def update_teacher(self, step: int) -> None:
-        """EMA of the trainable (LoRA) weights: alpha_t = min(1 - 1/(t+1), alpha) (released code's warm-up)."""
+        """EMA of the trainable (LoRA) weights: alpha_t = min(1 - 1/(t+1), alpha) (released code's warm-up).
+        With `teacher_text_ema=False` only the image tower's LoRA weights follow the student."""
         if self.teacher is None:
             return
-        student = self.accelerator.unwrap_model(self.model)
-        update_ema_(lora_parameters(self.teacher), lora_parameters(student), ema_alpha(step, self.args.ema_alpha))
+        student = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+        names = [n for n in lora_parameter_names(self.teacher) if self.args.teacher_text_ema or "text_model" not in n]
+        teacher = dict(self.teacher.named_parameters())
+        update_ema_([teacher[n] for n in names], [student[n] for n in names], ema_alpha(step, self.args.ema_alpha))
 
     @torch.no_grad()
     def teacher_class_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Teacher probabilities over the target classes (B, Nc, H, W) at the input resolution (Eq. 7)."""
         self.teacher.to(pixel_values.device)
-        text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
+        text = self._teacher_text
+        if text is None or text.device != pixel_values.device:
+            text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
+            if not self.args.teacher_text_ema:  # a frozen text tower: encode the vocabulary once
+                self._teacher_text = text
         logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return self.vocabulary.aggregate(logits, from_logits=True)
@@ -307,6 +315,7 @@ class VocAlignTrainer(Trainer):
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
+        self._teacher_text = None
 
     def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
         super()._load_from_checkpoint(resume_from_checkpoint, model=model)
