@@ -469,3 +469,12 @@ def test_adaptive_topk_keeps_what_the_neediest_image_needs():
     assert indices.shape == (2, 3) and labels.max() < 3
     with pytest.raises(ValueError, match="mass"):
         select_topk_classes(probs, 4, mass=0.0)
+
+
+def test_concept_max_reduce_renormalises_the_best_entry():
+    vocab = ConceptVocabulary(["a", "b"], {"b": ["c", "d"]})  # entries: a | b, c, d
+    probs = torch.tensor([0.4, 0.2, 0.3, 0.1]).view(1, 4, 1, 1)
+    assert vocab.aggregate(probs, from_logits=False).flatten().tolist() == pytest.approx([0.4, 0.6])
+    assert vocab.aggregate(probs, from_logits=False, reduce="max").flatten().tolist() == pytest.approx([0.4 / 0.7, 0.3 / 0.7])
+    with pytest.raises(ValueError, match="reduce"):
+        vocab.aggregate(probs, reduce="mean")

@@ -211,6 +211,16 @@ def test_top_k_and_concepts_change_what_the_student_is_trained_on(tmp_path, tiny
     assert not torch.equal(labels, plain_labels)
 
 
+def test_confident_pixels_only_ignores_the_unsure_ones(tmp_path, tiny_model, tiny_processor):
+    args = make_args(tmp_path, top_k=None, pseudo_threshold=0.5, confident_pixels_only=True)
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    x = _batch(trainer)["pixel_values"]
+    _, labels, weight = trainer.teacher_targets(x)
+    confident = trainer.teacher_class_probs(x).max(dim=1).values >= 0.5
+    assert float(weight) == 1.0 and 0 < confident.float().mean() < 1
+    assert torch.equal(labels == 255, ~confident)
+
+
 def test_masks_and_augmentation_are_seeded_per_step_and_rank(tmp_path, tiny_model, tiny_processor):
     from vocalign_hf.adaptation.trainer import step_seed
 

@@ -251,3 +251,19 @@ def test_exported_source_model_keeps_world_logits_and_is_unpacked_only_for_its_s
     assert json.loads((out / "pretrain_info.json").read_text())["settings_hash"] == info["settings_hash"]
     unpacked = CATSegForSemanticSegmentation.from_pretrained(out).catseg.clip.text_model.embeddings.token_embedding
     assert torch.equal(unpacked.weight, table)  # unpacked, not retrained
+
+
+def test_the_shipped_source_model_is_the_default_main_jobs():
+    """The archive in the package carries the settings hash of the default main job's world and pretraining, so
+    `accelerate launch recipes/adapt.py` unpacks it instead of pretraining. Fails when the world, the pretraining or
+    the model config change: re-create it with `python -m vocalign_hf.world.shipped`."""
+    from vocalign_hf.recipes import RecipeArguments, world_config
+    from vocalign_hf.world import pretrain_settings, pretrain_settings_hash
+    from vocalign_hf.world.shipped import shipped_settings_hash
+
+    recipe = RecipeArguments()
+    settings = pretrain_settings(
+        steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size, seed=recipe.world_seed
+    )
+    expected = pretrain_settings_hash(world_config(recipe), tiny_catseg_config(recipe.world_image_size), settings)
+    assert shipped_settings_hash() == expected

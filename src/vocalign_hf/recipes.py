@@ -176,18 +176,23 @@ def _limit(dataset, count: int | None):
     return dataset.select(range(min(count, len(dataset)))) if count else dataset
 
 
-def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetData:
-    from .world import WorldConfig, build_world, pretrain_source_model
+def world_config(recipe: RecipeArguments):
+    """The `WorldConfig` of a recipe's `world_*` arguments."""
+    from .world import WorldConfig
 
-    world = build_world(
-        WorldConfig(
-            seed=recipe.world_seed,
-            image_size=recipe.world_image_size,
-            num_source_train=recipe.world_num_source_train,
-            num_target_train=recipe.world_num_target_train,
-            num_target_eval=recipe.world_num_target_eval,
-        )
+    return WorldConfig(
+        seed=recipe.world_seed,
+        image_size=recipe.world_image_size,
+        num_source_train=recipe.world_num_source_train,
+        num_target_train=recipe.world_num_target_train,
+        num_target_eval=recipe.world_num_target_eval,
     )
+
+
+def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetData:
+    from .world import build_world, pretrain_source_model
+
+    world = build_world(world_config(recipe))
     base = recipe.base_model
     if base is None:  # the shipped model for the default world, else pretrained once and reused (settings hash)
         base = recipe.world_source_model_dir or str(Path(output_dir) / "source_model")

@@ -21,7 +21,7 @@ ABLATIONS: dict[str, dict] = {
     "vocab_alignment": {**_VOCALIGN, "top_k": None, **_PAPER},
     "topk": {**_VOCALIGN, **_PAPER},
     "frozen_teacher_text": {**_VOCALIGN, "teacher_text_ema": False, "top_k_mass": None},
-    "adaptive_topk": {**_VOCALIGN, "teacher_text_ema": False, "top_k_mass": 0.99},
+    "adaptive_topk": {**_VOCALIGN, "teacher_text_ema": False, "top_k": None, "top_k_mass": 0.99},
 }
 
 
@@ -56,6 +56,13 @@ class VocAlignArguments(TrainingArguments):
             "the weight)."
         },
     )
+    confident_pixels_only: bool = field(
+        default=False,
+        metadata={
+            "help": "extension: pixels whose teacher confidence is under tau are left out of the loss (ignored) "
+            "instead of weighting the whole loss by the confident share q"
+        },
+    )
     use_masking: bool = field(default=True, metadata={"help": "block-mask the student's input (Eq. 5-6)"})
     mask_ratio: float = field(default=0.7, metadata={"help": "mask ratio r: 0.7 Cityscapes, 0.5 multi-dataset"})
     mask_block_size: int = field(default=16, metadata={"help": "mask block size b in pixels (released code: 16)"})
@@ -75,6 +82,13 @@ class VocAlignArguments(TrainingArguments):
         },
     )
     use_concepts: bool = field(default=True, metadata={"help": "vocabulary alignment of the teacher (Eq. 7)"})
+    concept_reduce: str = field(
+        default="sum",
+        metadata={
+            "help": "how a class's entries are combined: 'sum' of their probabilities (Eq. 7) or 'max' "
+            "(extension: the best entry, renormalised over the classes)"
+        },
+    )
     include_class_names: bool = field(
         default=True, metadata={"help": "the teacher vocabulary keeps each class name beside its concepts"}
     )
@@ -132,6 +146,8 @@ class VocAlignArguments(TrainingArguments):
             raise ValueError(f"pseudo_threshold must be in [0, 1] or None, got {self.pseudo_threshold}")
         if not 0.0 <= self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+        if self.concept_reduce not in ("sum", "max"):
+            raise ValueError(f"concept_reduce must be 'sum' or 'max', got {self.concept_reduce!r}")
         if self.mask_space not in ("clip", "input"):
             raise ValueError(f"mask_space must be 'clip' or 'input', got {self.mask_space!r}")
         if self.lora_lr_multiplier <= 0:

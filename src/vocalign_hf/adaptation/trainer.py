@@ -46,7 +46,7 @@ from .lora import LoRASettings, lora_config_for_clip, lora_parameter_names
 from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, weighted_cross_entropy
 from .student_augmentation import StudentAugmentation
-from .topk import topk_pseudo_labels
+from .topk import gather_class_probs, topk_pseudo_labels
 from .vocabulary import ConceptVocabulary
 
 TEACHER_WEIGHTS = "teacher_lora.safetensors"
@@ -173,7 +173,7 @@ class VocAlignTrainer(Trainer):
                 self._teacher_text = text
         logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        return self.vocabulary.aggregate(logits, from_logits=True)
+        return self.vocabulary.aggregate(logits, from_logits=True, reduce=self.args.concept_reduce)
 
     @torch.no_grad()
     def teacher_targets(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,7 +181,13 @@ class VocAlignTrainer(Trainer):
         pseudo-labels `(B, H, W)` as positions among them, and the confidence weight q."""
         class_probs = self.teacher_class_probs(pixel_values)
         top_k = self.args.top_k if self.args.top_k is not None else len(self.class_names)
-        return topk_pseudo_labels(class_probs, top_k, self.args.pseudo_threshold, mass=self.args.top_k_mass)
+        tau = self.args.pseudo_threshold
+        indices, labels, weight = topk_pseudo_labels(class_probs, top_k, tau, mass=self.args.top_k_mass)
+        if self.args.confident_pixels_only and tau is not None:
+            confidence = gather_class_probs(class_probs, indices).max(dim=1).values
+            labels = labels.masked_fill(confidence < tau, 255)
+            weight = torch.ones_like(weight)
+        return indices, labels, weight
 
     # --------------------------------------------------------------------------------------------- loss
     def compute_loss(self, model, inputs, return_outputs: bool = False, num_items_in_batch=None):

@@ -137,23 +137,32 @@ class ConceptVocabulary:
     def __repr__(self) -> str:
         return f"ConceptVocabulary(num_classes={self.num_classes}, num_entries={self.num_entries})"
 
-    def aggregate(self, scores: Tensor, from_logits: bool = True) -> Tensor:
+    def aggregate(self, scores: Tensor, from_logits: bool = True, reduce: str = "sum") -> Tensor:
         """Eq. 7: per-class probabilities from scores over all ``n_tot`` entries.
 
         Args:
             scores: ``(B, n_tot, *spatial)`` logits (``from_logits=True``: softmax over the
                 ``n_tot`` entries is applied first) or probabilities over the entries.
             from_logits: whether ``scores`` are logits.
+            reduce: ``"sum"`` (Eq. 7, paper and released code) or ``"max"`` (extension): a class takes its best
+                entry's probability, renormalised over the classes, so a class with many entries does not win
+                pixels only because the source model spreads its doubt over several of its words.
 
         Returns:
-            ``(B, N_c, *spatial)``; class ``n`` = sum of its entries' probabilities.
+            ``(B, N_c, *spatial)``; class ``n`` = sum (or renormalised max) of its entries' probabilities.
             Differentiable w.r.t. ``scores``.
         """
         if scores.dim() < 2 or scores.shape[1] != self.num_entries:
             raise ValueError(
                 f"expected scores with {self.num_entries} entries on dim 1, got shape {tuple(scores.shape)}"
             )
+        if reduce not in ("sum", "max"):
+            raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
         probs = torch.softmax(scores, dim=1) if from_logits else scores
         out_shape = (probs.shape[0], self.num_classes) + tuple(probs.shape[2:])
-        out = probs.new_zeros(out_shape)
-        return out.index_add(1, self.entry_to_class.to(probs.device), probs)
+        owner = self.entry_to_class.to(probs.device)
+        if reduce == "sum":
+            return probs.new_zeros(out_shape).index_add(1, owner, probs)
+        index = owner.view((1, -1) + (1,) * (probs.dim() - 2)).expand_as(probs)
+        best = probs.new_zeros(out_shape).scatter_reduce(1, index, probs, "amax", include_self=False)
+        return best / best.sum(dim=1, keepdim=True)

@@ -16,7 +16,7 @@ from .generator import (
     target_concepts,
     target_to_source,
 )
-from .pretrain import auto_num_threads, pretrain_settings_hash, pretrain_source_model, tiny_catseg_config
+from .pretrain import auto_num_threads, pretrain_settings, pretrain_settings_hash, pretrain_source_model, tiny_catseg_config
 
 __all__ = [
     "CLASSES",
@@ -29,6 +29,7 @@ __all__ = [
     "dataset_to_tensors",
     "default_world_cache",
     "evaluate_segmenter",
+    "pretrain_settings",
     "pretrain_settings_hash",
     "pretrain_source_model",
     "render_scene",

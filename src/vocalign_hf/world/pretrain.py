@@ -27,12 +27,14 @@ from tqdm.auto import tqdm
 
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .datasets import World, dataset_to_tensors
+from .generator import WorldConfig
 from .evaluation import evaluate_segmenter
 
 __all__ = [
     "DISTRACTOR_WORDS",
     "PRETRAIN_VERSION",
     "auto_num_threads",
+    "pretrain_settings",
     "pretrain_settings_hash",
     "pretrain_source_model",
     "tiny_catseg_config",
@@ -110,10 +112,29 @@ def auto_num_threads(max_threads: int = 2) -> int:
     return max(1, min(max_threads, cores)) if load < 1.0 else 1
 
 
-def pretrain_settings_hash(world: World, model_config: CATSegConfig, settings: dict[str, Any]) -> str:
+def pretrain_settings(
+    steps: int = 700,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 0.01,
+    warmup_steps: int = 50,
+    subset_probability: float = 0.5,
+    min_classes: int = 2,
+    max_distractors: int = 4,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The training settings of `pretrain_source_model` as recorded in `pretrain_info.json` (and hashed)."""
+    return dict(
+        steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
+        subset_probability=subset_probability, min_classes=min_classes, max_distractors=max_distractors, seed=seed,
+        augment="hflip", distractor_words=list(DISTRACTOR_WORDS),
+    )
+
+
+def pretrain_settings_hash(world_config: WorldConfig, model_config: CATSegConfig, settings: dict[str, Any]) -> str:
     """Hash of the world, the model config and the training settings (the reuse key of a checkpoint)."""
     payload = {
-        "world": world.config.fingerprint(),
+        "world": world_config.fingerprint(),
         "model": model_config.to_dict(),
         "settings": settings,
         "version": PRETRAIN_VERSION,
@@ -178,20 +199,10 @@ def pretrain_source_model(
     """
     output_dir = Path(output_dir)
     model_config = model_config or tiny_catseg_config(world.config.image_size)
-    settings = dict(
-        steps=steps,
-        batch_size=batch_size,
-        lr=lr,
-        weight_decay=weight_decay,
-        warmup_steps=warmup_steps,
-        subset_probability=subset_probability,
-        min_classes=min_classes,
-        max_distractors=max_distractors,
-        seed=seed,
-        augment="hflip",
-        distractor_words=list(DISTRACTOR_WORDS),
+    settings = pretrain_settings(
+        steps, batch_size, lr, weight_decay, warmup_steps, subset_probability, min_classes, max_distractors, seed
     )
-    settings_hash = pretrain_settings_hash(world, model_config, settings)
+    settings_hash = pretrain_settings_hash(world.config, model_config, settings)
     info = _finished_info(output_dir)
     if not force and info is not None and info.get("settings_hash") == settings_hash:
         return output_dir

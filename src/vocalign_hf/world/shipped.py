@@ -33,7 +33,6 @@ import torch
 
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .datasets import World, build_world, dataset_to_tensors
-from .generator import WorldConfig
 from .pretrain import DISTRACTOR_WORDS
 
 __all__ = ["SHIPPED_SOURCE_MODEL", "export_source_model", "unpack_shipped_source_model", "world_token_ids"]
@@ -129,7 +128,7 @@ def unpack_shipped_source_model(
 
 def main(argv: list[str] | None = None) -> None:
     """Pretrain (or reuse) the default world's source model with the recipe's settings and export the archive."""
-    from ..recipes import RecipeArguments
+    from ..recipes import RecipeArguments, world_config
     from .pretrain import pretrain_source_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -137,10 +136,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--archive", default=str(SHIPPED_SOURCE_MODEL))
     options = parser.parse_args(argv)
     recipe = RecipeArguments()
-    world = build_world(WorldConfig(
-        seed=recipe.world_seed, image_size=recipe.world_image_size, num_source_train=recipe.world_num_source_train,
-        num_target_train=recipe.world_num_target_train, num_target_eval=recipe.world_num_target_eval,
-    ))
+    world = build_world(world_config(recipe))
     model_dir = pretrain_source_model(
         world, options.work_dir, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
         seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads, use_shipped=False,
