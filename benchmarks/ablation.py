@@ -61,19 +61,25 @@ def run_row(seed: int, row: str, options, source_model: Path) -> dict[str, float
 
 
 def summarize(table: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> str:
-    zero = table.get("zero_shot")
-    lines = [f"{'row':<18}{'mean':>7}{'std':>6}  " + " ".join(f"{'s' + str(s):>6}" for s in seeds)
-             + ("   gain: mean   min  worst class change" if zero else "")]
+    """Mean, std and per-seed mIoU of each row (over the seeds it ran on), its gain over zero-shot on those seeds,
+    and the worst per-class IoU change against zero-shot."""
+    zero = table.get("zero_shot", {})
+    lines = [f"{'row':<20}{'n':>2}{'mean':>7}{'std':>6}  " + " ".join(f"{'s' + str(s):>6}" for s in seeds)
+             + "   gain: mean    min   worst class change"]
     for row, runs in table.items():
-        values = [runs[s]["miou"] for s in seeds]
+        ran = [s for s in seeds if s in runs]
+        if not ran:
+            continue
+        values = [runs[s]["miou"] for s in ran]
         spread = statistics.stdev(values) if len(values) > 1 else 0.0
-        line = f"{row:<18}{statistics.mean(values):>7.2f}{spread:>6.2f}  " + " ".join(f"{v:>6.2f}" for v in values)
-        if zero and row != "zero_shot":
-            gains = [runs[s]["miou"] - zero[s]["miou"] for s in seeds]
-            drops = [(runs[s][c] - zero[s][c], c, s) for s in seeds for c in CLASSES
-                     if not (math.isnan(runs[s][c]) or math.isnan(zero[s][c]))]
-            worst = min(drops)
-            line += f"   {statistics.mean(gains):+6.2f} {min(gains):+6.2f}  {worst[0]:+6.1f} ({worst[1]}, seed {worst[2]})"
+        cells = " ".join(f"{runs[s]['miou']:>6.2f}" if s in runs else f"{'-':>6}" for s in seeds)
+        line = f"{row:<20}{len(ran):>2}{statistics.mean(values):>7.2f}{spread:>6.2f}  {cells}"
+        paired = [s for s in ran if s in zero]
+        if row != "zero_shot" and paired:
+            gains = [runs[s]["miou"] - zero[s]["miou"] for s in paired]
+            worst = min((runs[s][c] - zero[s][c], c, s) for s in paired for c in CLASSES
+                        if not (math.isnan(runs[s][c]) or math.isnan(zero[s][c])))
+            line += f"   {statistics.mean(gains):+6.2f} {min(gains):+6.2f}   {worst[0]:+6.1f} ({worst[1]}, seed {worst[2]})"
         lines.append(line)
     return "\n".join(lines)
 
@@ -82,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     parser.add_argument("--rows", nargs="+", default=list(ABLATIONS), choices=list(ABLATIONS))
+    parser.add_argument("--only_done", action="store_true", help="summarise the runs already done; start none")
     parser.add_argument("--reduced", action="store_true", help="the small CI world (32x32, fewer images and steps)")
     parser.add_argument("--output_dir", default="runs/ablation")
     parser.add_argument("--source_models", default=None, help="cache of source models (default <output_dir>/source_models)")
@@ -93,6 +100,8 @@ def main() -> None:
     table: dict[str, dict[int, dict[str, float]]] = {row: {} for row in options.rows}
     for seed in options.seeds:
         for row in options.rows:
+            if options.only_done and not (Path(options.output_dir) / f"seed{seed}" / f"{row}.json").is_file():
+                continue
             table[row][seed] = run_row(seed, row, options, cache / f"seed{seed}")
             print(f"[seed {seed}] {row}: mIoU {table[row][seed]['miou']:.2f}", flush=True)
 
@@ -101,7 +110,9 @@ def main() -> None:
     print("\nPer-class IoU, mean over seeds:")
     print(f"{'row':<18}" + "".join(f"{c[:10]:>11}" for c in CLASSES))
     for row, runs in table.items():
-        print(f"{row:<18}" + "".join(f"{statistics.mean(runs[s][c] for s in options.seeds):>11.2f}" for c in CLASSES))
+        if not runs:
+            continue
+        print(f"{row:<18}" + "".join(f"{statistics.mean(r[c] for r in runs.values()):>11.2f}" for c in CLASSES))
     out = Path(options.output_dir) / "ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps({"seeds": options.seeds, "world": world, "rows": table}, indent=2))

@@ -1,6 +1,6 @@
 """Adapt CAT-Seg to unlabeled target images with VocAlign.
 
-    accelerate launch recipes/adapt.py                                   # built-in world, ~10 min on 2 CPU cores
+    accelerate launch recipes/adapt.py                                   # built-in world, ~2 min on 2 CPU cores
     accelerate launch recipes/adapt.py --config recipes/configs/cityscapes.yaml --base_model your-org/catseg-vitb-384
     accelerate launch recipes/adapt.py --top_k 3 --output_dir runs/k3    # flags override the config file
 

@@ -11,13 +11,8 @@ from vocalign_hf.recipes import parse_recipe_args, run_adaptation
 ROOT = Path(__file__).resolve().parents[1]
 WORLD_CONFIG = ROOT / "recipes" / "configs" / "world.yaml"
 
-# The main job, reduced for CI: 32x32 images, fewer images and steps (the full job uses 64x64 and ~10 min).
-REDUCED = [
-    "--world_image_size", "32", "--world_num_source_train", "400", "--world_num_target_train", "120",
-    "--world_num_target_eval", "40", "--world_pretrain_steps", "600", "--world_pretrain_batch_size", "8",
-    "--max_steps", "100", "--per_device_train_batch_size", "8", "--logging_steps", "10", "--save_steps", "1000",
-    "--num_overlays", "2", "--disable_tqdm", "true",
-]
+# The main job itself (the shipped source model: no pretraining), with a 2-image overlay grid.
+MAIN_JOB = ["--num_overlays", "2", "--disable_tqdm", "true", "--save_steps", "1000"]
 
 
 def test_config_file_values_are_defaults_and_flags_override(tmp_path):
@@ -48,13 +43,19 @@ def test_shipped_configs_parse():
 @pytest.fixture(scope="module")
 def world_run(tmp_path_factory):
     output = tmp_path_factory.mktemp("world_run")
-    results = run_adaptation(*parse_recipe_args(["--config", str(WORLD_CONFIG), "--output_dir", str(output), *REDUCED]))
+    results = run_adaptation(*parse_recipe_args(["--config", str(WORLD_CONFIG), "--output_dir", str(output), *MAIN_JOB]))
     return output, results
 
 
 def test_main_job_adapts_the_world_without_labels(world_run):
+    """The README's main job: the shipped source model (48.50 zero-shot on the target) gains at least 8 mIoU (the
+    README quotes 48.50 -> 68.39 on this kind of machine) and no class loses more than 10 IoU points."""
     output, results = world_run
-    assert results["adapted_miou"] > results["zero_shot_miou"], results
+    assert results["zero_shot_miou"] == pytest.approx(48.50, abs=0.05)
+    assert results["adapted_miou"] - results["zero_shot_miou"] >= 8.0, results
+    for key, value in results.items():
+        if key.startswith("adapted_iou_"):
+            assert value - results[key.replace("adapted_", "zero_shot_")] > -10.0, key
     assert json.loads((output / "results.json").read_text()) == results
     from PIL import Image
 
@@ -66,14 +67,16 @@ def test_main_job_adapts_the_world_without_labels(world_run):
     assert "automobile" in card and f"{results['adapted_miou']:.2f}" in card
 
 
-def test_main_job_is_reproducible(world_run, tmp_path, capsys):
-    """Same command, same numbers: a second run from scratch (world, pretraining, augmentation, masks, data order)
-    prints the same mIoU and gives the same per-class IoUs."""
-    output, results = world_run
-    again = run_adaptation(*parse_recipe_args(["--config", str(WORLD_CONFIG), "--output_dir", str(tmp_path), *REDUCED]))
-    assert again == results
+def test_main_job_is_reproducible(tmp_path, capsys):
+    """Same command, same numbers: two runs of a shortened main job from scratch (world, augmentation, masks, data
+    order) print the same mIoU and give the same per-class IoUs."""
+    flags = ["--config", str(WORLD_CONFIG), *MAIN_JOB, "--max_steps", "30", "--num_overlays", "0"]
+    first = run_adaptation(*parse_recipe_args(flags + ["--output_dir", str(tmp_path / "a")]))
+    second = run_adaptation(*parse_recipe_args(flags + ["--output_dir", str(tmp_path / "b")]))
+    assert first == second and first["adapted_miou"] != first["zero_shot_miou"]
     printed = capsys.readouterr().out
-    assert f"zero-shot mIoU {results['zero_shot_miou']:.2f} -> adapted mIoU {results['adapted_miou']:.2f}" in printed
+    line = f"zero-shot mIoU {first['zero_shot_miou']:.2f} -> adapted mIoU {first['adapted_miou']:.2f}"
+    assert printed.count(line) == 2
 
 
 def test_evaluate_recipe_reproduces_the_adapted_miou(world_run):
@@ -82,7 +85,7 @@ def test_evaluate_recipe_reproduces_the_adapted_miou(world_run):
     evaluate_recipe = importlib.util.module_from_spec(spec)  # not `import evaluate`: that is the HF library
     spec.loader.exec_module(evaluate_recipe)
     metrics = evaluate_recipe.main(
-        ["--config", str(WORLD_CONFIG), "--output_dir", str(output), *REDUCED,
+        ["--config", str(WORLD_CONFIG), "--output_dir", str(output), *MAIN_JOB,
          "--base_model", str(output / "source_model"), "--adapter", str(output / "adapter")]
     )
     assert metrics["eval_mean_iou"] == pytest.approx(results["adapted_miou"], abs=1e-6)

@@ -267,3 +267,15 @@ def test_the_shipped_source_model_is_the_default_main_jobs():
     )
     expected = pretrain_settings_hash(world_config(recipe), tiny_catseg_config(recipe.world_image_size), settings)
     assert shipped_settings_hash() == expected
+
+
+def test_pretraining_is_reproducible(tiny_world, tmp_path):
+    """The same world and settings give bit-identical source models (seeded init, batches, flips, vocabularies)."""
+    from safetensors.torch import load_file
+
+    settings = dict(steps=4, batch_size=4, warmup_steps=2, seed=5, num_threads=1, progress=False, use_shipped=False)
+    a = load_file(pretrain_source_model(tiny_world, tmp_path / "a", **settings) / "model.safetensors")
+    b = load_file(pretrain_source_model(tiny_world, tmp_path / "b", **settings) / "model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    c = load_file(pretrain_source_model(tiny_world, tmp_path / "c", **{**settings, "seed": 6}) / "model.safetensors")
+    assert not all(torch.equal(a[k], c[k]) for k in a)
