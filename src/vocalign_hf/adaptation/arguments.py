@@ -119,6 +119,13 @@ class VocAlignArguments(TrainingArguments):
             "0.1 through lr_mult of backbone.clip_model, i.e. 5e-6)"
         },
     )
+    lr_scheduler_type: str = field(
+        default="constant",
+        metadata={"help": "after the warm-up: constant (paper); released: cosine between iterations 500 and 3000"},
+    )
+    warmup_steps: int = field(
+        default=500, metadata={"help": "linear warm-up steps (paper: 500, from 5e-6; released: 100 from 1 %)"}
+    )
     max_grad_norm: float = field(
         default=0.0, metadata={"help": "gradient clipping norm; 0 = none (released code; the paper gives none)"}
     )
