@@ -143,6 +143,7 @@ class VocAlignTrainer(Trainer):
         self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
         self.teacher = None
         self._teacher_text = None
+        self._ema_pairs = None
         if args.method in ("vocalign", "teacher_student"):
             self.teacher = copy.deepcopy(self.model).eval()
             self.teacher.requires_grad_(False)
@@ -157,10 +158,12 @@ class VocAlignTrainer(Trainer):
         With `teacher_text_ema=False` only the image tower's LoRA weights follow the student."""
         if self.teacher is None:
             return
-        student = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-        names = [n for n in lora_parameter_names(self.teacher) if self.args.teacher_text_ema or "text_model" not in n]
-        teacher = dict(self.teacher.named_parameters())
-        update_ema_([teacher[n] for n in names], [student[n] for n in names], ema_alpha(step, self.args.ema_alpha))
+        if self._ema_pairs is None:  # the same parameter objects every step: pair them once
+            student = dict(self.accelerator.unwrap_model(self.model).named_parameters())
+            teacher = dict(self.teacher.named_parameters())
+            names = [n for n in lora_parameter_names(self.teacher) if self.args.teacher_text_ema or "text_model" not in n]
+            self._ema_pairs = ([teacher[n] for n in names], [student[n] for n in names])
+        update_ema_(*self._ema_pairs, ema_alpha(step, self.args.ema_alpha))
 
     @torch.no_grad()
     def teacher_class_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
