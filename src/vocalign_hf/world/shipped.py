@@ -22,6 +22,7 @@ Re-create the archive (the command re-trains if needed, then exports):
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import shutil
@@ -32,7 +33,7 @@ from pathlib import Path
 import torch
 
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
-from .datasets import World, build_world, dataset_to_tensors
+from .datasets import World, build_world
 from .pretrain import DISTRACTOR_WORDS
 
 __all__ = ["SHIPPED_SOURCE_MODEL", "export_source_model", "unpack_shipped_source_model", "world_token_ids"]
@@ -62,16 +63,14 @@ def export_source_model(model_dir: str | os.PathLike, archive: str | os.PathLike
     model_dir, archive = Path(model_dir), Path(archive)
     original = CATSegForSemanticSegmentation.from_pretrained(model_dir).eval()
     processor = CATSegProcessor.from_pretrained(model_dir)
-    pruned = CATSegForSemanticSegmentation.from_pretrained(model_dir).eval()
+    pruned = copy.deepcopy(original)
     table = _token_embedding(pruned).weight
     keep = torch.zeros(table.shape[0], dtype=torch.bool)
     keep[world_token_ids(world, processor)] = True
     with torch.no_grad():
         table[~keep] = 0.0
-    images, _ = dataset_to_tensors(world.target_eval)
-    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
-    pixel_values = (images[:16].float() / 255.0 - mean) / std
+    images = [world.target_eval[i]["image"] for i in range(min(16, len(world.target_eval)))]
+    pixel_values = processor(images=images)["pixel_values"]
     concepts = [c for cs in world.target_concepts.values() for c in cs]
     for names in (world.target_class_names, world.target_class_names + concepts, world.source_class_names):
         ids = processor.tokenize_classes(names)["input_ids"]
