@@ -42,11 +42,14 @@ def cache_key(
     num_concepts: int,
     description: str,
     schema_version: str,
+    base_url: str | None = None,
 ) -> str:
     """SHA-256 hex digest of the prompt template version, the rendered prompt, the model, the
-    temperature, the sorted classes, ``num_concepts``, the description and the schema version.
+    temperature, the sorted classes, ``num_concepts``, the description, the schema version and the
+    server's base URL (another server may run another model under the same name, so its answer is
+    another cache entry; pass :func:`~concept_generation.client.resolve_base_url`'s value).
 
-    Only these inputs are hashed; the API key and the base URL never are.
+    Only these inputs are hashed; the API key never is.
     """
     payload = {
         "template": template,
@@ -57,6 +60,7 @@ def cache_key(
         "num_concepts": num_concepts,
         "description": description,
         "schema": schema_version,
+        "base_url": base_url,
     }
     blob = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(blob.encode("utf-8")).hexdigest()

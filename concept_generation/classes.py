@@ -1,60 +1,171 @@
-"""Reading and validating target class lists."""
+"""Reading and validating target class lists.
+
+Names are compared after Unicode NFC normalisation: ``"café"`` typed with a precomposed ``é`` and
+``"café"`` written as ``e`` + combining accent are the same class (they look identical, and a model
+answer may use either form).
+"""
 
 from __future__ import annotations
 
 import os
+import re
+import unicodedata
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vocalign_hf.class_names import load_class_names, name_key, normalize_name
+from vocalign_hf.class_names import load_class_names
+from vocalign_hf.class_names import normalize_name as _normalize_whitespace
 from vocalign_hf.class_names import validate_class_names as _validate
 
 from .errors import ClassListError
 
-__all__ = ["normalize_name", "name_key", "validate_class_names", "read_class_list"]
+__all__ = [
+    "CLASS_LIST_SUFFIXES",
+    "normalize_name",
+    "name_key",
+    "validate_class_names",
+    "read_class_list",
+    "class_list_path",
+]
+
+CLASS_LIST_SUFFIXES = (".json", ".txt", ".yaml", ".yml")
+"""File types :func:`read_class_list` reads (by suffix, case-insensitive)."""
+
+# A comma-free, space-free token ending in a file-like suffix ("classes.yaml", "labels.jsn") is a file
+# name, never a class name.
+_FILE_LIKE = re.compile(r"^[^\s,]+\.[A-Za-z][A-Za-z0-9]{0,4}$")
+
+
+def normalize_name(text: str) -> str:
+    """Strip ``text``, collapse inner whitespace to one space and apply Unicode NFC."""
+    return unicodedata.normalize("NFC", _normalize_whitespace(text))
+
+
+def name_key(text: str) -> str:
+    """Comparison key for class names and concepts: :func:`normalize_name`, case-folded (then NFC again,
+    since case folding can decompose characters)."""
+    return unicodedata.normalize("NFC", normalize_name(text).casefold())
 
 
 def validate_class_names(names: Iterable[Any], *, source: str = "class list") -> list[str]:
-    """:func:`vocalign_hf.class_names.validate_class_names`, raising :class:`ClassListError`."""
+    """:func:`vocalign_hf.class_names.validate_class_names` on the NFC forms of the names, raising
+    :class:`ClassListError` (so names that differ only in their Unicode form are duplicates)."""
+    if isinstance(names, (str, bytes)):
+        raise ClassListError(f"{source}: expected a list of class names, got a single string {names!r}")
     try:
-        return _validate(names, source=source)
+        return _validate(
+            [unicodedata.normalize("NFC", n) if isinstance(n, str) else n for n in names], source=source
+        )
     except (TypeError, ValueError) as exc:
         raise ClassListError(str(exc)) from None
 
 
 def read_class_list(spec: str | os.PathLike[str] | Iterable[str]) -> list[str]:
-    """Read a class list from a JSON file, an inline comma-separated string or an iterable.
+    """Read a class list from a file, an inline comma-separated string or an iterable.
 
     Accepted forms:
 
-    * a path to a JSON file holding ``["a", "b"]`` or ``{"classes": ["a", "b"]}``;
-    * an inline string ``"a,b,c"`` (used when ``spec`` is not an existing file; a string ending in
-      ``.json`` that is not a file is reported as a missing file instead);
+    * a path to a file (``~`` is expanded), read by its suffix:
+
+      - ``.json``: ``["a", "b"]`` or ``{"classes": ["a", "b"]}``;
+      - ``.yaml`` / ``.yml``: a list, or a mapping with a ``classes`` list;
+      - ``.txt``: one class per line; blank lines and lines starting with ``#`` are skipped;
+
+    * an inline string ``"a,b,c"``;
     * any iterable of strings.
+
+    A string is read as a path when it names an existing file, or when it looks like one: it
+    contains a path separator or starts with ``~`` and has no comma, or it ends in a file suffix
+    (``.json``, ``.txt``, ``.yaml``, ``.yml``, or any short ``.ext`` on a single comma-free word such
+    as ``classes.jsn``). Such a string that is not a file is an error ("file not found"), never a
+    one-class list, so a mistyped path cannot turn into a paid request for the class "classes.yaml".
+    A directory is an error too.
 
     Returns:
         The validated class names (see :func:`validate_class_names`).
 
     Raises:
-        ClassListError: the file is missing or malformed, or the list fails validation.
+        ClassListError: the file is missing, a directory, of an unknown type or malformed, or the
+            list fails validation.
     """
-    if isinstance(spec, os.PathLike) or isinstance(spec, str):
-        path = Path(spec)
-        text_spec = os.fspath(spec)
-        if path.is_file():
-            return _read_class_file(path)
-        if isinstance(spec, os.PathLike) or text_spec.strip().lower().endswith(".json"):
-            raise ClassListError(f"class list file not found: {text_spec}")
-        parts = text_spec.split(",")
+    path = class_list_path(spec)
+    if path is not None:
+        return _read_class_file(path, os.fspath(spec))  # type: ignore[arg-type]
+    if isinstance(spec, str):
+        parts = spec.split(",")
         if any(not p.strip() for p in parts):
-            raise ClassListError(f"inline class list {text_spec!r} has an empty entry")
+            raise ClassListError(f"inline class list {spec!r} has an empty entry")
         return validate_class_names(parts, source="inline class list")
     return validate_class_names(list(spec))
 
 
-def _read_class_file(path: Path) -> list[str]:
+def _looks_like_path(text: str) -> bool:
+    if text.lower().endswith(CLASS_LIST_SUFFIXES):
+        return True
+    if "," in text:
+        return False
+    return "/" in text or os.sep in text or text.startswith("~") or bool(_FILE_LIKE.match(text))
+
+
+def _read_class_file(path: Path, spec: str) -> list[str]:
+    if path.is_dir():
+        raise ClassListError(f"class list {spec} is a directory; give a {'/'.join(CLASS_LIST_SUFFIXES)} file")
+    if not path.is_file():
+        hint = "" if "," in spec or spec.strip().lower().endswith(CLASS_LIST_SUFFIXES) else (
+            ' (it looks like a path, so it is not read as a one-class inline list; inline lists are "a,b,c")'
+        )
+        raise ClassListError(f"class list file not found: {spec}{hint}")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        try:
+            names: list[Any] = load_class_names(path)
+        except (OSError, ValueError) as exc:
+            raise ClassListError(str(exc)) from None
+    elif suffix == ".txt":
+        lines = _read_text(path).splitlines()
+        names = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    elif suffix in (".yaml", ".yml"):
+        names = _read_yaml_list(path)
+    else:
+        raise ClassListError(
+            f"class list {path}: unsupported file type {path.suffix or '(none)'!r}; "
+            f"use one of {', '.join(CLASS_LIST_SUFFIXES)}"
+        )
+    return validate_class_names(names, source=str(path))
+
+
+def _read_text(path: Path) -> str:
     try:
-        return load_class_names(path)
-    except ValueError as exc:
-        raise ClassListError(str(exc)) from None
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ClassListError(f"{path}: cannot read class list ({exc})") from None
+
+
+def _read_yaml_list(path: Path) -> list[Any]:
+    import yaml
+
+    try:
+        data = yaml.safe_load(_read_text(path))
+    except yaml.YAMLError as exc:
+        raise ClassListError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
+    if isinstance(data, dict):
+        if "classes" not in data:
+            raise ClassListError(f'{path}: a YAML mapping must have a "classes" key, got keys {sorted(map(str, data))}')
+        data = data["classes"]
+    if not isinstance(data, list):
+        raise ClassListError(f"{path}: expected a YAML list of class names or a 'classes:' list, got {type(data).__name__}")
+    return data
+
+
+def class_list_path(spec: Any) -> Path | None:
+    """The file :func:`read_class_list` would read for ``spec``, or ``None`` for an inline list or an iterable."""
+    if isinstance(spec, os.PathLike):
+        return Path(spec).expanduser()
+    if isinstance(spec, str):
+        text = spec.strip()
+        path = Path(text).expanduser()
+        if text and (path.exists() or _looks_like_path(text)):
+            return path
+    return None
+

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
-from .classes import read_class_list
+from .classes import class_list_path, read_class_list
 from .errors import ConceptGenerationError
 from .generate import DEFAULT_MODEL, generate_concepts, write_concepts
 from .prompt import DEFAULT_TEMPLATE, available_templates, build_response_format, render_prompt
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "check_output_path", "main"]
 
 _EPILOG = """\
 The API key is read only from $OPENAI_API_KEY (never from the command line) and is never written
@@ -74,7 +76,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--classes",
         required=True,
-        help='JSON file with ["a", "b"] or {"classes": [...]}, or an inline list "a,b,c"',
+        help=(
+            'class list file: .json (["a", "b"] or {"classes": [...]}), .yaml/.yml (a list or classes: [...]) '
+            'or .txt (one class per line); or an inline list "a,b,c". A string that looks like a path is '
+            "always read as one (a missing file is an error)"
+        ),
     )
     parser.add_argument("--description", default="", help="short description of the target dataset / domain")
     parser.add_argument("--out", help="output JSON file (written atomically); required unless --print-prompt")
@@ -118,7 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="print the rendered prompt and response schema, and exit without sending a request",
     )
     verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-v", "--verbose", action="store_true", help="more log output")
+    verbosity.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug log: server, cache key and file, request and answer details, concepts kept per class",
+    )
     verbosity.add_argument("-q", "--quiet", action="store_true", help="only errors")
     return parser
 
@@ -129,6 +140,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not args.print_prompt and not args.out:
         parser.error("--out is required (unless --print-prompt is given)")
+    if args.out and not args.print_prompt:
+        try:  # before any request: a bad --out must not cost a paid answer
+            check_output_path(args.out, classes=args.classes)
+        except ConceptGenerationError as exc:
+            parser.error(str(exc))
 
     level = logging.DEBUG if args.verbose else logging.ERROR if args.quiet else logging.INFO
     logger = logging.getLogger("concept_generation")
@@ -150,6 +166,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.removeHandler(handler)
         logger.setLevel(saved[0])
         logger.propagate = saved[1]
+
+
+def check_output_path(out: str | os.PathLike[str], *, classes: str | os.PathLike[str] | None = None) -> Path:
+    """Check, before anything is paid for, that the concept file can be written to ``out``.
+
+    Raises:
+        ConceptGenerationError: ``out`` is a directory or not a regular file, is the class list file
+            ``classes``, or its directory cannot be created or written.
+    """
+    path = Path(out).expanduser()
+    if path.is_dir():
+        raise ConceptGenerationError(f"--out {out} is a directory; give a file name, e.g. {path / 'concepts.json'}")
+    if path.exists() and not path.is_file():
+        raise ConceptGenerationError(f"--out {out} exists and is not a regular file")
+    source = class_list_path(classes) if classes is not None else None
+    if source is not None and (
+        path.resolve() == source.resolve() or (path.exists() and source.exists() and os.path.samefile(path, source))
+    ):
+        raise ConceptGenerationError(
+            f"--out {out} is the class list file given to --classes; refusing to overwrite it"
+        )
+    parent = path.resolve().parent
+    while not parent.exists():  # the nearest existing ancestor decides whether the folders can be made
+        parent = parent.parent
+    if not parent.is_dir():
+        raise ConceptGenerationError(f"--out {out}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise ConceptGenerationError(f"--out {out}: the directory {parent} is not writable")
+    return path
 
 
 def _run(args: argparse.Namespace) -> int:

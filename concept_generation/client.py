@@ -7,6 +7,7 @@ import logging
 import os
 import random
 import time
+import urllib.parse
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,12 +15,28 @@ from typing import Any
 from .errors import ConceptGenerationError
 from .validation import excerpt
 
-__all__ = ["API_KEY_ENV", "RetryPolicy", "get_api_key", "make_client", "request_completion", "redact"]
+__all__ = [
+    "API_KEY_ENV",
+    "BASE_URL_ENV",
+    "DEFAULT_BASE_URL",
+    "RetryPolicy",
+    "get_api_key",
+    "resolve_base_url",
+    "make_client",
+    "request_completion",
+    "redact",
+]
 
 logger = logging.getLogger("concept_generation")
 
 API_KEY_ENV = "OPENAI_API_KEY"
 """The only place the API key is read from."""
+
+BASE_URL_ENV = "OPENAI_BASE_URL"
+"""Environment variable the ``openai`` client reads when no base URL is given."""
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+"""The ``openai`` client's default base URL."""
 
 
 @dataclass(frozen=True)
@@ -85,6 +102,18 @@ def redact(text: str, secret: str | None) -> str:
     if len(secret) > 12 and tail in text:
         text = text.replace(tail, "***")
     return text
+
+
+def resolve_base_url(base_url: str | None = None) -> str:
+    """The base URL the ``openai`` client will use: ``base_url``, else ``$OPENAI_BASE_URL``, else
+    :data:`DEFAULT_BASE_URL`; without user info (``user:password@``), query or fragment, and without a
+    trailing slash, so that it can be recorded and hashed."""
+    raw = (base_url or os.environ.get(BASE_URL_ENV) or DEFAULT_BASE_URL).strip()
+    parts = urllib.parse.urlsplit(raw)
+    netloc = parts.hostname or ""
+    if parts.port is not None:
+        netloc += f":{parts.port}"
+    return urllib.parse.urlunsplit((parts.scheme.lower(), netloc.lower(), parts.path.rstrip("/"), "", ""))
 
 
 def make_client(api_key: str, *, base_url: str | None = None, timeout: float = 60.0) -> Any:

@@ -14,7 +14,7 @@ from typing import Any
 from .atomic import atomic_write_json
 from .cache import ConceptCache, cache_key, default_cache_dir
 from .classes import validate_class_names
-from .client import RetryPolicy, get_api_key, make_client, redact, request_completion
+from .client import RetryPolicy, get_api_key, make_client, redact, request_completion, resolve_base_url
 from .errors import ConceptGenerationError
 from .prompt import DEFAULT_TEMPLATE, SCHEMA_VERSION, build_response_format, render_prompt
 from .validation import clean_concepts, excerpt, parse_answer
@@ -79,8 +79,8 @@ def generate_concepts(
     The prompt is rendered from the versioned template ``template``; the request uses the
     ``openai`` client (chat completions, strict JSON-schema structured output, SDK retries off)
     and the retry policy of :class:`~concept_generation.client.RetryPolicy`. A validated answer is
-    cached under a SHA-256 key of (template version, rendered prompt, model, temperature, sorted
-    classes, ``num_concepts``, description); a cache hit sends no request and needs no API key.
+    cached under a SHA-256 key of (template version, rendered prompt, model, server base URL,
+    temperature, sorted classes, ``num_concepts``, description); a cache hit sends no request and needs no API key.
 
     Args:
         class_names: target classes (validated: non-empty, unique, not blank).
@@ -88,7 +88,8 @@ def generate_concepts(
         model: chat model name.
         temperature: sampling temperature, or ``None`` to omit it (e.g. for reasoning models).
         num_concepts: concepts requested (and kept at most) per class.
-        base_url: API base URL (``None``: ``$OPENAI_BASE_URL`` or the OpenAI API).
+        base_url: API base URL (``None``: ``$OPENAI_BASE_URL`` or the OpenAI API). It is part of the
+            cache key and recorded in the metadata as ``base_url`` (without credentials or query).
         timeout: per-request timeout in seconds.
         max_retries: retries after the first attempt for 429 / 5xx / connection errors / timeouts.
         backoff_base: first backoff delay in seconds (doubles per retry, with jitter).
@@ -118,6 +119,7 @@ def generate_concepts(
 
     prompt = render_prompt(names, description, num_concepts, template)
     response_format = build_response_format(names)
+    server = resolve_base_url(base_url)
     key = cache_key(
         template=template,
         rendered_prompt=[prompt.system, prompt.user],
@@ -127,6 +129,7 @@ def generate_concepts(
         num_concepts=num_concepts,
         description=description,
         schema_version=SCHEMA_VERSION,
+        base_url=server,
     )
     base_meta: dict[str, Any] = {
         "format": OUTPUT_FORMAT,
@@ -135,6 +138,7 @@ def generate_concepts(
         "prompt_sha256": prompt.sha256,
         "schema": SCHEMA_VERSION,
         "model": model,
+        "base_url": server,
         "temperature": temperature,
         "num_concepts": num_concepts,
         "description": description,
@@ -142,10 +146,19 @@ def generate_concepts(
         "cache_key": key,
     }
 
+    logger.debug(
+        "%d class(es), template %s (prompt sha256 %s), model %s at %s, temperature %s, num_concepts %d",
+        len(names), template, prompt.sha256[:12], model, server, temperature, num_concepts,
+    )
     cache = ConceptCache(cache_dir if cache_dir is not None else default_cache_dir()) if use_cache else None
-    if cache is not None:
+    if cache is None:
+        logger.debug("cache disabled")
+    else:
+        logger.debug("cache key %s, entry %s", key, cache.path(key))
         record = cache.get(key)
-        if record is not None:
+        if record is None:
+            logger.debug("cache miss")
+        else:
             warnings: list[str] = []
             try:
                 concepts = clean_concepts(
@@ -160,6 +173,7 @@ def generate_concepts(
 
     api_key = get_api_key()
     client = make_client(api_key, base_url=base_url, timeout=timeout)
+    logger.debug("sending the request to %s/chat/completions (timeout %s s, %d retries)", server, timeout, max_retries)
     completion, attempts = request_completion(
         client,
         model=model,
@@ -172,6 +186,10 @@ def generate_concepts(
         timeout=timeout,
     )
     answer = _answer_text(completion, api_key)
+    logger.debug(
+        "answer %s from model %s after %d request(s): %d characters, usage %s",
+        getattr(completion, "id", None), getattr(completion, "model", None), attempts, len(answer), _usage(completion),
+    )
     warnings = []
     try:
         concepts = clean_concepts(parse_answer(answer), names, num_concepts=num_concepts, warnings=warnings)

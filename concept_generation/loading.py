@@ -11,6 +11,8 @@ from typing import Any
 
 from .classes import name_key, normalize_name, validate_class_names
 from .errors import ClassListError, ConceptFileError
+from .phrases import MAX_CONCEPT_CHARS, phrase_key, same_phrase
+from .validation import excerpt
 
 __all__ = ["SHIPPED_CONCEPT_SETS", "list_shipped_concepts", "shipped_concepts_path", "load_concepts"]
 
@@ -85,12 +87,17 @@ def load_concepts(
             not cover (such a class is then scored by its name only).
 
     The file holds either the plain mapping ``{class: [concepts]}`` or the document written by
-    ``vocalign-concepts`` (``{"concepts": {class: [concepts]}, "metadata": {...}}``). Checks: the
-    top level is an object; class names are non-blank strings, unique ignoring case; each value is
-    a list of non-blank strings without case-insensitive duplicates; no concept equals another
-    class of the file (or of ``class_names``), since summing it into the wrong class would
-    corrupt the pseudo-labels. Concepts are returned whitespace-normalised; a concept equal to its
-    own class name is dropped.
+    ``vocalign-concepts`` (``{"concepts": {class: [concepts]}, "metadata": {...}}``). Checks (names
+    and concepts are compared after Unicode NFC normalisation, ignoring case and extra whitespace):
+    the top level is an object; class names are non-blank strings, unique; each value is a list of
+    non-blank strings of at most ``MAX_CONCEPT_CHARS`` (100) characters without duplicates; no
+    concept is another class of the file (or of ``class_names``) or a form of it (plural, leading
+    article, spacing or hyphenation: ``"sidewalks"``, ``"side-walk"``), and no concept is listed
+    under two classes (up to the same forms), since summing such an entry into the wrong class
+    would corrupt the pseudo-labels. Concepts that merely *contain* another class's name as a word
+    (``"wall clock"`` with a class ``"wall"``) are accepted here; the generator removes them.
+    Concepts are returned whitespace- and NFC-normalised; a concept equal to its own class name is
+    dropped.
 
     Returns:
         ``{class_name: [concept, ...]}``.
@@ -113,6 +120,20 @@ def load_concepts(
     return _validate_mapping(data, path, class_names)
 
 
+def _check_shared(cleaned: dict[str, list[str]], names: dict[str, str], fail: Any) -> None:
+    """Fail on a concept that two classes share (up to plural, article and spacing): VocAlign sums
+    one entry's probability into one class only."""
+    owner: dict[tuple[str, ...], tuple[str, str]] = {}
+    for key, kept in cleaned.items():
+        for text in kept:
+            first = owner.setdefault(phrase_key(text), (key, text))
+            if first[0] != key:
+                raise fail(
+                    f"concept {text!r} of class {names[key]!r} is also listed under class {names[first[0]]!r} "
+                    f"(as {first[1]!r}); a concept may belong to one class only"
+                )
+
+
 def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) -> dict[str, list[str]]:
     def fail(problem: str) -> ConceptFileError:
         return ConceptFileError(f"{path}: {problem}")
@@ -129,9 +150,9 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
         name = normalize_name(raw)
         if not name:
             raise fail("a class name is blank")
-        if name.casefold() in file_classes:
-            raise fail(f"class {name!r} appears more than once (ignoring case and spaces)")
-        file_classes[name.casefold()] = raw
+        if name_key(name) in file_classes:
+            raise fail(f"class {name!r} appears more than once (ignoring case, spaces and Unicode form)")
+        file_classes[name_key(name)] = raw
 
     all_classes: dict[str, str] = {k: normalize_name(v) for k, v in file_classes.items()}
     wanted: list[str] | None = None
@@ -140,14 +161,14 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
             wanted = validate_class_names(list(class_names), source="class_names")
         except ClassListError as exc:
             raise ConceptFileError(str(exc)) from None
-        wanted_keys = {n.casefold() for n in wanted}
+        wanted_keys = {name_key(n) for n in wanted}
         unknown = [file_classes[k] for k in file_classes if k not in wanted_keys]
         if unknown:
             raise fail(
                 f"{len(unknown)} class(es) are not in class_names: {', '.join(map(repr, unknown))}"
             )
         for n in wanted:
-            all_classes.setdefault(n.casefold(), n)
+            all_classes.setdefault(name_key(n), n)
 
     cleaned: dict[str, list[str]] = {}
     for key, raw_name in file_classes.items():
@@ -162,9 +183,14 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
                 kind = type(concept).__name__
                 raise fail(f"class {name!r}: concept {index} is {kind} {concept!r}, expected a string")
             text = normalize_name(concept)
-            ckey = text.casefold()
+            ckey = name_key(text)
             if not text:
                 raise fail(f"class {name!r}: concept {index} is blank")
+            if len(text) > MAX_CONCEPT_CHARS:
+                raise fail(
+                    f"class {name!r}: concept {index} has {len(text)} characters, more than {MAX_CONCEPT_CHARS} "
+                    f"(concepts are short phrases): {excerpt(text, 60)!r}"
+                )
             if ckey in seen:
                 raise fail(f"class {name!r}: concept {text!r} is listed twice")
             seen.add(ckey)
@@ -175,8 +201,15 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
                     f"class {name!r}: concept {text!r} is the name of another class ({all_classes[ckey]!r}); "
                     "it would steal probability from that class"
                 )
+            other = next((c for k, c in all_classes.items() if k != key and same_phrase(text, c)), None)
+            if other is not None:
+                raise fail(
+                    f"class {name!r}: concept {text!r} is a form (plural, article or spacing) of the name of "
+                    f"another class ({other!r}); it would steal probability from that class"
+                )
             kept.append(text)
         cleaned[key] = kept
+    _check_shared(cleaned, {k: normalize_name(v) for k, v in file_classes.items()}, fail)
 
     if wanted is None:
         return {normalize_name(file_classes[k]): v for k, v in cleaned.items()}

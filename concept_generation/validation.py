@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Sequence
+import re
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from .classes import name_key, normalize_name
 from .errors import ConceptGenerationError
+from .phrases import MAX_CONCEPT_CHARS, contains_phrase, phrase_key, same_phrase
 
 __all__ = ["parse_answer", "clean_concepts", "excerpt"]
 
@@ -21,12 +23,25 @@ def excerpt(text: str, limit: int = 200) -> str:
     return flat if len(flat) <= limit else flat[: limit - 3] + "..."
 
 
+# A Markdown code block: ```json ... ``` (the language tag is optional).
+_FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\r?\n(.*?)```", re.DOTALL)
+
+
+def _unfence(content: str) -> str | None:
+    """The body of the one Markdown code block in ``content``, or ``None`` (no block, or several)."""
+    blocks = [m for m in _FENCE.finditer(content) if m.group(1).lower() in ("", "json", "json5", "javascript")]
+    if len(blocks) != 1:
+        return None
+    return blocks[0].group(2)
+
+
 def parse_answer(content: str | None) -> list[tuple[str, Any]]:
     """Decode the model's JSON answer into ``(class_name, concepts)`` pairs, in answer order.
 
     The structured-output form ``{"concepts": [{"class_name": ..., "concepts": [...]}, ...]}`` is
-    expected. As a fallback (for servers that ignore ``response_format``) a plain mapping
-    ``{class_name: [concepts]}`` is also accepted.
+    expected. As fallbacks for servers that ignore ``response_format``, a plain mapping
+    ``{class_name: [concepts]}`` is also accepted, and so is JSON wrapped in one Markdown code block
+    (```` ```json ... ``` ````, with or without text around it).
 
     Raises:
         ConceptGenerationError: empty answer, invalid JSON or an unexpected structure; the message
@@ -37,10 +52,20 @@ def parse_answer(content: str | None) -> list[tuple[str, Any]]:
     try:
         data = json.loads(content)
     except json.JSONDecodeError as exc:
-        raise ConceptGenerationError(
-            f"the model's answer is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
-            f"answer starts with: {excerpt(content)!r}"
-        ) from None
+        body = _unfence(content)
+        if body is None:
+            raise ConceptGenerationError(
+                f"the model's answer is not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno}); "
+                f"answer starts with: {excerpt(content)!r}"
+            ) from None
+        try:
+            data = json.loads(body)
+        except json.JSONDecodeError as inner:
+            raise ConceptGenerationError(
+                f"the JSON in the model's code block is not valid ({inner.msg} at line {inner.lineno}, "
+                f"column {inner.colno} of the block); answer starts with: {excerpt(content)!r}"
+            ) from None
+        logger.info("the model wrapped its JSON answer in a Markdown code block; read the block")
     if not isinstance(data, dict):
         raise ConceptGenerationError(
             f"the model's answer is a JSON {type(data).__name__}, expected an object; answer: {excerpt(content)!r}"
@@ -65,26 +90,37 @@ def parse_answer(content: str | None) -> list[tuple[str, Any]]:
     )
 
 
+def _quoted(items: Sequence[str]) -> str:
+    return ", ".join(map(repr, items))
+
+
 def clean_concepts(
     pairs: Sequence[tuple[str, Any]],
     class_names: Sequence[str],
     *,
     num_concepts: int | None = None,
     warnings: list[str] | None = None,
+    max_concept_chars: int = MAX_CONCEPT_CHARS,
 ) -> dict[str, list[str]]:
     """Validate and clean parsed ``(class_name, concepts)`` pairs against the target classes.
 
-    Rules (class names and concepts are compared ignoring case and extra whitespace):
+    Rules (names and concepts are compared after Unicode NFC normalisation, ignoring case and extra
+    whitespace; "names" and "contains" below also ignore plurals, a leading article, and spacing or
+    hyphenation, see :mod:`concept_generation.phrases`):
 
     * answer class names are matched to the targets; unknown (extra) classes are **dropped with a
       warning** naming them; a class given twice has its lists merged (with a warning);
     * every target class must be present, otherwise an error names the missing ones;
-    * concepts are stripped and inner whitespace collapsed; empty strings and duplicates are removed;
-    * a concept equal to its own class name is dropped (it adds nothing);
-    * a concept equal to **another** target class name is removed with a warning, because it would
-      move probability to the wrong class when concepts are summed back (paper Eq. 7);
-    * a concept listed under two classes is kept but reported with a warning;
-    * if ``num_concepts`` is given, only the first ``num_concepts`` cleaned concepts are kept;
+    * concepts are stripped, inner whitespace collapsed and NFC applied; empty strings and
+      duplicates are removed; a concept equal to its own class name is dropped (it adds nothing);
+    * a concept longer than ``max_concept_chars`` is removed with a warning;
+    * a concept that **names another target class** (``"sidewalks"`` under ``"road"``) or
+      **contains one** as whole words (``"sidewalk edge"``) is removed with a warning naming both,
+      because it would move that class's probability to the wrong class when concepts are summed
+      back (paper Eq. 7); words inside the concept's own class name do not count;
+    * a concept listed under **two or more classes** is removed from all of them with a warning
+      (the same entry adds its probability to each class);
+    * if ``num_concepts`` is given, only the first ``num_concepts`` remaining concepts are kept;
     * every class must keep at least one concept, otherwise an error names the empty classes.
 
     Args:
@@ -92,6 +128,7 @@ def clean_concepts(
         class_names: the validated target classes (output keys follow this order and spelling).
         num_concepts: optional cap per class.
         warnings: if given, warning messages are appended to it (they are also logged).
+        max_concept_chars: longest concept kept, in characters.
 
     Returns:
         ``{class_name: [concept, ...]}`` for every target class, in ``class_names`` order.
@@ -105,6 +142,31 @@ def clean_concepts(
         if warnings is not None:
             warnings.append(message)
 
+    collected = _match_classes(pairs, class_names, warn)
+    cleaned = {name: _clean_class(name, collected[name], class_names, max_concept_chars, warn) for name in class_names}
+    _remove_shared(cleaned, warn)
+
+    result: dict[str, list[str]] = {}
+    for name, kept in cleaned.items():
+        if num_concepts is not None and len(kept) > num_concepts:
+            logger.info("class %r: kept the first %d of %d concepts", name, num_concepts, len(kept))
+            kept = kept[:num_concepts]
+        result[name] = kept
+        logger.debug("class %r: %d concept(s): %s", name, len(kept), _quoted(kept))
+    empty = [n for n, c in result.items() if not c]
+    if empty:
+        raise ConceptGenerationError(
+            f"no usable concept left after cleaning for {len(empty)} class(es): {_quoted(empty)} "
+            "(concepts that are empty, too long, repeat the class name, or name, contain or share a concept "
+            "with another target class are removed)"
+        )
+    return result
+
+
+def _match_classes(
+    pairs: Sequence[tuple[str, Any]], class_names: Sequence[str], warn: Callable[[str], None]
+) -> dict[str, list[Any]]:
+    """``{target class: [raw concepts]}``; warns about unknown classes, fails on missing ones."""
     by_key = {name_key(n): n for n in class_names}
     collected: dict[str, list[Any]] = {}
     extra: list[str] = []
@@ -123,52 +185,79 @@ def clean_concepts(
         else:
             collected[target] = list(concepts)
     if extra:
-        warn(f"dropped {len(extra)} class(es) that are not target classes: {', '.join(map(repr, extra))}")
+        warn(f"dropped {len(extra)} class(es) that are not target classes: {_quoted(extra)}")
     missing = [n for n in class_names if n not in collected]
     if missing:
         raise ConceptGenerationError(
-            f"the model's answer is missing {len(missing)} of {len(class_names)} class(es): "
-            f"{', '.join(map(repr, missing))}"
+            f"the model's answer is missing {len(missing)} of {len(class_names)} class(es): {_quoted(missing)}"
         )
+    return collected
 
-    result: dict[str, list[str]] = {}
-    owner: dict[str, str] = {}
-    for name in class_names:
-        own_key = name_key(name)
-        seen: set[str] = set()
-        kept: list[str] = []
-        stolen: list[str] = []
-        for concept in collected[name]:
-            if not isinstance(concept, str):
-                raise ConceptGenerationError(
-                    f"class {name!r} has a non-string concept {concept!r} ({type(concept).__name__})"
-                )
-            text = normalize_name(concept)
-            key = text.casefold()
-            if not text or key in seen or key == own_key:
-                continue
-            seen.add(key)
-            if key in by_key:
-                stolen.append(text)
-                continue
-            kept.append(text)
-        if stolen:
-            warn(
-                f"class {name!r}: removed concept(s) naming other target classes "
-                f"{', '.join(repr(by_key[s.casefold()]) for s in stolen)}; they would steal probability from them"
+
+def _clean_class(
+    name: str, concepts: list[Any], class_names: Sequence[str], max_chars: int, warn: Callable[[str], None]
+) -> list[str]:
+    """One class's concepts, normalised, de-duplicated and without concepts that are too long or
+    name or contain another target class (each removal is warned about)."""
+    own_key = name_key(name)
+    others = [n for n in class_names if n != name]
+    seen: set[str] = set()
+    kept: list[str] = []
+    naming: list[str] = []
+    containing: list[str] = []
+    too_long: list[str] = []
+    for concept in concepts:
+        if not isinstance(concept, str):
+            raise ConceptGenerationError(
+                f"class {name!r} has a non-string concept {concept!r} ({type(concept).__name__})"
             )
-        if num_concepts is not None and len(kept) > num_concepts:
-            logger.info("class %r: kept the first %d of %d concepts", name, num_concepts, len(kept))
-            kept = kept[:num_concepts]
-        for text in kept:
-            other = owner.setdefault(text.casefold(), name)
-            if other != name:
-                warn(f"concept {text!r} is listed under both {other!r} and {name!r}; it adds to both classes")
-        result[name] = kept
-    empty = [n for n, c in result.items() if not c]
-    if empty:
-        raise ConceptGenerationError(
-            f"no usable concept left after cleaning for {len(empty)} class(es): {', '.join(map(repr, empty))} "
-            "(concepts that are empty, repeat the class name or name another target class are removed)"
+        text = normalize_name(concept)
+        key = name_key(text)
+        if not text or key in seen or key == own_key:
+            continue
+        seen.add(key)
+        if len(text) > max_chars:
+            too_long.append(f"{excerpt(text, 60)!r} ({len(text)} characters)")
+            continue
+        named = next((o for o in others if name_key(o) == key or same_phrase(text, o)), None)
+        if named is not None:
+            naming.append(f"{text!r} (names {named!r})")
+            continue
+        inside = next((o for o in others if contains_phrase(text, o, own=name)), None)
+        if inside is not None:
+            containing.append(f"{text!r} (contains {inside!r})")
+            continue
+        kept.append(text)
+    if naming:
+        warn(
+            f"class {name!r}: removed concept(s) naming other target classes: {', '.join(naming)}; "
+            "they would steal probability from them"
         )
-    return result
+    if containing:
+        warn(
+            f"class {name!r}: removed concept(s) containing the name of another target class: "
+            f"{', '.join(containing)}; they would steal probability from it"
+        )
+    if too_long:
+        warn(f"class {name!r}: removed concept(s) longer than {max_chars} characters: {', '.join(too_long)}")
+    return kept
+
+
+def _remove_shared(cleaned: dict[str, list[str]], warn: Callable[[str], None]) -> None:
+    """Remove, from every class, concepts that two or more classes share (same :func:`phrase_key`)."""
+    owners: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    for name, kept in cleaned.items():
+        for text in kept:
+            owners.setdefault(phrase_key(text), []).append((name, text))
+    for key, holders in owners.items():
+        classes = list(dict.fromkeys(name for name, _ in holders))
+        if len(classes) < 2:
+            continue
+        spellings = list(dict.fromkeys(text for _, text in holders))
+        for name, text in holders:
+            if text in cleaned[name]:
+                cleaned[name].remove(text)
+        warn(
+            f"concept {' / '.join(map(repr, spellings))} is listed under {len(classes)} classes "
+            f"({_quoted(classes)}); removed from all of them, since one entry would add its probability to each"
+        )

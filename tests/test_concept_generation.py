@@ -528,10 +528,16 @@ def test_parse_answer_accepts_plain_mapping_and_merges_duplicates():
     assert any("more than once" in w for w in warnings)
 
 
-def test_concept_shared_by_two_classes_is_reported():
+def test_concept_shared_by_two_classes_is_removed_from_both():
     warnings: list[str] = []
-    clean_concepts([("road", ["pavement"]), ("sidewalk", ["pavement"])], ["road", "sidewalk"], warnings=warnings)
-    assert any("'pavement'" in w and "both" in w for w in warnings)
+    result = clean_concepts(
+        [("road", ["pavement", "street"]), ("sidewalk", ["Pavements", "footpath"])], ["road", "sidewalk"],
+        warnings=warnings,
+    )
+    assert result == {"road": ["street"], "sidewalk": ["footpath"]}
+    assert any("'pavement' / 'Pavements'" in w and "'road', 'sidewalk'" in w and "removed" in w for w in warnings)
+    with pytest.raises(ConceptGenerationError, match="no usable concept left .* 'road', 'sidewalk'"):
+        clean_concepts([("road", ["pavement"]), ("sidewalk", ["pavement"])], ["road", "sidewalk"])
 
 
 def test_non_string_concept_is_an_error():
