@@ -426,7 +426,7 @@ def test_cache_key_covers_every_input():
     key = cache_key(**base)
     assert key == cache_key(**{**base, "class_names": ["a", "b"]})  # classes are sorted
     for field, value in [
-        ("template", "concepts_v2"), ("rendered_prompt", ["s", "u2"]), ("model", "m2"),
+        ("template", "concepts_v2"), ("rendered_prompt", ["s", "u2"]), ("model", "m2"), ("base_url", "http://x/v1"),
         ("temperature", None), ("class_names", ["a", "c"]), ("num_concepts", 4), ("description", "e"),
     ]:
         assert cache_key(**{**base, field: value}) != key, field
@@ -715,3 +715,249 @@ def test_load_concepts_against_class_names(tmp_path):
         load_concepts(path, ["road", "car"])
     with pytest.raises(ConceptFileError, match="not found"):
         load_concepts(tmp_path / "missing.json")
+
+
+# ----------------------------------------------------------------------------------------------
+# Issue 13: inputs that used to slip through
+# ----------------------------------------------------------------------------------------------
+
+
+def cli_argv(server: FakeOpenAIServer, tmp_path: Path, classes: str, out: Path | str, *extra: str) -> list[str]:
+    return [
+        "--classes", classes, "--out", str(out), "--base-url", server.base_url,
+        "--cache-dir", str(tmp_path / "cache"), "--backoff-base", "0.01", "--max-retries", "0", *extra,
+    ]
+
+
+@pytest.mark.parametrize("spec", ["classes.txt", "classes.yaml", "labels.jsn", "my_domain/classes", "~/no/such/list"])
+def test_mistyped_class_list_path_fails_before_any_request(server, tmp_path, capsys, monkeypatch, spec):
+    monkeypatch.chdir(tmp_path)
+    server.script = [ok({"concepts": [{"class_name": spec, "concepts": ["x"]}]})]
+    out = tmp_path / "concepts.json"
+    assert cli_main(cli_argv(server, tmp_path, spec, out)) == 1
+    err = capsys.readouterr().err
+    assert f"class list file not found: {spec}" in err
+    assert server.requests == [] and not out.exists()
+
+
+def test_class_list_directory_or_unknown_type_fails_before_any_request(server, tmp_path, capsys):
+    folder = tmp_path / "lists"
+    folder.mkdir()
+    assert cli_main(cli_argv(server, tmp_path, str(folder), tmp_path / "c.json")) == 1
+    assert f"class list {folder} is a directory" in capsys.readouterr().err
+    csv = tmp_path / "classes.csv"
+    csv.write_text("road,wall\n")
+    assert cli_main(cli_argv(server, tmp_path, str(csv), tmp_path / "c.json")) == 1
+    assert "unsupported file type '.csv'" in capsys.readouterr().err
+    assert server.requests == []
+
+
+def test_class_list_txt_and_yaml_files(tmp_path):
+    txt = tmp_path / "classes.txt"
+    txt.write_text("# my classes\nroad\n\n  traffic   light \ncafe\u0301\n", encoding="utf-8")
+    assert read_class_list(str(txt)) == ["road", "traffic light", "caf\u00e9"]  # NFC
+    for name, text in [("a.yaml", "- road\n- wall\n"), ("b.yml", "classes:\n  - road\n  - wall\n")]:
+        (tmp_path / name).write_text(text, encoding="utf-8")
+        assert read_class_list(tmp_path / name) == ["road", "wall"]
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("names: [road]\n", encoding="utf-8")
+    with pytest.raises(ClassListError, match=r'bad.yaml: a YAML mapping must have a "classes" key'):
+        read_class_list(bad)
+    bad.write_text("- road\n- [wall\n", encoding="utf-8")
+    with pytest.raises(ClassListError, match="not valid YAML"):
+        read_class_list(bad)
+    dup = tmp_path / "dup.txt"
+    dup.write_text("caf\u00e9\ncafe\u0301\n", encoding="utf-8")  # the same name in two Unicode forms
+    with pytest.raises(ClassListError, match="duplicate class name"):
+        read_class_list(dup)
+    # An inline list is still an inline list, also with a single name without a file suffix.
+    assert read_class_list("road") == ["road"]
+    assert read_class_list("road, st. mary's church") == ["road", "st. mary's church"]
+
+
+@pytest.mark.parametrize(
+    ("target", "answered"),
+    [("caf\u00e9", "cafe\u0301"), ("cafe\u0301", "caf\u00e9")],  # precomposed vs combining accent, both ways
+)
+def test_class_names_match_across_unicode_forms(server, tmp_path, sleeps, target, answered):
+    answer = {"concepts": [
+        {"class_name": answered, "concepts": ["coffee shop", "bistro"]},
+        {"class_name": "road", "concepts": ["street"]},
+    ]}
+    server.script = [ok(answer)]
+    result = run(server, tmp_path, sleeps, classes=[target, "road"])
+    assert result.warnings == []
+    assert result.concepts == {"caf\u00e9": ["coffee shop", "bistro"], "road": ["street"]}
+    path = write_concepts(result, tmp_path / "c.json")
+    # The trainer's class list may use either form: the file is keyed back to the caller's spelling.
+    assert load_concepts(path, [target, "road"]) == {target: ["coffee shop", "bistro"], "road": ["street"]}
+
+
+@pytest.mark.parametrize(
+    "wrapped",
+    [
+        "```json\n{body}\n```",
+        "```\n{body}\n```\n",
+        "Here are the concepts you asked for:\n\n```JSON\n{body}\n```\nLet me know if you need more.",
+    ],
+)
+def test_answer_in_a_markdown_code_block_is_accepted(server, tmp_path, capsys, wrapped):
+    server.script = [ok(wrapped.format(body=json.dumps(GOOD_ANSWER, indent=2)))]
+    out = tmp_path / "concepts.json"
+    assert cli_main(cli_argv(server, tmp_path, ",".join(CLASSES), out)) == 0
+    assert json.loads(out.read_text(encoding="utf-8"))["concepts"]["terrain"] == ["grass", "soil", "sand"]
+
+
+def test_answer_with_two_code_blocks_or_broken_json_in_a_block_is_an_error():
+    body = json.dumps(GOOD_ANSWER)
+    with pytest.raises(ConceptGenerationError, match="not valid JSON.*answer starts with: '```json"):
+        parse_answer(f"```json\n{body}\n```\n```json\n{body}\n```")
+    with pytest.raises(ConceptGenerationError, match="code block is not valid"):
+        parse_answer('```json\n{"concepts": [\n```')
+
+
+def test_concepts_naming_containing_or_sharing_another_class_are_removed(server, tmp_path, capsys):
+    long_concept = "very " * 400 + "long road"
+    answer = {"concepts": [
+        {"class_name": "road", "concepts": [
+            "street", "sidewalks", "the Sidewalk", "side-walk", "sidewalk edge", "pavement", long_concept,
+        ]},
+        {"class_name": "sidewalk", "concepts": ["footpath", "Pavements", "curb"]},
+        {"class_name": "traffic light", "concepts": ["red traffic light", "signal"]},
+        {"class_name": "light", "concepts": ["lamp light", "street lights", "ceiling lamp"]},
+    ]}
+    server.script = [ok(answer)]
+    out = tmp_path / "concepts.json"
+    classes = "road,sidewalk,traffic light,light"
+    assert cli_main(cli_argv(server, tmp_path, classes, out)) == 0
+    concepts = json.loads(out.read_text(encoding="utf-8"))["concepts"]
+    assert concepts == {
+        "road": ["street"],
+        "sidewalk": ["footpath", "curb"],
+        "traffic light": ["red traffic light", "signal"],  # "light" inside the own class name is fine
+        "light": ["lamp light", "street lights", "ceiling lamp"],
+    }
+    err = capsys.readouterr().err
+    assert "'sidewalks' (names 'sidewalk')" in err and "'the Sidewalk' (names 'sidewalk')" in err
+    assert "'side-walk' (names 'sidewalk')" in err
+    assert "'sidewalk edge' (contains 'sidewalk')" in err
+    assert "'pavement' / 'Pavements' is listed under 2 classes ('road', 'sidewalk')" in err
+    assert "longer than 100 characters: 'very very" in err and f"({len(long_concept)} characters)" in err
+    assert long_concept not in out.read_text(encoding="utf-8")
+
+
+@pytest.mark.parametrize(
+    ("data", "class_names", "pattern"),
+    [
+        ({"road": ["sidewalks"], "sidewalk": ["curb"]}, None, r"'sidewalks' is a form .* another class \('sidewalk'\)"),
+        ({"road": ["the side-walk"]}, ["road", "sidewalk"], r"'the side-walk' is a form .* another class \('sidewalk'\)"),
+        ({"road": ["pavement"], "sidewalk": ["pavements"]}, None,
+         r"'pavements' of class 'sidewalk' is also listed under class 'road' \(as 'pavement'\)"),
+        ({"road": ["x" * 101]}, None, r"class 'road': concept 0 has 101 characters, more than 100"),
+        ({"caf\u00e9": ["bistro"], "cafe\u0301": ["coffee shop"]}, None, "appears more than once"),
+    ],
+)
+def test_load_concepts_rejects_forms_of_other_classes_shared_and_long_concepts(tmp_path, data, class_names, pattern):
+    path = tmp_path / "c.json"
+    path.write_text(json.dumps(data), encoding="utf-8")
+    with pytest.raises(ConceptFileError, match=pattern) as info:
+        load_concepts(path, class_names)
+    assert str(path) in str(info.value)
+
+
+def test_load_concepts_accepts_concepts_containing_another_class_as_a_word(tmp_path):
+    path = tmp_path / "c.json"
+    # Containing another class's name as a word is the user's choice in a hand-written file.
+    path.write_text(json.dumps({"clock": ["wall clock"], "wall": ["brick wall"]}), encoding="utf-8")
+    assert load_concepts(path) == {"clock": ["wall clock"], "wall": ["brick wall"]}
+
+
+def test_phrase_helpers():
+    from concept_generation.phrases import contains_phrase, same_phrase, singular
+
+    assert [singular(w) for w in ["sidewalks", "benches", "shelves", "knives", "bodies", "people", "glass", "bus"]] == [
+        "sidewalk", "bench", "shelf", "knife", "body", "person", "glass", "bus"
+    ]
+    assert same_phrase("Traffic-Lights", "traffic light") and same_phrase("an apple", "apple")
+    assert same_phrase("side walk", "sidewalk") and not same_phrase("sidewalk edge", "sidewalk")
+    assert contains_phrase("pendant light", "light") and not contains_phrase("lighthouse", "light")
+    assert not contains_phrase("red traffic light", "light", own="traffic light")
+    assert contains_phrase("traffic light pole", "pole", own="traffic light")
+
+
+def test_bad_out_fails_before_any_request(server, tmp_path, capsys):
+    classes_file = tmp_path / "classes.json"
+    classes_file.write_text('["road", "wall", "terrain", "rider"]', encoding="utf-8")
+    original = classes_file.read_text(encoding="utf-8")
+    blocker = tmp_path / "a_file"
+    blocker.write_text("x")
+    server.script = [ok(GOOD_ANSWER)] * 4
+    cases = [
+        (tmp_path, "is a directory"),
+        (classes_file, "is the class list file given to --classes"),
+        (tmp_path / "." / "classes.json", "is the class list file given to --classes"),
+        (blocker / "sub" / "c.json", "is not a directory"),
+    ]
+    for out, message in cases:
+        with pytest.raises(SystemExit) as info:
+            cli_main(cli_argv(server, tmp_path, str(classes_file), out))
+        assert info.value.code == 2
+        assert message in capsys.readouterr().err
+    assert server.requests == []
+    assert classes_file.read_text(encoding="utf-8") == original
+
+
+def test_verbose_logs_server_cache_and_answer(server, tmp_path, capsys):
+    server.script = [ok(GOOD_ANSWER), ok(GOOD_ANSWER)]
+    quiet_out, verbose_out = tmp_path / "q.json", tmp_path / "v.json"
+    assert cli_main(cli_argv(server, tmp_path, ",".join(CLASSES), quiet_out, "--no-cache")) == 0
+    normal = capsys.readouterr().err
+    assert cli_main(cli_argv(server, tmp_path, ",".join(CLASSES), verbose_out, "-v")) == 0
+    verbose = capsys.readouterr().err
+    key = json.loads(verbose_out.read_text(encoding="utf-8"))["metadata"]["cache_key"]
+    for expected in [
+        f"model gpt-4o-mini at {server.base_url}", f"cache key {key}", "cache miss",
+        f"sending the request to {server.base_url}/chat/completions", "answer chatcmpl-local-1",
+        "class 'terrain': 3 concept(s): 'grass', 'soil', 'sand'",
+    ]:
+        assert expected in verbose, expected
+        assert expected not in normal, expected
+    assert "DEBUG" in verbose and "DEBUG" not in normal
+    assert FAKE_KEY not in verbose
+
+
+def test_cache_is_per_server_and_records_it(server, tmp_path, sleeps, monkeypatch):
+    server.script = [ok(GOOD_ANSWER)]
+    first = run(server, tmp_path, sleeps)
+    assert first.metadata["base_url"] == server.base_url
+    with FakeOpenAIServer() as other:
+        other.script = [ok({"concepts": [{"class_name": c, "concepts": [f"other {c}"]} for c in CLASSES]})]
+        second = run(other, tmp_path, sleeps)
+        assert len(other.requests) == 1 and not second.from_cache  # not served from the first server's answer
+        assert second.metadata["base_url"] == other.base_url
+        assert second.concepts["road"] == ["other road"]
+        third = run(other, tmp_path, sleeps)
+        assert third.from_cache and third.concepts == second.concepts and len(other.requests) == 1
+    assert first.metadata["cache_key"] != second.metadata["cache_key"]
+    # Without --base-url the client's $OPENAI_BASE_URL is what is hashed and recorded.
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url + "/")
+    again = run(server, tmp_path, sleeps, base_url=None)
+    assert again.from_cache and again.metadata["base_url"] == server.base_url
+    assert len(server.requests) == 1
+    assert concept_generation.client.resolve_base_url("https://user:pw@Example.com:8443/v1/?k=s") == (
+        "https://example.com:8443/v1"
+    )
+
+
+def test_concept_vocabulary_rejects_forms_of_other_classes():
+    from vocalign_hf.adaptation import ConceptVocabulary
+
+    with pytest.raises(ValueError, match=r"'sidewalks' of class 'road' is a form .* of class 'sidewalk'"):
+        ConceptVocabulary(["road", "sidewalk"], {"road": ["street", "sidewalks"]})
+    with pytest.raises(ValueError, match=r"'the pavements' of class 'sidewalk' is a form .* of class 'road'"):
+        ConceptVocabulary(["road", "sidewalk"], {"road": ["pavement"], "sidewalk": ["the pavements"]})
+    with pytest.raises(ValueError, match="equals the name of class"):  # one name in two Unicode forms
+        ConceptVocabulary(["road", "caf\u00e9"], {"road": ["cafe\u0301"]})
+    # Forms of the own class, and words merely containing another class, stay allowed.
+    vocab = ConceptVocabulary(["road", "sidewalk"], {"road": ["roads", "street"], "sidewalk": ["road edge"]})
+    assert vocab.entries == ["road", "roads", "street", "sidewalk", "road edge"]

@@ -16,17 +16,26 @@ so whether it repeats the class names cannot be checked there.
 
 from __future__ import annotations
 
+import unicodedata
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
+from ..concept_phrases import phrase_key
+
 __all__ = ["ConceptVocabulary"]
 
 
 def _norm(text: str) -> str:
-    """Comparison key: CLIP's tokenizer lower-cases and collapses whitespace."""
-    return " ".join(text.split()).casefold()
+    """Comparison key: CLIP's tokenizer lower-cases and collapses whitespace (NFC first, so that one
+    name written with a precomposed or a combining accent is one name)."""
+    return unicodedata.normalize("NFC", " ".join(unicodedata.normalize("NFC", text).split()).casefold())
+
+
+def _form(text: str) -> str:
+    """Looser key: also ignores plurals, a leading article, spacing and hyphens ("the side-walks" ~ "sidewalk")."""
+    return "".join(phrase_key(text))
 
 
 class ConceptVocabulary:
@@ -41,8 +50,10 @@ class ConceptVocabulary:
 
     Raises ``ValueError`` on: an empty class list; duplicate class names; concept keys that
     are not class names; empty/blank concepts or non-list concept values; a concept equal
-    (case- and whitespace-insensitively) to another class's name or entry; a class left
-    with no entry. Duplicate concepts within one class are dropped (first kept).
+    (case-, whitespace- and Unicode-form-insensitively) to another class's name or entry, or a
+    form of one (plural, leading article, spacing or hyphens: ``"sidewalks"`` under ``"road"``
+    when ``"sidewalk"`` is a class), since its probability would be summed into the wrong class;
+    a class left with no entry. Duplicate concepts within one class are dropped (first kept).
     """
 
     def __init__(
@@ -73,6 +84,7 @@ class ConceptVocabulary:
 
         per_class: List[List[str]] = []
         owner: Dict[str, int] = {}  # normalised entry -> class index
+        form_owner: Dict[str, int] = {_form(name): ci for ci, name in enumerate(class_names)}
         if include_class_names:
             for ci, name in enumerate(class_names):
                 owner[_norm(name)] = ci
@@ -95,6 +107,12 @@ class ConceptVocabulary:
                     raise ValueError(
                         f"concept {concept!r} of class {name!r} is also an entry of class "
                         f"{class_names[owner[key]]!r}"
+                    )
+                form = _form(concept)
+                if form and form != _form(name) and form_owner.setdefault(form, ci) != ci:
+                    raise ValueError(
+                        f"concept {concept!r} of class {name!r} is a form (plural, article, spacing) of the name "
+                        f"or an entry of class {class_names[form_owner[form]]!r}"
                     )
                 if key in keys_c:
                     continue  # duplicate within the class: de-duplicate
