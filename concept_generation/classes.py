@@ -154,7 +154,8 @@ def _read_yaml_list(path: Path) -> list[Any]:
             raise ClassListError(f'{path}: a YAML mapping must have a "classes" key, got keys {sorted(map(str, data))}')
         data = data["classes"]
     if not isinstance(data, list):
-        raise ClassListError(f"{path}: expected a YAML list of class names or a 'classes:' list, got {type(data).__name__}")
+        kind = type(data).__name__
+        raise ClassListError(f"{path}: expected a YAML list of class names or a 'classes:' list, got {kind}")
     return data
 
 

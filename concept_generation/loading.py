@@ -11,7 +11,7 @@ from typing import Any
 
 from .classes import name_key, normalize_name, validate_class_names
 from .errors import ClassListError, ConceptFileError
-from .phrases import MAX_CONCEPT_CHARS, phrase_key, same_phrase
+from .phrases import MAX_CONCEPT_CHARS, phrase_form, same_phrase
 from .validation import excerpt
 
 __all__ = ["SHIPPED_CONCEPT_SETS", "list_shipped_concepts", "shipped_concepts_path", "load_concepts"]
@@ -123,11 +123,12 @@ def load_concepts(
 def _check_shared(cleaned: dict[str, list[str]], names: dict[str, str], fail: Any) -> None:
     """Fail on a concept that two classes share (up to plural, article and spacing): VocAlign sums
     one entry's probability into one class only."""
-    owner: dict[tuple[str, ...], tuple[str, str]] = {}
+    owner: dict[str, tuple[str, str]] = {}
     for key, kept in cleaned.items():
         for text in kept:
-            first = owner.setdefault(phrase_key(text), (key, text))
-            if first[0] != key:
+            form = phrase_form(text)
+            first = owner.setdefault(form, (key, text))
+            if form and first[0] != key:
                 raise fail(
                     f"concept {text!r} of class {names[key]!r} is also listed under class {names[first[0]]!r} "
                     f"(as {first[1]!r}); a concept may belong to one class only"

@@ -4,10 +4,19 @@
 from vocalign_hf.concept_phrases import (
     MAX_CONCEPT_CHARS,
     contains_phrase,
+    phrase_form,
     phrase_key,
     phrase_words,
     same_phrase,
     singular,
 )
 
-__all__ = ["MAX_CONCEPT_CHARS", "singular", "phrase_words", "phrase_key", "same_phrase", "contains_phrase"]
+__all__ = [
+    "MAX_CONCEPT_CHARS",
+    "singular",
+    "phrase_words",
+    "phrase_key",
+    "phrase_form",
+    "same_phrase",
+    "contains_phrase",
+]

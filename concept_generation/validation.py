@@ -10,7 +10,7 @@ from typing import Any
 
 from .classes import name_key, normalize_name
 from .errors import ConceptGenerationError
-from .phrases import MAX_CONCEPT_CHARS, contains_phrase, phrase_key, same_phrase
+from .phrases import MAX_CONCEPT_CHARS, contains_phrase, phrase_form, same_phrase
 
 __all__ = ["parse_answer", "clean_concepts", "excerpt"]
 
@@ -244,12 +244,15 @@ def _clean_class(
 
 
 def _remove_shared(cleaned: dict[str, list[str]], warn: Callable[[str], None]) -> None:
-    """Remove, from every class, concepts that two or more classes share (same :func:`phrase_key`)."""
-    owners: dict[tuple[str, ...], list[tuple[str, str]]] = {}
+    """Remove, from every class, concepts that two or more classes share (same
+    :func:`~concept_generation.phrases.phrase_form`: up to case, plural, article and spacing)."""
+    owners: dict[str, list[tuple[str, str]]] = {}
     for name, kept in cleaned.items():
         for text in kept:
-            owners.setdefault(phrase_key(text), []).append((name, text))
-    for key, holders in owners.items():
+            form = phrase_form(text)
+            if form:  # punctuation-only concepts have no words to compare
+                owners.setdefault(form, []).append((name, text))
+    for holders in owners.values():
         classes = list(dict.fromkeys(name for name, _ in holders))
         if len(classes) < 2:
             continue

@@ -23,7 +23,15 @@ import re
 import unicodedata
 from functools import lru_cache
 
-__all__ = ["MAX_CONCEPT_CHARS", "singular", "phrase_words", "phrase_key", "same_phrase", "contains_phrase"]
+__all__ = [
+    "MAX_CONCEPT_CHARS",
+    "singular",
+    "phrase_words",
+    "phrase_key",
+    "phrase_form",
+    "same_phrase",
+    "contains_phrase",
+]
 
 MAX_CONCEPT_CHARS = 100
 """Longest concept accepted, in characters. Concepts are short phrases (the prompt asks for one to
@@ -86,13 +94,16 @@ def phrase_key(text: str) -> tuple[str, ...]:
     return words[start:]
 
 
+def phrase_form(text: str) -> str:
+    """:func:`phrase_key` joined without spaces: equal for ``"The side-walks"`` and ``"sidewalk"``."""
+    return "".join(phrase_key(text))
+
+
 def same_phrase(a: str, b: str) -> bool:
     """Whether ``a`` and ``b`` name the same thing up to case, Unicode form, plural, a leading
     article, and spacing or hyphenation (``"side walk"`` vs ``"sidewalk"``)."""
-    ka, kb = phrase_key(a), phrase_key(b)
-    if not ka or not kb:
-        return False
-    return ka == kb or "".join(ka) == "".join(kb)
+    form = phrase_form(a)
+    return bool(form) and form == phrase_form(b)
 
 
 def _occurrences(words: tuple[str, ...], sub: tuple[str, ...]) -> list[range]:

@@ -22,7 +22,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from ..concept_phrases import phrase_key
+from ..concept_phrases import phrase_form
 
 __all__ = ["ConceptVocabulary"]
 
@@ -31,11 +31,6 @@ def _norm(text: str) -> str:
     """Comparison key: CLIP's tokenizer lower-cases and collapses whitespace (NFC first, so that one
     name written with a precomposed or a combining accent is one name)."""
     return unicodedata.normalize("NFC", " ".join(unicodedata.normalize("NFC", text).split()).casefold())
-
-
-def _form(text: str) -> str:
-    """Looser key: also ignores plurals, a leading article, spacing and hyphens ("the side-walks" ~ "sidewalk")."""
-    return "".join(phrase_key(text))
 
 
 class ConceptVocabulary:
@@ -84,7 +79,7 @@ class ConceptVocabulary:
 
         per_class: List[List[str]] = []
         owner: Dict[str, int] = {}  # normalised entry -> class index
-        form_owner: Dict[str, int] = {_form(name): ci for ci, name in enumerate(class_names)}
+        form_owner: Dict[str, int] = {phrase_form(name): ci for ci, name in enumerate(class_names)}
         if include_class_names:
             for ci, name in enumerate(class_names):
                 owner[_norm(name)] = ci
@@ -108,8 +103,9 @@ class ConceptVocabulary:
                         f"concept {concept!r} of class {name!r} is also an entry of class "
                         f"{class_names[owner[key]]!r}"
                     )
-                form = _form(concept)
-                if form and form != _form(name) and form_owner.setdefault(form, ci) != ci:
+                # Looser than `key`: also plurals, a leading article, spacing ("the side-walks" ~ "sidewalk").
+                form = phrase_form(concept)
+                if form and form != phrase_form(name) and form_owner.setdefault(form, ci) != ci:
                     raise ValueError(
                         f"concept {concept!r} of class {name!r} is a form (plural, article, spacing) of the name "
                         f"or an entry of class {class_names[form_owner[form]]!r}"
