@@ -105,7 +105,7 @@ def _looks_like_path(text: str) -> bool:
         return True
     if "," in text:
         return False
-    return "/" in text or os.sep in text or text.startswith("~") or bool(_FILE_LIKE.match(text))
+    return any(sep in text for sep in ("/", "\\", os.sep)) or text.startswith("~") or bool(_FILE_LIKE.match(text))
 
 
 def _read_class_file(path: Path, spec: str) -> list[str]:
