@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model
-from vocalign_hf.recipe_checks import resolve_base_model, split_absent_metrics
+from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model, split_absent_metrics
 from vocalign_hf.recipes import load_target_data, parse_recipe_args
 
 CONFIG_DIR = Path(__file__).parent / "configs"
@@ -23,12 +23,15 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 def main(argv: list[str] | None = None) -> dict[str, float]:
     recipe, args = parse_recipe_args(argv, config_dir=CONFIG_DIR)
+    # Every input is checked before a model is loaded: the model folders or Hub ids, then every image and mask.
+    if recipe.base_model:
+        resolve_base_model(recipe.base_model)
+    if recipe.adapter:
+        resolve_adapter(recipe.adapter)
     data = load_target_data(recipe, args.output_dir, progress=False if args.disable_tqdm else None)
     if data.base_model is None:
         raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
     base_model = resolve_base_model(data.base_model)
-    if recipe.adapter and Path(recipe.adapter).exists() and not (Path(recipe.adapter) / "adapter_config.json").is_file():
-        raise SystemExit(f"--adapter {recipe.adapter} has no adapter_config.json: give a folder written by adapt.py")
     processor = CATSegProcessor.from_pretrained(base_model)
     if recipe.adapter:
         model, info = load_adapted_model(base_model, recipe.adapter)

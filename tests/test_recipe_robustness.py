@@ -330,3 +330,16 @@ def test_subfolder_hint_names_the_recipe_flag(domain, tmp_path):
 def _recipe_and_dir(argv):
     recipe, args = parse_recipe_args(argv, config_dir=CONFIG_DIR)
     return recipe, args.output_dir
+
+
+def test_evaluate_recipe_checks_the_adapter_before_loading(domain, base_model, finished_run, tmp_path, no_model_load):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
+    evaluate_recipe = importlib.util.module_from_spec(spec)  # not `import evaluate`: that is the HF library
+    spec.loader.exec_module(evaluate_recipe)
+    argv = flags(domain, base_model, tmp_path / "out")
+    with pytest.raises(SystemExit, match=rf"--adapter: folder not found: {tmp_path / 'run' / 'adaptr'}"):
+        evaluate_recipe.main(argv + ["--adapter", str(tmp_path / "run" / "adaptr")])
+    with pytest.raises(SystemExit, match=r"has no adapter_config.json: .* \(it is a base model folder: pass it as --base_model\)"):
+        evaluate_recipe.main(argv + ["--adapter", str(base_model)])

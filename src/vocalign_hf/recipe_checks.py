@@ -36,6 +36,7 @@ __all__ = [
     "check_resume_checkpoint",
     "find_run_artifacts",
     "replace_folder",
+    "resolve_adapter",
     "resolve_base_model",
     "resolve_resume_checkpoint",
     "split_absent_metrics",
@@ -140,6 +141,13 @@ def _check_model_folder(folder: Path, flag: str) -> None:
     )
 
 
+def _check_adapter_folder(folder: Path, flag: str) -> None:
+    if (folder / "adapter_config.json").is_file():
+        return
+    hint = " (it is a base model folder: pass it as --base_model)" if (folder / "config.json").is_file() else ""
+    raise SystemExit(f"{flag} {folder} has no adapter_config.json: give an adapter folder written by adapt.py{hint}")
+
+
 def resolve_base_model(name: str, flag: str = "--base_model") -> str:
     """Check `name` as a local model folder or a Hub repo id before anything is loaded, and return it.
 
@@ -152,11 +160,20 @@ def resolve_base_model(name: str, flag: str = "--base_model") -> str:
     Raises:
         SystemExit: the folder or repo cannot be used.
     """
+    return _resolve(name, flag, _check_model_folder, "config.json")
+
+
+def resolve_adapter(name: str, flag: str = "--adapter") -> str:
+    """As :func:`resolve_base_model`, for a VocAlign adapter (a folder with `adapter_config.json`, or a Hub id)."""
+    return _resolve(name, flag, _check_adapter_folder, "adapter_config.json")
+
+
+def _resolve(name: str, flag: str, check_folder: Callable[[Path, str], None], hub_file: str) -> str:
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SystemExit(f"{flag} {name} is a file; give a model folder (save_pretrained output) or a Hub id")
-        _check_model_folder(path, flag)
+            raise SystemExit(f"{flag} {name} is a file; give a folder (save_pretrained output) or a Hub id")
+        check_folder(path, flag)
         return name
     path_like = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
     first = name.split("/", 1)[0]
@@ -164,8 +181,7 @@ def resolve_base_model(name: str, flag: str = "--base_model") -> str:
         raise SystemExit(f"{flag}: folder not found: {name} (resolved to {path.resolve()}){_folder_hint(path)}")
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
-    cached = try_to_load_from_cache(name, "config.json")
-    if isinstance(cached, str):
+    if isinstance(try_to_load_from_cache(name, hub_file), str):
         return name
     if constants.HF_HUB_OFFLINE:
         raise SystemExit(
@@ -173,7 +189,7 @@ def resolve_base_model(name: str, flag: str = "--base_model") -> str:
             "copy of this repo; download it once with network, or give a local folder"
         )
     try:
-        hf_hub_download(name, "config.json")
+        hf_hub_download(name, hub_file)
     except Exception as exc:  # any Hub failure: say what was tried, once, instead of retrying every file
         raise SystemExit(
             f"{flag} {name}: no local folder {path.resolve()}, and the Hub repo {name!r} could not be read "

@@ -461,7 +461,10 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     # Everything that can be wrong is checked before a model is loaded or an evaluation runs.
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if args.method != "zero_shot":  # the zero-shot evaluation writes nothing
-        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resume is not None)
+        with args.main_process_first(desc="checking the output folder"):  # one process deletes, if anything
+            check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resume is not None)
+    if recipe.base_model:  # before the data checks, which can take a while on a large split
+        resolve_base_model(recipe.base_model)
     data = load_target_data(recipe, args.output_dir, seed=args.seed, progress=False if args.disable_tqdm else None)
     check_run_inputs(data, args, resume)
     processor = CATSegProcessor.from_pretrained(data.base_model)
