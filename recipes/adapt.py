@@ -20,4 +20,7 @@ from vocalign_hf.recipes import parse_recipe_args, run_adaptation
 CONFIG_DIR = Path(__file__).parent / "configs"
 
 if __name__ == "__main__":
-    run_adaptation(*parse_recipe_args(config_dir=CONFIG_DIR))
+    recipe, args = parse_recipe_args(config_dir=CONFIG_DIR)
+    if args.process_index == 0:
+        print(f"config: {recipe.config} (dataset {recipe.dataset}, output {args.output_dir})")
+    run_adaptation(recipe, args)

@@ -147,8 +147,6 @@ def parse_recipe_args(
 def default_config_for(dataset: str, config_dir: str | Path) -> Path:
     """The config a recipe uses for `dataset` when no `--config` is given: the world's settings apply only to the
     world; a known dataset has its own; a folder or Hub dataset gets the paper's (`custom.yaml`)."""
-    from .data import get_dataset_info
-
     name = dataset
     if dataset not in ("world", "folder"):
         try:
@@ -451,7 +449,12 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     report, overlays, and the adapter (with class list, concepts and model card) in `<output_dir>/adapter`.
 
     Returns `{"zero_shot_miou": ..., "adapted_miou": ...}` plus per-class IoUs (`adapted_iou_<class>`, percent),
-    also written to `<output_dir>/results.json`.
+    also written to `<output_dir>/results.json`. A metric without a value (no valid pixel) is left out and listed
+    under `"absent"` with the reason, never written as NaN.
+
+    Every input is checked first (output folder, resume checkpoint, base model, every image and mask, LoRA layers):
+    a problem stops the run with a `SystemExit` naming it before any model is loaded. A previous run in
+    `output_dir` is kept unless `--overwrite_output_dir` or a resume from one of its checkpoints says otherwise.
     """
     from dataclasses import replace
 
@@ -461,8 +464,9 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     # Everything that can be wrong is checked before a model is loaded or an evaluation runs.
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
     if args.method != "zero_shot":  # the zero-shot evaluation writes nothing
+        resuming = resume is not None and Path(resume).resolve().parent == Path(args.output_dir).resolve()
         with args.main_process_first(desc="checking the output folder"):  # one process deletes, if anything
-            check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resume is not None)
+            check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)
     data = load_target_data(recipe, args.output_dir, seed=args.seed, progress=False if args.disable_tqdm else None)
