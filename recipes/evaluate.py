@@ -15,7 +15,8 @@ from pathlib import Path
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model
-from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model, split_absent_metrics
+from vocalign_hf.metrics import split_absent_metrics
+from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model
 from vocalign_hf.recipes import load_target_data, parse_recipe_args
 
 CONFIG_DIR = Path(__file__).parent / "configs"

@@ -15,7 +15,8 @@ from PIL import Image
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.data.validation import DatasetValidationError, validate_segmentation_dataset
-from vocalign_hf.recipe_checks import replace_folder, split_absent_metrics
+from vocalign_hf.metrics import split_absent_metrics
+from vocalign_hf.recipe_checks import replace_folder
 from vocalign_hf.recipes import load_target_data, parse_recipe_args, run_adaptation, summary_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -117,7 +118,8 @@ def test_overwrite_replaces_the_run_and_its_checkpoints(finished_run, base_model
     shutil.copytree(output, copy)
     stale = copy / "checkpoint-7"  # a checkpoint of the previous run that the new one would not rotate away
     (copy / "checkpoint-2").rename(stale)
-    results = run(flags(domain, base_model, copy, "--max_steps", "1", "--overwrite_output_dir", "true"))
+    results = run(flags(domain, base_model, copy, "--max_steps", "1", "--overwrite_output_dir", "true",
+                        "--eval_zero_shot", "false"))
     assert not stale.exists() and sorted(p.name for p in copy.glob("checkpoint-*")) == ["checkpoint-1"]
     assert json.loads((copy / "results.json").read_text()) == results
     info = json.loads((copy / "adapter" / "vocalign.json").read_text())
@@ -162,7 +164,8 @@ def test_resume_continues_the_run(finished_run, base_model, tmp_path):
     domain, output, _ = finished_run
     copy = tmp_path / "copy"
     shutil.copytree(output, copy)
-    results = run(flags(domain, base_model, copy, "--resume_from_checkpoint", "true", "--max_steps", "3"))
+    results = run(flags(domain, base_model, copy, "--resume_from_checkpoint", "true", "--max_steps", "3",
+                        "--eval_zero_shot", "false"))
     state = json.loads((copy / "checkpoint-3" / "trainer_state.json").read_text())
     assert state["global_step"] == 3 and json.loads((copy / "results.json").read_text()) == results
 

@@ -10,7 +10,6 @@ to pass instead: the recipes are command-line programs, and a user should read o
   and honouring `HF_HUB_OFFLINE` (:func:`resolve_base_model`);
 * the LoRA layers exist in the model's CLIP towers (:func:`check_lora_layers`);
 * a resume checkpoint exists and matches this run's LoRA layout and class list (:func:`check_resume_checkpoint`);
-* metrics without a valid pixel are reported as absent, never as NaN (:func:`split_absent_metrics`).
 """
 
 from __future__ import annotations
@@ -18,7 +17,6 @@ from __future__ import annotations
 import difflib
 import json
 import logging
-import math
 import os
 import re
 import shutil
@@ -39,7 +37,6 @@ __all__ = [
     "resolve_adapter",
     "resolve_base_model",
     "resolve_resume_checkpoint",
-    "split_absent_metrics",
 ]
 
 #: What a finished or interrupted run leaves in its output folder (besides `checkpoint-*` folders).
@@ -301,24 +298,3 @@ def check_resume_checkpoint(
             f"--resume_from_checkpoint {folder} was trained with {'; '.join(diffs)}: resume with that run's "
             "settings (--lora_layers, --lora_rank, --lora_alpha, class list), or start a new run"
         )
-
-
-# ---------------------------------------------------------------------------------------------------- metrics
-def split_absent_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, str]]:
-    """Separate finite metrics from those without a value (NaN), with the reason each is absent.
-
-    A mean IoU is absent when no pixel of the evaluation split is labelled (every mask pixel is the ignore value);
-    a class's IoU when the class occurs neither in the masks nor in the predictions.
-    """
-    finite: dict[str, float] = {}
-    absent: dict[str, str] = {}
-    for key, value in metrics.items():
-        if not isinstance(value, (int, float)) or math.isfinite(value):
-            finite[key] = value
-        elif key.endswith("mean_iou") or key.endswith("_miou"):
-            absent[key] = "no labelled pixel in the evaluation split (every mask pixel is the ignore value 255)"
-        elif "_iou_" in key:
-            absent[key] = f"class {key.split('_iou_', 1)[1]!r} is in neither the masks nor the predictions"
-        else:
-            absent[key] = "no value (NaN)"
-    return finite, absent

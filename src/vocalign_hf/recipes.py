@@ -27,8 +27,8 @@ from .recipe_checks import (
     replace_folder,
     resolve_base_model,
     resolve_resume_checkpoint,
-    split_absent_metrics,
 )
+from .metrics import split_absent_metrics
 from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .visualization import colorize, segmentation_grid
 from .data import (

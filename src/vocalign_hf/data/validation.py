@@ -28,7 +28,7 @@ __all__ = ["DatasetReport", "DatasetValidationError", "validate_segmentation_dat
 
 _MAX_LISTED = 20
 #: From this many rows on, a progress bar shows the check's progress.
-PROGRESS_FROM = 200
+PROGRESS_FROM = 1000
 
 
 class DatasetValidationError(ValueError):
