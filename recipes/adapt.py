@@ -1,19 +1,26 @@
 """Adapt CAT-Seg to unlabeled target images with VocAlign.
 
     accelerate launch recipes/adapt.py                                   # built-in world, ~2 min on 2 CPU cores
-    accelerate launch recipes/adapt.py --config recipes/configs/cityscapes.yaml --base_model your-org/catseg-vitb-384
+    accelerate launch recipes/adapt.py --dataset cityscapes --base_model your-org/catseg-vitb-384
     accelerate launch recipes/adapt.py --top_k 3 --output_dir runs/k3    # flags override the config file
 
-Every `VocAlignArguments` / `TrainingArguments` field is a flag (`--resume_from_checkpoint runs/x/checkpoint-500`,
-`--report_to tensorboard`, `--bf16`, ...). Prints zero-shot and adapted mIoU with per-class tables, writes overlays
-and the adapter (peft format, with the class list, concepts and a model card) to `<output_dir>/adapter`.
+Without `--config`, the config follows `--dataset`: `configs/world.yaml` for the built-in world (the default),
+`configs/<dataset>.yaml` for cityscapes, ade20k_150 and pascal_context_59, and `configs/custom.yaml` (the paper's
+settings) for `--dataset folder` or a Hub dataset. Every `VocAlignArguments` / `TrainingArguments` field is a flag
+(`--resume_from_checkpoint runs/x/checkpoint-500`, `--report_to tensorboard`, `--bf16`, ...). A folder that holds a
+previous run is never overwritten without `--overwrite_output_dir true`. Prints zero-shot and adapted mIoU with
+per-class tables, writes overlays and the adapter (peft format, with the class list, concepts and a model card) to
+`<output_dir>/adapter`.
 """
 
 from pathlib import Path
 
 from vocalign_hf.recipes import parse_recipe_args, run_adaptation
 
-DEFAULT_CONFIG = Path(__file__).parent / "configs" / "world.yaml"
+CONFIG_DIR = Path(__file__).parent / "configs"
 
 if __name__ == "__main__":
-    run_adaptation(*parse_recipe_args(default_config=DEFAULT_CONFIG))
+    recipe, args = parse_recipe_args(config_dir=CONFIG_DIR)
+    if args.process_index == 0:
+        print(f"config: {recipe.config} (dataset {recipe.dataset}, output {args.output_dir})")
+    run_adaptation(recipe, args)

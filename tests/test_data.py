@@ -423,3 +423,32 @@ def test_normalize_streaming_dataset():
     ex = next(iter(out))
     assert sorted(ex) == ["image", "label"]
     assert np.asarray(ex["label"]).tolist() == [[255, 0, 149]]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# validation of every file before a run
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def test_validation_names_each_bad_file_and_reports_sizes(tmp_path):
+    from vocalign_hf.data.validation import DatasetValidationError, validate_segmentation_dataset
+
+    img_dir, mask_dir = tmp_path / "images", tmp_path / "masks"
+    img_dir.mkdir()
+    mask_dir.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a", (24, 32)), ("b", (40, 40)), ("c", (40, 40))):
+        Image.fromarray(rng.integers(0, 255, size + (3,), dtype=np.uint8)).save(img_dir / f"{name}.jpg")
+        Image.fromarray(np.ones(size, dtype=np.uint8), mode="L").save(mask_dir / f"{name}.png")
+    ds = load_image_folder(img_dir, mask_dir)
+    report = validate_segmentation_dataset(ds, split="eval", num_classes=2)
+    assert report.rows == 3 and report.min_size == (24, 32) and report.labelled_pixels == 24 * 32 + 2 * 1600
+    jpeg = img_dir / "b.jpg"
+    jpeg.write_bytes(jpeg.read_bytes()[:-300])  # a cut-off download: no JPEG end marker
+    Image.fromarray(np.full((40, 40), 2, dtype=np.uint8), mode="L").save(mask_dir / "c.png")
+    with pytest.raises(DatasetValidationError) as error:
+        validate_segmentation_dataset(load_image_folder(img_dir, mask_dir), split="eval", num_classes=2)
+    message = str(error.value)
+    assert message.startswith("2 bad file(s) in the eval:")
+    assert f"{jpeg}: unreadable image (OSError: image file is truncated" in message
+    assert f"{mask_dir / 'c.png'}: mask values [2] are not class ids 0-1 nor the ignore value 255" in message

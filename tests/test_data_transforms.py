@@ -312,3 +312,22 @@ def test_transform_rejects_bad_inputs():
         SegmentationTrainTransform(image_interpolation="lanczos")  # type: ignore[arg-type]
     with pytest.raises(KeyError, match="image"):
         SegmentationTrainTransform(seed=0)({"pixel": [1]})
+
+
+def test_small_image_upscale_covers_the_crop_without_padding():
+    """`small_image="upscale"`: an image smaller than the crop (after the rescale) is resized to cover it, mask
+    along (NEAREST), so no crop holds black padding or ignore pixels; `"pad"` (mmseg) pads both."""
+    from vocalign_hf.data import SegmentationTrainTransform
+
+    image = np.full((20, 30, 3), 200, dtype=np.uint8)
+    mask = np.zeros((20, 30), dtype=np.uint8)
+    mask[:, 15:] = 1
+    up = SegmentationTrainTransform(crop_size=64, ratio_range=(0.5, 2.0), small_image="upscale", seed=0)
+    padded = SegmentationTrainTransform(crop_size=64, ratio_range=(0.5, 2.0), seed=0)
+    for _ in range(5):
+        x, y = up.apply(image, mask)
+        assert x.shape == (3, 64, 64) and x.min() > 0.7 and set(y.unique().tolist()) <= {0, 1}
+    x, y = padded.apply(image, mask)
+    assert (x == 0).any() and (y == 255).any()
+    with pytest.raises(ValueError, match="small_image must be 'pad' or 'upscale'"):
+        SegmentationTrainTransform(small_image="crop")

@@ -398,3 +398,23 @@ def test_update_from_scores_resizes_then_takes_the_argmax():
     same_size = StreamingMeanIoU(4)
     same_size.update_from_scores(upsampled, labels)
     assert torch.equal(same_size.confusion_matrix, manual.confusion_matrix)
+
+
+def test_no_valid_pixel_is_reported_absent_not_nan():
+    """All-ignore references give a NaN mIoU (Hub semantics); the report keeps it out of JSON, with the reason."""
+    import json
+
+    from vocalign_hf.metrics import StreamingMeanIoU, split_absent_metrics
+
+    metric = StreamingMeanIoU(num_classes=3)
+    metric.update(torch.zeros(2, 4, 4, dtype=torch.long), torch.full((2, 4, 4), 255))
+    result = metric.compute()
+    report = {"eval_mean_iou": 100 * result["mean_iou"]}
+    report.update({f"eval_iou_{n}": 100 * float(v) for n, v in zip("abc", result["per_category_iou"])})
+    finite, absent = split_absent_metrics(report)
+    assert finite == {} and set(absent) == set(report)
+    assert "no labelled pixel" in absent["eval_mean_iou"] and "'b' is in neither" in absent["eval_iou_b"]
+    json.dumps({**finite, "absent": absent}, allow_nan=False)
+    metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]))  # class 2 never occurs: only its IoU is absent
+    finite, absent = split_absent_metrics({f"iou_{n}": float(v) for n, v in zip("abc", metric.compute()["per_category_iou"])})
+    assert set(finite) == {"iou_a", "iou_b"} and set(absent) == {"iou_c"}

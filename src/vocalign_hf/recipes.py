@@ -4,8 +4,10 @@ overlays. The scripts themselves stay short; this module is importable and teste
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,8 +18,18 @@ import yaml
 from PIL import Image
 from transformers import HfArgumentParser
 
+from .atomic import atomic_write_text
 from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
-from .models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
+from .recipe_checks import (
+    check_lora_layers,
+    check_output_dir,
+    check_resume_checkpoint,
+    replace_folder,
+    resolve_base_model,
+    resolve_resume_checkpoint,
+)
+from .metrics import split_absent_metrics
+from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .visualization import colorize, segmentation_grid
 from .data import (
     get_dataset_info,
@@ -28,13 +40,28 @@ from .data import (
     make_eval_transform,
     make_train_transform,
     make_palette,
+    train_transform_preset,
 )
+from .data.validation import DatasetValidationError, validate_segmentation_dataset
+
+logger = logging.getLogger(__name__)
+
+#: Datasets with a config of their own in `recipes/configs/<name>.yaml`; any other (`folder`, a Hub repo id)
+#: uses `custom.yaml`, the paper's settings.
+DATASET_CONFIGS = ("world", "cityscapes", "ade20k_150", "pascal_context_59")
 
 
 @dataclass
 class RecipeArguments:
     """What to adapt, on which data. `dataset: world` (the default) needs nothing else."""
 
+    config: str | None = field(
+        default=None,
+        metadata={
+            "help": "YAML/JSON file of argument values (flags override it); default: recipes/configs/<dataset>.yaml "
+            "for world, cityscapes, ade20k_150, pascal_context_59, else recipes/configs/custom.yaml"
+        },
+    )
     dataset: str = field(
         default="world",
         metadata={"help": "world | cityscapes | ade20k_150 | pascal_context_59 | folder | a Hub dataset repo id"},
@@ -45,6 +72,7 @@ class RecipeArguments:
     data_root: str | None = field(default=None, metadata={"help": "Cityscapes root, or the image folder"})
     eval_data_root: str | None = field(default=None, metadata={"help": "folder dataset: labelled eval images"})
     eval_mask_root: str | None = field(default=None, metadata={"help": "folder dataset: masks of the eval images"})
+    recursive: bool = field(default=False, metadata={"help": "folder dataset: also read images in sub-folders"})
     hub_source: str | None = field(
         default=None, metadata={"help": "load the named dataset from the Hub instead of local files"}
     )
@@ -79,25 +107,31 @@ class RecipeArguments:
 
 
 def parse_recipe_args(
-    argv: list[str] | None = None, default_config: str | Path | None = None
+    argv: list[str] | None = None,
+    default_config: str | Path | None = None,
+    config_dir: str | Path | None = None,
 ) -> tuple[RecipeArguments, VocAlignArguments]:
-    """Parse `--config file.yaml` (or `default_config`) and command-line flags; flags override the file.
+    """Parse `--config file.yaml` (or the default config) and command-line flags; flags override the file.
+
+    Without `--config`, the config is `default_config` if given, else the one of `--dataset` in `config_dir`
+    (`<dataset>.yaml` for the datasets of `DATASET_CONFIGS`, `custom.yaml` for a folder or Hub dataset). The path
+    used is recorded in `recipe.config`.
 
     Values from the file (YAML or JSON, keys = argument names) become the parser's defaults, so `null` in a file
-    sets an optional argument to None (e.g. `pseudo_threshold: null`, `top_k: null`).
+    sets an optional argument to None (e.g. `pseudo_threshold: null`, `top_k: null`); on the command line,
+    `--top_k null` (or `none`) does the same.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
-    config_path = default_config
-    if "--config" in argv:
-        at = argv.index("--config")
-        if at + 1 >= len(argv):
-            raise SystemExit("--config needs a path to a YAML or JSON file")
-        config_path = argv[at + 1]
-        del argv[at : at + 2]
+    config_path = _pop_flag(argv, "--config")
+    if config_path is None:
+        config_path = default_config
+        if config_path is None and config_dir is not None:
+            config_path = default_config_for(_peek_flag(argv, "--dataset") or "world", config_dir)
     parser = HfArgumentParser((RecipeArguments, VocAlignArguments))
+    _accept_null_on_command_line(parser)
     if config_path is not None:
         values = load_config_file(Path(config_path))
-        known = {action.dest for action in parser._actions}
+        known = {action.dest for action in parser._actions} - {"config"}
         unknown = sorted(set(values) - known)
         if unknown:
             raise SystemExit(f"Unknown keys in {config_path}: {unknown}")
@@ -106,16 +140,81 @@ def parse_recipe_args(
             if action.dest in values:
                 action.required = False
     recipe, training = parser.parse_args_into_dataclasses(args=argv)
+    recipe.config = None if config_path is None else str(config_path)
     return recipe, training
 
 
+def default_config_for(dataset: str, config_dir: str | Path) -> Path:
+    """The config a recipe uses for `dataset` when no `--config` is given: the world's settings apply only to the
+    world; a known dataset has its own; a folder or Hub dataset gets the paper's (`custom.yaml`)."""
+    name = dataset
+    if dataset not in ("world", "folder"):
+        try:
+            name = get_dataset_info(dataset).name
+        except ValueError:  # a Hub repo id
+            name = "custom"
+    return Path(config_dir) / f"{name if name in DATASET_CONFIGS else 'custom'}.yaml"
+
+
+def _pop_flag(argv: list[str], flag: str) -> str | None:
+    """Remove `flag value` / `flag=value` from `argv` and return the value."""
+    for at, item in enumerate(argv):
+        if item == flag:
+            if at + 1 >= len(argv):
+                raise SystemExit(f"{flag} needs a value")
+            value = argv[at + 1]
+            del argv[at : at + 2]
+            return value
+        if item.startswith(flag + "="):
+            del argv[at]
+            return item.split("=", 1)[1]
+    return None
+
+
+def _peek_flag(argv: list[str], flag: str) -> str | None:
+    return _pop_flag(list(argv), flag)
+
+
+def _accept_null_on_command_line(parser: HfArgumentParser) -> None:
+    """Let `--top_k null` / `none` set an optional number of our dataclasses to None, as `top_k: null` does in a
+    config file (argparse would call `int("null")`)."""
+    nullable = set()
+    for cls in (RecipeArguments, VocAlignArguments):
+        for name, hint in typing.get_type_hints(cls).items():
+            args = typing.get_args(hint)
+            if type(None) in args and any(a in (int, float) for a in args) and name in cls.__dataclass_fields__:
+                nullable.add(name)
+    for action in parser._actions:
+        if action.dest in nullable and callable(action.type):
+            action.type = _nullable(action.type)
+
+
+def _nullable(convert):
+    def parse(text: str):
+        return None if text.strip().lower() in ("null", "none") else convert(text)
+
+    parse.__name__ = getattr(convert, "__name__", "value")  # argparse names the type in its error messages
+    return parse
+
+
 def load_config_file(path: Path) -> dict[str, Any]:
+    """Read a YAML or JSON config file; errors name the file (and the line, for a syntax error)."""
     if not path.is_file():
         raise SystemExit(f"Config file not found: {path}")
     text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    try:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except json.JSONDecodeError as exc:
+        raise SystemExit(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SystemExit(f"{path}: not valid YAML ({problem}{where})") from None
     if not isinstance(data, dict):
         raise SystemExit(f"{path} must hold a mapping of argument names to values, got {type(data).__name__}")
+    if "config" in data:
+        raise SystemExit(f"{path}: a config file cannot name another config (key 'config')")
     return data
 
 
@@ -131,23 +230,31 @@ class TargetData:
     base_model: str | None = None
 
 
-def load_target_data(recipe: RecipeArguments, output_dir: str, seed: int = 0) -> TargetData:
+def load_target_data(
+    recipe: RecipeArguments, output_dir: str, seed: int = 0, *, check_files: bool = True, progress: bool | None = None
+) -> TargetData:
     """Assemble the target data of a recipe (the built-in world pretrains its own base model if none is given).
 
-    The training augmentation is seeded with `seed` (and the process rank, see `SegmentationTrainTransform`).
+    With `check_files`, every image and mask is checked before anything else happens
+    (:func:`~vocalign_hf.data.validation.validate_segmentation_dataset`): a bad file stops the recipe here, with
+    its name, and not in the middle of training. The training augmentation is seeded with `seed` (and the process
+    rank, see `SegmentationTrainTransform`).
     """
     if recipe.dataset == "world":
-        return _world_data(recipe, output_dir, seed)
+        return _world_data(recipe, output_dir, seed, check_files, progress)
     from concept_generation import load_concepts
 
     if recipe.dataset == "folder":
         if not recipe.data_root or not recipe.class_names_file:
             raise SystemExit("dataset=folder needs --data_root (images) and --class_names_file")
         class_names = load_class_names(recipe.class_names_file)
-        train = load_image_folder(recipe.data_root)
         if not recipe.eval_data_root or not recipe.eval_mask_root:
             raise SystemExit("dataset=folder needs --eval_data_root and --eval_mask_root to measure mIoU")
-        evaluation = load_image_folder(recipe.eval_data_root, recipe.eval_mask_root)
+        try:
+            train = load_image_folder(recipe.data_root, recursive=recipe.recursive)
+            evaluation = load_image_folder(recipe.eval_data_root, recipe.eval_mask_root, recursive=recipe.recursive)
+        except (FileNotFoundError, ValueError) as exc:
+            raise SystemExit(str(exc)) from None
         palette = list(make_palette(len(class_names)))
         name = None
     else:
@@ -166,10 +273,55 @@ def load_target_data(recipe: RecipeArguments, output_dir: str, seed: int = 0) ->
     concepts = {k: v for k, v in concepts.items() if v}
     train = _limit(train, recipe.max_train_images)
     evaluation = _limit(evaluation, recipe.max_eval_images)
-    overrides = {"crop_size": recipe.crop_size, "seed": seed} if recipe.crop_size else {"seed": seed}
-    train = train.with_transform(make_train_transform(name, recipe.augmentation, **overrides) if name else make_train_transform(**overrides))
+    train_kwargs = dict(train_transform_preset(name or "ade20k_150", recipe.augmentation), seed=seed)
+    if recipe.crop_size:
+        train_kwargs["crop_size"] = recipe.crop_size
+    if name is None:  # a folder: the paper's multi-dataset pipeline, short side rescaled to the crop x U(0.5, 2)
+        crop = train_kwargs["crop_size"] if isinstance(train_kwargs["crop_size"], int) else min(train_kwargs["crop_size"])
+        train_kwargs.update(scale=(4 * crop, crop), small_image="upscale")
+    if check_files:
+        where = f" ({recipe.data_root})" if recipe.data_root else ""
+        eval_where = f" ({recipe.eval_data_root}, masks {recipe.eval_mask_root})" if recipe.eval_data_root else where
+        report = _check_splits(
+            (train, f"training split{where}", None), (evaluation, f"evaluation split{eval_where}", len(class_names)),
+            progress=progress,
+        )
+        _warn_small_images(report.min_size, train_kwargs)
+    train = train.with_transform(make_train_transform(**train_kwargs))
     evaluation = evaluation.with_transform(make_eval_transform(name))
     return TargetData(train, evaluation, class_names, concepts, palette, recipe.base_model)
+
+
+def _check_splits(*splits: tuple[Any, str, int | None], progress: bool | None):
+    """Check every file of each `(dataset, name, num_classes)`; one SystemExit lists the problems of all splits.
+    Returns the first split's report."""
+    reports, problems = [], []
+    for dataset, split, num_classes in splits:
+        try:
+            reports.append(validate_segmentation_dataset(dataset, split=split, num_classes=num_classes, progress=progress))
+        except DatasetValidationError as exc:
+            problems.append(str(exc))
+    if problems:
+        raise SystemExit("\n".join(problems))
+    return reports[0]
+
+
+def _warn_small_images(min_size: tuple[int, int] | None, train_kwargs: dict[str, Any]) -> None:
+    """Say when training images are smaller than the crop, and what the transform does with them."""
+    crop = train_kwargs.get("crop_size")
+    if min_size is None or crop is None:
+        return
+    crop_h, crop_w = (crop, crop) if isinstance(crop, int) else crop
+    if min_size[0] >= crop_h and min_size[1] >= crop_w:
+        return
+    if train_kwargs.get("small_image") == "upscale":
+        what = "they are upscaled to cover each crop (no padding)"
+    else:
+        what = "after the preset's rescale, crops of smaller images are padded with black (ignored by the loss)"
+    logger.warning(
+        "training images are smaller than the %sx%s crop (smallest %sx%s): %s; --crop_size %s trains at their own "
+        "size", crop_h, crop_w, min_size[0], min_size[1], what, min(min_size),
+    )
 
 
 def _limit(dataset, count: int | None):
@@ -189,7 +341,9 @@ def world_config(recipe: RecipeArguments):
     )
 
 
-def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetData:
+def _world_data(
+    recipe: RecipeArguments, output_dir: str, seed: int, check_files: bool = True, progress: bool | None = None
+) -> TargetData:
     from .world import build_world, pretrain_source_model
 
     world = build_world(world_config(recipe))
@@ -201,10 +355,15 @@ def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetDa
             seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads,
         )
     size = world.config.image_size
-    train = _limit(world.target_train, recipe.max_train_images).with_transform(
-        make_train_transform(crop_size=size, ratio_range=(0.75, 1.5), flip_prob=0.5, seed=seed)
-    )
-    evaluation = _limit(world.target_eval, recipe.max_eval_images).with_transform(make_eval_transform())
+    train = _limit(world.target_train, recipe.max_train_images)
+    evaluation = _limit(world.target_eval, recipe.max_eval_images)
+    if check_files:
+        _check_splits(
+            (train, "world's target training split", None),
+            (evaluation, "world's target evaluation split", len(world.target_class_names)), progress=progress,
+        )
+    train = train.with_transform(make_train_transform(crop_size=size, ratio_range=(0.75, 1.5), flip_prob=0.5, seed=seed))
+    evaluation = evaluation.with_transform(make_eval_transform())
     return TargetData(
         train, evaluation, list(world.target_class_names), dict(world.target_concepts),
         list(make_palette(len(world.target_class_names))), base,
@@ -248,21 +407,70 @@ def save_overlays(
     return path
 
 
+def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | None = None) -> None:
+    """The model-side checks of a run, before any weights are loaded: the base model folder or Hub id, the LoRA
+    layers against its CLIP towers, and a resume checkpoint against this run's LoRA layout and class list."""
+    from .adaptation.lora import LoRASettings, lora_config_for_clip
+
+    if data.base_model is None:
+        raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
+    data.base_model = resolve_base_model(data.base_model)
+    if args.method == "zero_shot":
+        return
+    check_lora_layers(args.lora_layers, CATSegConfig.from_pretrained(data.base_model))
+    if resume is not None:
+        lora = lora_config_for_clip(LoRASettings(
+            rank=args.lora_rank, alpha=args.lora_alpha, layers=tuple(args.lora_layers), use_rslora=args.lora_use_rslora))
+        expected = {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": lora.target_modules,
+                    "use_rslora": lora.use_rslora}
+        check_resume_checkpoint(resume, expected_lora=expected, class_names=data.class_names,
+                                needs_teacher=args.method in ("vocalign", "teacher_student"))
+
+
+def summary_line(results: dict[str, Any]) -> str:
+    """`zero-shot mIoU a -> adapted mIoU b (+d)`, saying why a value is absent instead of printing nan."""
+    absent = results.get("absent", {})
+
+    def value(key: str) -> str:
+        return f"{results[key]:.2f}" if key in results else f"absent ({absent.get(key, 'not measured')})"
+
+    line = f"adapted mIoU {value('adapted_miou')}"
+    if "zero_shot_miou" in results or "zero_shot_miou" in absent:
+        gain = (
+            f" ({results['adapted_miou'] - results['zero_shot_miou']:+.2f})"
+            if "adapted_miou" in results and "zero_shot_miou" in results else ""
+        )
+        line = f"zero-shot mIoU {value('zero_shot_miou')} -> {line}{gain}"
+    return line
+
+
 def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str, float]:
     """The main job: zero-shot evaluation, VocAlign adaptation, evaluation of the adapted student, a per-class
     report, overlays, and the adapter (with class list, concepts and model card) in `<output_dir>/adapter`.
 
     Returns `{"zero_shot_miou": ..., "adapted_miou": ...}` plus per-class IoUs (`adapted_iou_<class>`, percent),
-    also written to `<output_dir>/results.json`.
+    also written to `<output_dir>/results.json`. A metric without a value (no valid pixel) is left out and listed
+    under `"absent"` with the reason, never written as NaN.
+
+    Every input is checked first (output folder, resume checkpoint, base model, every image and mask, LoRA layers):
+    a problem stops the run with a `SystemExit` naming it before any model is loaded. A previous run in
+    `output_dir` is kept unless `--overwrite_output_dir` or a resume from one of its checkpoints says otherwise.
     """
     from dataclasses import replace
 
     from transformers import set_seed
 
     set_seed(args.seed)
-    data = load_target_data(recipe, args.output_dir, seed=args.seed)
-    if data.base_model is None:
-        raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
+    # Everything that can be wrong is checked before a model is loaded or an evaluation runs.
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    if args.method != "zero_shot":  # the zero-shot evaluation writes nothing
+        resuming = resume is not None and Path(resume).resolve().parent == Path(args.output_dir).resolve()
+        with args.main_process_first(desc="checking the output folder"):  # one process deletes, if anything
+            check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+    if recipe.base_model:  # before the data checks, which can take a while on a large split
+        resolve_base_model(recipe.base_model)
+    data = load_target_data(recipe, args.output_dir, seed=args.seed, progress=False if args.disable_tqdm else None)
+    check_run_inputs(data, args, resume)
     processor = CATSegProcessor.from_pretrained(data.base_model)
 
     def trainer_for(model, method: str) -> VocAlignTrainer:
@@ -282,27 +490,27 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         results.update({k: v for k, v in metrics.items() if k.startswith("zero_shot_iou_")})
         tables["zero-shot"] = zero_shot.last_eval_table
     if args.method == "zero_shot":
+        results, absent = split_absent_metrics(results)
         print(tables["zero-shot"])
-        return results
+        return {**results, "absent": absent} if absent else results
 
     set_seed(args.seed)
     student = add_lora(CATSegForSemanticSegmentation.from_pretrained(data.base_model), args)
     trainer = trainer_for(student, args.method)
-    trainer.train(resume_from_checkpoint=args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate(metric_key_prefix="adapted")
     results["adapted_miou"] = metrics["adapted_mean_iou"]
     results.update({k: v for k, v in metrics.items() if k.startswith("adapted_iou_")})
     tables["adapted"] = trainer.last_eval_table
+    results, absent = split_absent_metrics(results)  # NaN (no valid pixel) is reported as absent, with the reason
+    if absent:
+        results["absent"] = absent
     if not trainer.is_world_process_zero():
         return results
 
     for name, table in tables.items():
         print(f"\n=== target split, {name} ===\n{table}")
-    line = f"adapted mIoU {results['adapted_miou']:.2f}"
-    if "zero_shot_miou" in results:
-        gain = results["adapted_miou"] - results["zero_shot_miou"]
-        line = f"zero-shot mIoU {results['zero_shot_miou']:.2f} -> {line} ({gain:+.2f})"
-    print("\n" + line)
+    print("\n" + summary_line(results))
     output = Path(args.output_dir)
     tokens = processor.tokenize_classes(data.class_names)["input_ids"]
     overlays = save_overlays(
@@ -314,12 +522,12 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     settings = {key: getattr(args, key) for key in (
         "method", "top_k", "use_masking", "mask_ratio", "mask_block_size", "use_concepts", "pseudo_threshold",
         "ema_alpha", "lora_rank", "lora_alpha", "lora_layers", "learning_rate", "max_steps", "seed")}
-    metrics = {"target mIoU (adapted)": results["adapted_miou"]}
-    if "zero_shot_miou" in results:
-        metrics["target mIoU (zero-shot)"] = results["zero_shot_miou"]
-    folder = save_adapter(trainer.model, output / "adapter", data.class_names, data.concepts, metrics, settings,
-                          dataset=recipe.dataset)
-    (output / "results.json").write_text(json.dumps(results, indent=2))
+    metrics = {title: results[key] for key, title in (
+        ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)")) if key in results}
+    # The adapter folder is written whole and then renamed into place: never new weights beside an old class list.
+    folder = replace_folder(output / "adapter", lambda tmp: save_adapter(
+        trainer.model, tmp, data.class_names, data.concepts, metrics, settings, dataset=recipe.dataset))
+    atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
     if recipe.push_adapter_to_hub:
         push_adapter_to_hub(folder, recipe.push_adapter_to_hub)

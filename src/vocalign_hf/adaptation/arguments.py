@@ -142,6 +142,13 @@ class VocAlignArguments(TrainingArguments):
     warmup_start_factor: float = field(
         default=0.1, metadata={"help": "linear warm-up starts at learning_rate * factor (5e-6 -> 5e-5 in the paper)"}
     )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata={
+            "help": "replace a previous run in output_dir (its checkpoints, adapter, results); without it the recipes "
+            "refuse to write into a folder that holds one (the flag transformers' TrainingArguments had up to v4)"
+        },
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -163,5 +170,13 @@ class VocAlignArguments(TrainingArguments):
             raise ValueError(f"top_k_mass must be in (0, 1] or None, got {self.top_k_mass}")
         if self.top_k is not None and self.top_k < 1:
             raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+        for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_steps == 0 and self.method != "zero_shot":
+            raise ValueError(
+                "max_steps 0 adapts nothing: give max_steps >= 1 (or -1 to train num_train_epochs), or "
+                "method='zero_shot' to only evaluate"
+            )
         # Images arrive as dict batches the trainer builds itself; keep every column.
         self.remove_unused_columns = False

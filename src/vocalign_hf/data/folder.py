@@ -129,10 +129,16 @@ def load_image_folder(
     images = list_images(image_dir, recursive=recursive)
     img_index = _index(images, image_dir, image_suffix, recursive, "image")
     if not img_index:
+        nested = [] if recursive else list_images(image_dir, recursive=True)
         raise FileNotFoundError(
             f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}"
             + (f" with suffix {image_suffix!r}" if image_suffix else "")
-            + ("" if recursive else " (pass recursive=True to search sub-folders)")
+            + (
+                f" ({len(nested)} in its sub-folders, e.g. {nested[0].relative_to(image_dir).as_posix()}: pass "
+                "recursive=True, or --recursive true to the recipes)"
+                if nested
+                else ""
+            )
         )
     keys = sorted(img_index)
 

@@ -384,6 +384,17 @@ class _RngMixin:
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def _file_of(value: Any) -> str:
+    """` <file name>` of an image given as a path, a PIL image read from a file or a `datasets` dict, else ``""``."""
+    if isinstance(value, (str, os.PathLike)):
+        name = str(value)
+    elif isinstance(value, dict):
+        name = value.get("path") or ""
+    else:
+        name = getattr(value, "filename", "") or ""
+    return f" {name}" if name else ""
+
+
 def _batch_to_examples(batch: Mapping[str, Any]) -> tuple[list[dict[str, Any]], bool]:
     if "image" not in batch:
         raise KeyError(f"the dataset has no 'image' column (columns: {list(batch)}); normalise it first")
@@ -424,6 +435,9 @@ class SegmentationTrainTransform(_RngMixin):
         image_interpolation: resampling for images (masks always use NEAREST).
         seed / rng: randomness source (see module docstring).
         keep_columns: dataset columns passed through unchanged.
+        small_image: what happens to an image that is smaller than the crop after the rescale: ``"pad"`` (mmseg:
+            pad with black / ``ignore_index``) or ``"upscale"`` (resize it, aspect ratio kept, until it covers the
+            crop, so no crop holds padding: for custom images much smaller than the crop).
     """
 
     crop_size: Optional[Union[int, tuple[int, int]]] = 512
@@ -438,8 +452,11 @@ class SegmentationTrainTransform(_RngMixin):
     seed: Optional[int] = None
     rng: Optional[np.random.Generator] = field(default=None, repr=False)
     keep_columns: Sequence[str] = ()
+    small_image: Literal["pad", "upscale"] = "pad"
 
     def __post_init__(self) -> None:
+        if self.small_image not in ("pad", "upscale"):
+            raise ValueError(f"small_image must be 'pad' or 'upscale', got {self.small_image!r}")
         if self.image_interpolation not in _PIL_INTERP:
             raise ValueError(f"image_interpolation must be one of {list(_PIL_INTERP)}")
         if self.ratio_range is not None and not 0 < self.ratio_range[0] <= self.ratio_range[1]:
@@ -461,13 +478,24 @@ class SegmentationTrainTransform(_RngMixin):
         if label is not None:
             mask = mask_to_array(load_pil(label) if not isinstance(label, np.ndarray) else label)
             if mask.shape != (h, w):
-                raise ValueError(f"image is {h}x{w} but its mask is {mask.shape[0]}x{mask.shape[1]}")
+                raise ValueError(
+                    f"image{_file_of(image)} is {h}x{w} but its mask{_file_of(label)} is {mask.shape[0]}x{mask.shape[1]}"
+                )
 
         # 1. random rescale
         if self.ratio_range is not None:
             ratio = float(rng.uniform(*self.ratio_range))
             new_w, new_h = _rescaled_size(w, h, self.scale, ratio)
             if (new_w, new_h) != (w, h):
+                img = img.resize((new_w, new_h), _PIL_INTERP[self.image_interpolation])
+                if mask is not None:
+                    mask = _resize_mask(mask, (new_w, new_h))
+                w, h = new_w, new_h
+        if self.small_image == "upscale" and self.crop_size is not None:
+            ch, cw = _pair(self.crop_size)
+            if h < ch or w < cw:  # cover the crop instead of padding it
+                factor = max(ch / h, cw / w)
+                new_w, new_h = max(cw, int(w * factor + 0.5)), max(ch, int(h * factor + 0.5))
                 img = img.resize((new_w, new_h), _PIL_INTERP[self.image_interpolation])
                 if mask is not None:
                     mask = _resize_mask(mask, (new_w, new_h))
@@ -558,6 +586,11 @@ class SegmentationEvalTransform:
         """Transform one pair. Returns ``(pixel_values, labels or None)``."""
         img = to_rgb(image)
         mask = None if label is None else mask_to_array(load_pil(label) if not isinstance(label, np.ndarray) else label)
+        if mask is not None and mask.shape != img.size[::-1]:  # scored pixel by pixel: a shifted mask scores wrong
+            raise ValueError(
+                f"image{_file_of(image)} is {img.size[1]}x{img.size[0]} but its mask{_file_of(label)} is "
+                f"{mask.shape[0]}x{mask.shape[1]}"
+            )
         if self.scale is not None:
             size = _rescaled_size(img.size[0], img.size[1], self.scale, 1.0, keep_ratio=self.keep_ratio)
             if size != img.size:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .reporting import split_absent_metrics
 from .streaming_miou import (
     StreamingMeanIoU,
     confusion_matrix,
@@ -19,6 +20,7 @@ __all__ = [
     "load_mean_iou",
     "metrics_from_confusion_matrix",
     "remap_labels",
+    "split_absent_metrics",
 ]
 
 #: Folder holding the `evaluate` metric script ``mean_iou.py`` shipped with the package.
