@@ -45,7 +45,9 @@ def run_row(seed: int, row: str, options, source_model: Path) -> dict[str, float
         return json.loads(done.read_text())
     flags = ["--config", str(ROOT / "recipes" / "configs" / "world.yaml"), "--world_seed", str(seed),
              "--seed", str(seed), "--num_overlays", "0", "--disable_tqdm", "true", "--save_strategy", "no",
-             "--output_dir", str(Path(options.output_dir) / f"seed{seed}" / row)] + PAPER_TOP_K
+             "--output_dir", str(Path(options.output_dir) / f"seed{seed}" / row),
+             # A row interrupted before its JSON was written is redone from scratch.
+             "--overwrite_output_dir", "true"] + PAPER_TOP_K
     flags += (REDUCED if options.reduced else []) + options.extra
     recipe, args = parse_recipe_args(flags)
     # The first run of a seed pretrains its source model into the cache; later ones load it from there.
