@@ -111,6 +111,15 @@ class ModelStore:
         return segmenter, None
 
 
+def _short(name: str | None) -> str:
+    """A local path below the working directory as a relative path (shorter, and no home folder on screen)."""
+    name = name or ""
+    try:
+        return os.path.relpath(name) if Path(name).is_absolute() and Path(name).resolve().is_relative_to(Path.cwd()) else name
+    except (OSError, ValueError):
+        return name
+
+
 def _payload_path(payload: Any) -> tuple[str | None, str | None]:
     """(path, original file name) of an image input sent without Gradio's preprocessing."""
     if payload is None:
@@ -129,10 +138,11 @@ class DemoApp:
         self.store = store
 
     def status(self, segmenter: DemoSegmenter, note: str | None) -> str:
-        lines = [f"**Zero-shot:** `{segmenter.base_name}`"]
+        base = _short(segmenter.base_name)
+        lines = [f"**Zero-shot:** `{base}`"]
         if segmenter.has_adapter:
             classes = ", ".join(segmenter.adapter_class_names) or "not recorded"
-            lines.append(f"**Adapted:** `{segmenter.base_name}` + adapter `{segmenter.adapter_name}` (trained for: {classes})")
+            lines.append(f"**Adapted:** `{base}` + adapter `{_short(segmenter.adapter_name)}` (trained for: {classes})")
         if note:
             lines.append(f"**Note:** {note}")
         device = f"{segmenter.device.type}{', bf16' if segmenter.bf16 else ''}"
@@ -243,7 +253,9 @@ def build_demo(
         status = gr.Markdown(initial_status, elem_id="status")
         with gr.Row():
             with gr.Column(scale=1):
-                image = gr.Image(label="Image", type="filepath", sources=["upload", "clipboard"], elem_id="image-input")
+                image = gr.Image(
+                    label="Image", type="filepath", sources=["upload", "clipboard"], height=300, elem_id="image-input"
+                )
                 classes = gr.Textbox(label="Class names, comma-separated", value=classes_value, elem_id="class-names")
                 with gr.Accordion("Models and display", open=False):
                     base = gr.Textbox(label="Base model (folder or Hub id)", value=base_model, elem_id="base-model")
