@@ -4,7 +4,6 @@ the Gradio app driven in a real headless Chromium (Selenium, the Debian `chromiu
 from __future__ import annotations
 
 import io
-import os
 import shutil
 import socket
 import subprocess

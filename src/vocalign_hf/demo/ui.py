@@ -10,6 +10,7 @@ import html
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -68,14 +69,16 @@ def legend_html(
 
 
 class ModelStore:
-    """The loaded models, keyed by (base model, adapter), so that a page visit or an example reuses them.
+    """The loaded models, keyed by (base model, adapter), so that a page visit or an example reuses them; the
+    `max_loaded` most recently used pairs are kept.
 
     A base model that cannot be loaded is an error; an adapter that cannot be loaded leaves the zero-shot model
     usable and is reported as a note.
     """
 
-    def __init__(self, bf16: bool | None = None, device: str | None = None) -> None:
-        self._loaded: dict[tuple[str, str], tuple[DemoSegmenter, str | None]] = {}
+    def __init__(self, bf16: bool | None = None, device: str | None = None, max_loaded: int = 2) -> None:
+        self._loaded: OrderedDict[tuple[str, str], tuple[DemoSegmenter, str | None]] = OrderedDict()
+        self._max_loaded = max_loaded
         self._lock = threading.Lock()
         self._options = {"bf16": bf16, "device": device}
 
@@ -97,6 +100,9 @@ class ModelStore:
         with self._lock:
             if key not in self._loaded:
                 self._loaded[key] = self._load(base_model, adapter)
+                while len(self._loaded) > self._max_loaded:  # keep memory bounded when people try many models
+                    self._loaded.popitem(last=False)
+            self._loaded.move_to_end(key)
             return self._loaded[key]
 
     def _load(self, base_model: str, adapter: str) -> tuple[DemoSegmenter, str | None]:
@@ -112,12 +118,17 @@ class ModelStore:
 
 
 def _short(name: str | None) -> str:
-    """A local path below the working directory as a relative path (shorter, and no home folder on screen)."""
+    """A local path as shown on the page: relative below the working directory, `~/...` below the home folder."""
     name = name or ""
-    try:
-        return os.path.relpath(name) if Path(name).is_absolute() and Path(name).resolve().is_relative_to(Path.cwd()) else name
-    except (OSError, ValueError):
+    path = Path(name)
+    if not path.is_absolute():
         return name
+    for root, prefix in ((Path.cwd(), ""), (Path.home(), "~/")):
+        try:
+            return prefix + str(path.resolve().relative_to(root.resolve()))
+        except (OSError, ValueError):
+            continue
+    return name
 
 
 def _payload_path(payload: Any) -> tuple[str | None, str | None]:
@@ -242,8 +253,8 @@ def build_demo(
     def on_submit(image, classes_text, base, adapter_text, use_concepts, alpha):
         try:
             return app.run(image, classes_text, base, adapter_text, use_concepts, alpha)
-        except (DemoInputError, DemoSetupError) as error:
-            raise gr.Error(str(error)) from None
+        except (DemoInputError, DemoSetupError) as error:  # the user's mistake: a message, no traceback
+            raise gr.Error(str(error), duration=None, print_exception=False) from None
 
     with gr.Blocks(title=TITLE, analytics_enabled=False) as demo:
         gr.Markdown(
