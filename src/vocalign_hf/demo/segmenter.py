@@ -43,7 +43,7 @@ __all__ = [
     "parse_class_list",
     "resize_for_display",
     "world_example_images",
-    "world_palette",
+    "class_palette",
     "world_source_model",
 ]
 
@@ -456,6 +456,6 @@ def world_example_images(output_dir: str | os.PathLike, count: int = 4) -> list[
     return paths
 
 
-def world_palette(num_classes: int) -> list[tuple[int, int, int]]:
-    """The colours of a class list (the recipes' `make_palette`, so the demo matches the main job's overlays)."""
+def class_palette(num_classes: int) -> list[tuple[int, int, int]]:
+    """The colours of a class list: the recipes' `make_palette`, so the demo matches the main job's overlays."""
     return list(make_palette(num_classes))

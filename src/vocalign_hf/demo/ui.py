@@ -29,7 +29,7 @@ from .segmenter import (
     parse_class_list,
     resize_for_display,
     world_example_images,
-    world_palette,
+    class_palette,
     world_source_model,
 )
 
@@ -181,7 +181,7 @@ class DemoApp:
             raise DemoInputError("No image: upload one, or click one of the examples.")
         picture = resize_for_display(load_image(path, name))
         segmenter, note = self.store.get(base_model, adapter)
-        palette = world_palette(len(class_names))
+        palette = class_palette(len(class_names))
         pixel_values = segmenter.prepare(picture)
         size = (picture.height, picture.width)
         results = {"zero-shot": segmenter.segment(pixel_values, class_names, "zero-shot", output_size=size)}
