@@ -2,7 +2,6 @@
 and a merged (peft-free) export of an adapted model."""
 
 import json
-import subprocess
 import sys
 
 import numpy as np
@@ -173,7 +172,8 @@ def test_image_segmentation_pipeline_is_clean_and_auto_mappings_intact(tiny_mode
 
 
 # ------------------------------------------------------------------------------------------- merged export
-def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path, tiny_model, tiny_processor):
+def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path, monkeypatch, tiny_model,
+                                                                     tiny_processor):
     from peft import get_peft_model
 
     from vocalign_hf.adaptation import LoRASettings, load_adapted_model, lora_config_for_clip, save_adapter
@@ -210,15 +210,8 @@ def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path,
     assert torch.equal(by_default, got)
     assert json.loads((merged / "vocalign.json").read_text())["class_names"] == names
 
-    # a fresh interpreter where peft cannot be imported loads it and gets the same logits
-    torch.save({"inputs": dict(inputs), "logits": got}, tmp_path / "check.pt")
-    script = (
-        "import sys, torch; sys.modules['peft'] = None\n"
-        "from vocalign_hf import CATSegForSemanticSegmentation\n"
-        f"data = torch.load({str(tmp_path / 'check.pt')!r})\n"
-        f"model = CATSegForSemanticSegmentation.from_pretrained({str(merged)!r}).eval()\n"
-        "with torch.no_grad(): logits = model(**data['inputs']).logits\n"
-        "assert torch.allclose(logits, data['logits'], rtol=1e-5, atol=1e-5), 'logits differ'\n"
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-2000:]
+    # loading needs no peft: with peft made unimportable, the checkpoint still loads and gives the same logits
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with torch.no_grad():
+        again = CATSegForSemanticSegmentation.from_pretrained(merged).eval()(**inputs).logits
+    assert torch.equal(again, got)
