@@ -252,7 +252,8 @@ def _capture_aggregator_states(aggregator: Aggregator, enabled: bool):
         yield states
         return
     handles = [aggregator.layers[0].register_forward_pre_hook(lambda module, args: states.append(args[0]))]
-    handles += [layer.register_forward_hook(lambda module, args, out: states.append(out)) for layer in aggregator.layers]
+    for layer in aggregator.layers:
+        handles.append(layer.register_forward_hook(lambda module, args, out: states.append(out)))
     try:
         yield states
     finally:
@@ -355,7 +356,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             output of each aggregation layer, each (B, hidden_dim, K, grid, grid) for the K classes it aggregates
             (the `pad_len` best ones when there are more).
         """
-        output_hidden_states = self.config.output_hidden_states if output_hidden_states is None else output_hidden_states
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         return_dict = self.config.return_dict if return_dict is None else return_dict
         if output_attentions or (output_attentions is None and self.config.output_attentions):
             raise ValueError(f"{type(self).__name__} does not return attentions; call it with output_attentions=False")

@@ -55,7 +55,8 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         super().__init__(*args, **kwargs)
         if not isinstance(self.model.config, CATSegConfig):
             raise ValueError(
-                f"{ZERO_SHOT_TASK} needs a CAT-Seg model (CATSegForSemanticSegmentation), got {type(self.model).__name__}"
+                f"{ZERO_SHOT_TASK} needs a CAT-Seg model (CATSegForSemanticSegmentation), "
+                f"got {type(self.model).__name__}"
             )
         if self.processor is None:  # an in-memory model: the processor follows from its config
             self.processor = CATSegProcessor.from_config(self.model.config)
