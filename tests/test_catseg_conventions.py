@@ -180,8 +180,7 @@ def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path,
     from vocalign_hf.adaptation.merge import main
 
     base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
-    tiny_model.save_pretrained(base)
-    tiny_processor.save_pretrained(base)
+    tiny_model.save_pretrained(base)  # weights only, like the world's source model: the processor follows the config
     peft_model = get_peft_model(tiny_model, lora_config_for_clip(LoRASettings(layers=(0, 1))))
     torch.manual_seed(1)
     with torch.no_grad():  # LoRA starts as a no-op (B = 0): give it a real update
@@ -200,7 +199,8 @@ def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path,
 
     main([str(base), str(adapter), str(merged)])
     files = {p.name for p in merged.iterdir()}
-    assert "adapter_config.json" not in files and {"config.json", "model.safetensors", "vocalign.json"} <= files
+    assert "adapter_config.json" not in files
+    assert {"config.json", "model.safetensors", "vocalign.json", "processor_config.json", "tokenizer.json"} <= files
     loaded = CATSegForSemanticSegmentation.from_pretrained(merged).eval()
     assert not any("lora" in key for key in loaded.state_dict())
     with torch.no_grad():
