@@ -6,7 +6,11 @@ import torch
 from PIL import Image
 from transformers import AutoConfig, AutoModel, AutoModelForSemanticSegmentation, AutoProcessor, pipeline
 
+from huggingface_hub.errors import StrictDataclassError
 from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegModel, CATSegProcessor
+
+# CATSegConfig is a strict dataclass like transformers' configs: its checks raise huggingface_hub's validation errors.
+CONFIG_ERRORS = (ValueError, StrictDataclassError)
 
 
 def random_image(height, width, mode="RGB", seed=0):
@@ -138,22 +142,22 @@ def test_top_k_class_indices_select_per_image_vocabularies(tiny_model, tiny_proc
 
 
 def test_config_errors_name_the_problem():
-    with pytest.raises(ValueError, match="guidance_layers"):
+    with pytest.raises(CONFIG_ERRORS, match="guidance_layers"):
         CATSegConfig(guidance_layers=[3, 11])
-    with pytest.raises(ValueError, match="template"):
+    with pytest.raises(CONFIG_ERRORS, match="template"):
         CATSegConfig(prompt_templates=["no placeholder"])
-    with pytest.raises(ValueError, match="loss_type"):
+    with pytest.raises(CONFIG_ERRORS, match="loss_type"):
         CATSegConfig(loss_type="dice")
 
 
 def test_v1_config_errors_name_the_problem():
-    with pytest.raises(ValueError, match="variant"):
+    with pytest.raises(CONFIG_ERRORS, match="variant"):
         CATSegConfig(variant="v3")
-    with pytest.raises(ValueError, match="backbone_config is only used by variant='v1'"):
+    with pytest.raises(CONFIG_ERRORS, match="backbone_config is only used by variant='v1'"):
         CATSegConfig(backbone_config={"model_type": "resnet", "out_features": ["stage1", "stage2", "stage3"]})
-    with pytest.raises(ValueError, match="three out_features"):
+    with pytest.raises(CONFIG_ERRORS, match="three out_features"):
         CATSegConfig(variant="v1", backbone_config={"model_type": "resnet", "out_features": ["stage2", "stage3"]})
-    with pytest.raises(ValueError, match="sliding_window_mode"):
+    with pytest.raises(CONFIG_ERRORS, match="sliding_window_mode"):
         CATSegConfig(sliding_window_mode="tiles")
     default = CATSegConfig(variant="v1")  # ResNet-101 cut after stage 3, as VocAlign's configs
     assert default.backbone_config.depths == [3, 4, 23] and default.decoder_guidance_dims == [512, 256]

@@ -4,6 +4,7 @@ pseudo-labels, concepts, Top-K, LoRA)."""
 from .adapters import build_model_card, load_adapted_model, push_adapter_to_hub, save_adapter
 from .arguments import ABLATIONS, METHODS, VocAlignArguments
 from .ema import ema_alpha, update_ema_
+from .merge import merge_adapter, merge_lora, save_merged
 from .lora import (
     LoRASettings,
     count_trainable,
@@ -36,6 +37,9 @@ __all__ = [
     "add_lora",
     "build_model_card",
     "load_adapted_model",
+    "merge_adapter",
+    "merge_lora",
+    "save_merged",
     "push_adapter_to_hub",
     "save_adapter",
     "BlockMasking",

@@ -65,6 +65,28 @@ def to_rgb(image: Any, background: tuple[int, int, int] = (0, 0, 0)) -> Image.Im
     return img.convert("RGB")
 
 
+def composite_alpha_array(arr: np.ndarray) -> np.ndarray:
+    """Composite an ``(H, W, 4)`` array over black, keeping its dtype and scale (the array counterpart of
+    :func:`to_rgb` for images that are not 8-bit: floats with alpha in 0..1, or wider integers).
+
+    8-bit arrays go through :func:`to_rgb` (PIL's ``alpha_composite``) so that both give the same pixels.
+    """
+    if arr.ndim != 3 or arr.shape[2] != 4:
+        raise ValueError(f"expected an (H, W, 4) image with an alpha channel, got shape {arr.shape}")
+    if arr.dtype == np.uint8:
+        return np.asarray(to_rgb(arr))
+    rgb, alpha = arr[..., :3].astype(np.float64), arr[..., 3:].astype(np.float64)
+    if arr.dtype.kind == "f":
+        if alpha.size and (alpha.min() < 0.0 or alpha.max() > 1.0):
+            raise ValueError(
+                f"a float RGBA image needs alpha in 0..1, got [{alpha.min():g}, {alpha.max():g}]; pass an 8-bit "
+                "image or scale it to 0..1"
+            )
+        return (rgb * alpha).astype(arr.dtype)
+    peak = float(np.iinfo(arr.dtype).max) if arr.dtype.kind in "iu" else 1.0
+    return np.round(rgb * (alpha / peak)).astype(arr.dtype)
+
+
 def _array_to_pil(arr: np.ndarray) -> Image.Image:
     if arr.ndim == 3 and arr.shape[2] == 1:
         arr = arr[:, :, 0]

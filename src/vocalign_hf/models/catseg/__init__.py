@@ -11,6 +11,7 @@ from transformers import (
 from .configuration_catseg import CATSegConfig
 from .image_processing_catseg import CATSegImageProcessor
 from .modeling_catseg import CATSegForSemanticSegmentation, CATSegModel, CATSegPreTrainedModel
+from .pipeline_catseg import ZERO_SHOT_TASK, ZeroShotImageSegmentationPipeline, register_pipelines
 from .processing_catseg import CATSegProcessor, clip_tokenizer, validate_class_names
 from .prompt_templates import PROMPT_TEMPLATE_SETS, resolve_prompt_templates
 
@@ -19,6 +20,7 @@ AutoModel.register(CATSegConfig, CATSegModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(CATSegConfig, CATSegForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(CATSegConfig, slow_image_processor_class=CATSegImageProcessor, exist_ok=True)
 AutoProcessor.register(CATSegConfig, CATSegProcessor, exist_ok=True)
+register_pipelines()
 
 __all__ = [
     "CATSegConfig",
@@ -27,6 +29,8 @@ __all__ = [
     "CATSegForSemanticSegmentation",
     "CATSegImageProcessor",
     "CATSegProcessor",
+    "ZeroShotImageSegmentationPipeline",
+    "ZERO_SHOT_TASK",
     "clip_tokenizer",
     "validate_class_names",
     "PROMPT_TEMPLATE_SETS",

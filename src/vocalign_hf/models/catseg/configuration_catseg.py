@@ -1,9 +1,8 @@
 """Configuration of CAT-Seg (Cho et al., CVPR 2024) on the `transformers` CLIP backbone."""
 
-from __future__ import annotations
-
 from typing import Any
 
+from huggingface_hub.dataclasses import strict
 from transformers import AutoConfig, CLIPConfig, PreTrainedConfig, ResNetConfig
 from transformers.configuration_utils import SubConfigSpec
 
@@ -30,6 +29,7 @@ def default_v1_backbone_config() -> ResNetConfig:
     )
 
 
+@strict
 class CATSegConfig(PreTrainedConfig):
     r"""Configuration of [`CATSegForSemanticSegmentation`].
 
@@ -73,6 +73,10 @@ class CATSegConfig(PreTrainedConfig):
         loss_type (`str`): `"cross_entropy"` (softmax over classes, what VocAlign trains with) or `"bce"`
             (one-hot binary cross-entropy, what CAT-Seg pretraining uses).
         semantic_loss_ignore_index (`int`): label value ignored by the loss (255).
+
+    Like the `transformers` configs, this is a `huggingface_hub` strict dataclass: every field is type-checked when
+    set (`clip_resolution="384"` is a clear error) and `validate()` runs `transformers`' own checks (such as
+    `output_attentions` needing eager attention) and CAT-Seg's (`validate_architecture`).
     """
 
     model_type = "catseg"
@@ -89,9 +93,9 @@ class CATSegConfig(PreTrainedConfig):
     clip_resolution: int = 384
     guidance_layers: list[int] | tuple[int, ...] = (3, 7)
     variant: str = "cvpr24"
-    backbone_config: dict | ResNetConfig | None = None
-    backbone_pixel_mean: list[float] | tuple[float, ...] = IMAGENET_PIXEL_MEAN
-    backbone_pixel_std: list[float] | tuple[float, ...] = IMAGENET_PIXEL_STD
+    backbone_config: dict | PreTrainedConfig | None = None
+    backbone_pixel_mean: list[float | int] | tuple[float | int, ...] = IMAGENET_PIXEL_MEAN
+    backbone_pixel_std: list[float | int] | tuple[float | int, ...] = IMAGENET_PIXEL_STD
     prompt_templates: str | list[str] | tuple[str, ...] = "single"
     text_guidance_proj_dim: int = 128
     appearance_guidance_proj_dim: int = 128
@@ -106,14 +110,14 @@ class CATSegConfig(PreTrainedConfig):
     attention_type: str = "linear"
     pad_len: int = 256
     sliding_window_kernel: int = 384
-    sliding_window_overlap: float = 0.333
+    sliding_window_overlap: float | int = 0.333
     sliding_window_out_res: list[int] | tuple[int, ...] = (640, 640)
     sliding_window_mode: str | None = None
     sliding_window_stride: int = 384
     class_mlp_adds_input: bool = False
     loss_type: str = "cross_entropy"
     semantic_loss_ignore_index: int = 255
-    initializer_range: float = 0.02
+    initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
         super().__post_init__(**kwargs)
@@ -136,10 +140,11 @@ class CATSegConfig(PreTrainedConfig):
         self.sliding_window_out_res = list(self.sliding_window_out_res)
         if not isinstance(self.prompt_templates, str):
             self.prompt_templates = list(self.prompt_templates)
-        self.validate()
+        # `@strict` runs `validate()` (transformers' class validators and `validate_architecture`) after __init__.
 
-    def validate(self) -> None:
-        """Raise a `ValueError` naming the first inconsistent setting."""
+    def validate_architecture(self) -> None:
+        """Part of the `@strict` validation: raise a `ValueError` naming the first inconsistent CAT-Seg setting."""
+        super().validate_architecture()
         resolve_prompt_templates(self.prompt_templates)
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}, got {self.variant!r}")

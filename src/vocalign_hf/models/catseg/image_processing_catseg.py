@@ -1,9 +1,15 @@
-"""Image processor for CAT-Seg: any PIL/numpy/torch image in, normalised CLIP tensors out."""
+"""Image processor for CAT-Seg: any PIL/numpy/torch image in, normalised CLIP tensors out.
 
-from __future__ import annotations
+It follows the `transformers` image-processor protocol (`BaseImageProcessor`): the usual flags (`do_resize`, `size`,
+`resample`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `do_convert_rgb`,
+`return_tensors`) are attributes saved in `preprocessor_config.json` and can be overridden per call; their types are
+checked by `validate_typed_dict` and their consistency by `validate_preprocess_arguments`. The image operations run
+in torch (bilinear resize as the model's own resize to `clip_resolution`) rather than through PIL, so that
+processing an image and letting the model resize it give the same numbers.
+"""
 
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 import torch
@@ -11,34 +17,49 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
+from transformers.image_utils import PILImageResampling, SizeDict, validate_preprocess_arguments
+from transformers.processing_utils import ImagesKwargs
 
+from ...data._image_utils import composite_alpha_array, to_rgb
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 
+_SHARED = ImagesKwargs.__annotations__
+# The per-call options this processor implements: the standard ones (with transformers' own type validators) and
+# detectron2's `size_divisibility`. Anything else is rejected instead of being silently ignored.
+CATSegImageProcessorKwargs = TypedDict(
+    "CATSegImageProcessorKwargs",
+    {
+        **{
+            name: _SHARED[name]
+            for name in (
+                "do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
+                "image_mean", "image_std", "return_tensors",
+            )
+        },
+        "size_divisibility": int | None,
+    },
+    total=False,
+)
 
-def to_rgb_tensor(image: ImageLike) -> torch.Tensor:
-    """Convert one image to a float (3, H, W) tensor in 0..1.
+_INTERPOLATION = {
+    PILImageResampling.NEAREST: "nearest",
+    PILImageResampling.BILINEAR: "bilinear",
+    PILImageResampling.BICUBIC: "bicubic",
+}
+# Float images may overshoot 0..1 by rounding (or a bicubic resize) without being on another scale.
+_FLOAT_RANGE_SLACK = 1e-2
 
-    Accepted: PIL images of any mode (grayscale, palette, RGBA, 16-bit, ...), numpy arrays (H, W), (H, W, 1|3|4)
-    with uint8 values 0..255 or floats 0..1, and torch tensors (C, H, W) likewise. Alpha channels are dropped (the
-    colour is kept as is, not composited), grayscale is repeated to three channels.
-    """
-    if isinstance(image, Image.Image):
-        if image.mode in ("I;16", "I;16B", "I;16L", "I"):
-            array = np.asarray(image, dtype=np.float64)
-            peak = array.max() if array.size else 1.0
-            array = (array / max(peak, 1.0) * 255.0).astype(np.uint8)
-            image = Image.fromarray(array)
-        image = image.convert("RGB")
-        return torch.from_numpy(np.asarray(image, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 255.0
+
+def _to_channels_first(image: ImageLike) -> torch.Tensor:
+    """A (C, H, W) tensor of an array (H, W) / (H, W, C) or a tensor (H, W) / (C, H, W); dtype unchanged."""
     if isinstance(image, np.ndarray):
-        tensor = torch.from_numpy(np.ascontiguousarray(image))
-        if tensor.dim() == 2:
-            tensor = tensor.unsqueeze(-1)
-        if tensor.dim() != 3 or tensor.shape[-1] not in (1, 3, 4):
+        if image.ndim == 2:
+            image = image[..., None]
+        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
             raise ValueError(f"numpy images must be (H, W) or (H, W, 1|3|4); got shape {image.shape}")
-        tensor = tensor.permute(2, 0, 1)
+        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
     elif isinstance(image, torch.Tensor):
         tensor = image.unsqueeze(0) if image.dim() == 2 else image
         if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
@@ -47,80 +68,184 @@ def to_rgb_tensor(image: ImageLike) -> torch.Tensor:
         raise TypeError(f"Unsupported image type {type(image).__name__}; use a PIL image, numpy array or tensor")
     if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
         raise ValueError(f"Empty image of shape {tuple(tensor.shape)}")
-    is_integer = not torch.is_floating_point(tensor)
-    tensor = tensor.float()
-    if is_integer:
-        tensor = tensor / 255.0
-    if tensor.shape[0] == 4:
-        tensor = tensor[:3]
-    if tensor.shape[0] == 1:
-        tensor = tensor.expand(3, -1, -1)
-    return tensor.contiguous()
+    return tensor
+
+
+def to_rgb_tensor(image: ImageLike, do_convert_rgb: bool = True) -> torch.Tensor:
+    """Convert one image to a (3, H, W) tensor, keeping its dtype and scale (uint8 stays 0..255).
+
+    Accepted: PIL images of any mode, numpy arrays (H, W), (H, W, 1|3|4) and torch tensors (H, W), (1|3|4, H, W).
+    With `do_convert_rgb`, images are made RGB exactly as the data pipeline does
+    ([`vocalign_hf.data.transforms.to_pixel_values`]): transparency is alpha-composited over black, grayscale is
+    repeated to three channels, 16-bit and float PIL images are mapped to 8 bits. Without it, the image must already
+    have three channels.
+    """
+    if isinstance(image, Image.Image):
+        if do_convert_rgb:
+            image = to_rgb(image)
+        elif image.mode != "RGB":
+            raise ValueError(f"Got a PIL image of mode {image.mode!r} with do_convert_rgb=False; pass an RGB image "
+                             "or set do_convert_rgb=True")
+        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
+    tensor = _to_channels_first(image)
+    channels = tensor.shape[0]
+    if channels == 3:
+        return tensor.contiguous()
+    if not do_convert_rgb:
+        raise ValueError(f"Got an image with {channels} channel(s) and do_convert_rgb=False; the model needs three "
+                         "(RGB) channels: convert the image or set do_convert_rgb=True")
+    if channels == 1:
+        return tensor.expand(3, -1, -1).contiguous()
+    if tensor.dtype == torch.uint8:  # through PIL, as the data pipeline, so both give the same pixels
+        rgb = np.array(to_rgb(tensor.permute(1, 2, 0).numpy()), dtype=np.uint8)
+        return torch.from_numpy(rgb).permute(2, 0, 1)
+    return torch.from_numpy(composite_alpha_array(tensor.permute(1, 2, 0).numpy())).permute(2, 0, 1)
 
 
 class CATSegImageProcessor(BaseImageProcessor):
     r"""Prepares images for [`CATSegForSemanticSegmentation`] and post-processes its outputs.
 
+    Every argument is an attribute saved with `save_pretrained` and can be overridden per call
+    (`processor(images, do_normalize=False)`); unknown keyword arguments are errors.
+
     Args:
-        do_resize (`bool`): resize every image to `size` (bilinear, as the model's own resize to CLIP resolution).
-        size (`dict`): `{"height": 384, "width": 384}`.
-        do_normalize (`bool`), image_mean, image_std: CLIP normalisation on 0..1 values (CAT-Seg's constants).
+        do_convert_rgb (`bool`, defaults to `True`): make every image RGB: transparency composited over black,
+            grayscale repeated (the same conversion as the data pipeline's).
+        do_resize (`bool`, defaults to `True`): resize every image to `size`.
+        size (`dict`, defaults to `{"height": 384, "width": 384}`): output size when resizing.
+        resample (`PILImageResampling`, defaults to `BILINEAR`): `NEAREST`, `BILINEAR` or `BICUBIC` (run with
+            `torch.nn.functional.interpolate`, `align_corners=False`, as the model's own resize).
+        do_rescale (`bool`, defaults to `True`): scale integer images (uint8 0..255) by `rescale_factor`. Float images
+            are taken as already scaled to 0..1 (as `torchvision`'s `ToDtype(scale=True)` does); a float image with
+            values outside 0..1 is an error that says how to fix it. With `do_rescale=False` no image is scaled.
+        rescale_factor (`float`, defaults to `1/255`).
+        do_normalize (`bool`, defaults to `True`), image_mean, image_std: normalisation on the rescaled values
+            (CAT-Seg's CLIP constants on the 0..1 scale).
         size_divisibility (`int`, *optional*): when not resizing, pad (after normalisation, with zeros, bottom and
             right) to a multiple of this, as detectron2's `ImageList` in the reference; images of different sizes
             in one batch are padded to the largest.
     """
 
     model_input_names = ["pixel_values"]
+    valid_kwargs = CATSegImageProcessorKwargs
 
-    def __init__(
-        self,
-        do_resize: bool = True,
-        size: dict[str, int] | None = None,
-        do_normalize: bool = True,
-        image_mean: Sequence[float] = CLIP_PIXEL_MEAN,
-        image_std: Sequence[float] = CLIP_PIXEL_STD,
-        size_divisibility: int | None = None,
-        **kwargs: Any,
-    ) -> None:
+    do_convert_rgb = True
+    do_resize = True
+    size = {"height": 384, "width": 384}
+    resample = PILImageResampling.BILINEAR
+    do_rescale = True
+    rescale_factor = 1 / 255
+    do_normalize = True
+    image_mean = CLIP_PIXEL_MEAN
+    image_std = CLIP_PIXEL_STD
+    size_divisibility = None
+    return_tensors = None
+
+    def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.do_resize = do_resize
-        self.size = dict(size) if size is not None else {"height": 384, "width": 384}
-        self.do_normalize = do_normalize
-        self.image_mean = list(image_mean)
-        self.image_std = list(image_std)
-        self.size_divisibility = size_divisibility
+        self._set_attributes(**kwargs)
 
-    def preprocess(
-        self,
-        images: ImageLike | Sequence[ImageLike],
-        do_resize: bool | None = None,
-        size: dict[str, int] | None = None,
-        size_divisibility: int | None = None,
-        return_tensors: str | None = "pt",
-        **kwargs: Any,
-    ) -> BatchFeature:
-        """Turn one image or a list of images into `pixel_values` (B, 3, H, W)."""
-        do_resize = self.do_resize if do_resize is None else do_resize
-        size = size or self.size
-        size_divisibility = self.size_divisibility if size_divisibility is None else size_divisibility
+    def preprocess(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
+        """Turn one image or a list of images into `pixel_values` (B, 3, H, W) (a torch tensor unless
+        `return_tensors` asks for another type). Keyword arguments override the processor's attributes for this
+        call."""
+        unknown = sorted(set(kwargs) - set(self._valid_kwargs_names))
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__}.preprocess() got unexpected keyword argument(s) {unknown}; it accepts "
+                f"{sorted(self._valid_kwargs_names)}"
+            )
+        return super().preprocess(images, **kwargs)
+
+    def _standardize_kwargs(self, **kwargs: Any) -> dict:
+        kwargs.setdefault("default_to_square", True)
+        kwargs = super()._standardize_kwargs(**kwargs)
+        for unused in ("crop_size", "pad_size", "default_to_square"):  # added by the parent, not options here
+            kwargs.pop(unused, None)
+        return kwargs
+
+    def _validate_preprocess_kwargs(self, **kwargs: Any) -> None:
+        validate_preprocess_arguments(
+            do_rescale=kwargs["do_rescale"], rescale_factor=kwargs["rescale_factor"],
+            do_normalize=kwargs["do_normalize"], image_mean=kwargs["image_mean"], image_std=kwargs["image_std"],
+            do_resize=kwargs["do_resize"], size=kwargs["size"], resample=kwargs["resample"],
+        )
+        size = kwargs["size"]
+        if kwargs["do_resize"] and not (size.height and size.width):
+            raise ValueError(f"size must give 'height' and 'width' (the model takes a fixed square input); got {size}")
+        if kwargs["do_resize"] and kwargs["resample"] not in _INTERPOLATION:
+            raise ValueError(f"resample must be one of NEAREST, BILINEAR, BICUBIC; got {kwargs['resample']!r}")
+        if kwargs["do_normalize"]:
+            for name in ("image_mean", "image_std"):
+                value = kwargs[name]
+                if not isinstance(value, (int, float)) and len(value) != 3:
+                    raise ValueError(f"{name} needs one value per RGB channel (or a single value); got {value}")
+
+    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[ImageLike]:
+        images = self.fetch_images(images)  # paths and URLs -> PIL images
         if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() < 4):
             images = [images]
-        if len(images) == 0:
+        elif isinstance(images, torch.Tensor):  # a (B, C, H, W) batch
+            images = list(images)
+        images = list(images)
+        if not images:
             raise ValueError("No images given.")
-        tensors = [to_rgb_tensor(image) for image in images]
-        mean = torch.tensor(self.image_mean).view(3, 1, 1)
-        std = torch.tensor(self.image_std).view(3, 1, 1)
+        return images
+
+    def process_image(self, image: ImageLike, do_convert_rgb: bool = True, **kwargs: Any) -> torch.Tensor:
+        """One image as a (3, H, W) tensor of its own dtype and scale (see [`to_rgb_tensor`])."""
+        return to_rgb_tensor(image, do_convert_rgb=do_convert_rgb)
+
+    def _preprocess(
+        self,
+        images: list[torch.Tensor],
+        do_resize: bool,
+        size: SizeDict,
+        resample: PILImageResampling,
+        do_rescale: bool,
+        rescale_factor: float,
+        do_normalize: bool,
+        image_mean: float | Sequence[float],
+        image_std: float | Sequence[float],
+        size_divisibility: int | None,
+        return_tensors: str | None,
+        **kwargs: Any,
+    ) -> BatchFeature:
         processed = []
-        for tensor in tensors:
+        for index, image in enumerate(images):
+            image = self._rescale(image, index, do_rescale, rescale_factor)
             if do_resize:
-                tensor = F.interpolate(
-                    tensor[None], size=(size["height"], size["width"]), mode="bilinear", align_corners=False
-                )[0]
-            if self.do_normalize:
-                tensor = (tensor - mean) / std
-            processed.append(tensor)
+                image = self._resize(image, size, resample)
+            if do_normalize:
+                mean = torch.tensor(image_mean, dtype=image.dtype).reshape(-1, 1, 1)
+                std = torch.tensor(image_std, dtype=image.dtype).reshape(-1, 1, 1)
+                image = (image - mean) / std
+            processed.append(image)
         pixel_values = self._pad(processed, size_divisibility)
         return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
+
+    @staticmethod
+    def _rescale(image: torch.Tensor, index: int, do_rescale: bool, rescale_factor: float) -> torch.Tensor:
+        """Integer images times `rescale_factor` (in float64, so uint8 / 255 is exact); float images checked."""
+        if not torch.is_floating_point(image):
+            return (image.double() * rescale_factor).float() if do_rescale else image.float()
+        image = image.float()
+        if do_rescale:
+            low, high = float(image.min()), float(image.max())
+            if low < -_FLOAT_RANGE_SLACK or high > 1 + _FLOAT_RANGE_SLACK:
+                raise ValueError(
+                    f"Image {index} is a float image with values in [{low:g}, {high:g}], but float images are read as "
+                    "already scaled to 0..1 (do_rescale=True scales only integer images, by rescale_factor). If it "
+                    "holds 0..255 values, pass it as uint8 (image.round().to(torch.uint8)) or divide it by 255; "
+                    "pass do_rescale=False to use its values unscaled."
+                )
+        return image
+
+    @staticmethod
+    def _resize(image: torch.Tensor, size: SizeDict, resample: PILImageResampling) -> torch.Tensor:
+        mode = _INTERPOLATION[resample]
+        align = {} if mode == "nearest" else {"align_corners": False}
+        return F.interpolate(image[None], size=(size.height, size.width), mode=mode, **align)[0]
 
     @staticmethod
     def _pad(images: list[torch.Tensor], size_divisibility: int | None) -> torch.Tensor:

@@ -33,6 +33,7 @@ purpose:
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -243,6 +244,23 @@ class CATSegModel(CATSegPreTrainedModel):
         return text_embeds
 
 
+@contextmanager
+def _capture_aggregator_states(aggregator: Aggregator, enabled: bool):
+    """Collect the aggregator's cost embedding (the input of its first layer) and each layer's output."""
+    states: list[torch.Tensor] = []
+    if not enabled:
+        yield states
+        return
+    handles = [aggregator.layers[0].register_forward_pre_hook(lambda module, args: states.append(args[0]))]
+    for layer in aggregator.layers:
+        handles.append(layer.register_forward_hook(lambda module, args, out: states.append(out)))
+    try:
+        yield states
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
     """CAT-Seg for open-vocabulary semantic segmentation: any list of class names, given at call time.
 
@@ -315,9 +333,10 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         labels: torch.Tensor | None = None,
         class_indices: torch.Tensor | None = None,
         guidance_pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
-    ) -> SemanticSegmenterOutput:
+    ) -> SemanticSegmenterOutput | tuple[torch.Tensor, ...]:
         """
         Args:
             pixel_values: (B, 3, H, W) images normalised with the CLIP mean/std (see [`CATSegImageProcessor`]).
@@ -326,22 +345,38 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
             class_indices: (B, K) per-image subset of the vocabulary to segment with (Top-K); logits follow it.
             guidance_pixel_values: v1 only: the images its appearance backbone sees (default: `pixel_values`).
+            output_hidden_states: also return the cost-aggregation embeddings (default: `config.output_hidden_states`).
+            output_attentions: not supported (CAT-Seg's attention is linear/windowed); `True` is an error.
+            return_dict: `False` returns a tuple `(loss, logits, hidden_states)` without the `None` entries
+                (default: `config.return_dict`).
         Returns:
             `SemanticSegmenterOutput` with `logits` of shape (B, num_classes, 4 * grid, 4 * grid) (not upsampled,
-            like SegFormer; use `post_process_semantic_segmentation`) and `loss` when labels are given.
+            like SegFormer; use `post_process_semantic_segmentation`), `loss` when labels are given, and with
+            `output_hidden_states` the aggregator's embeddings `hidden_states`: the cost-volume embedding and the
+            output of each aggregation layer, each (B, hidden_dim, K, grid, grid) for the K classes it aggregates
+            (the `pad_len` best ones when there are more).
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        return_dict = self.config.return_dict if return_dict is None else return_dict
+        if output_attentions or (output_attentions is None and self.config.output_attentions):
+            raise ValueError(f"{type(self).__name__} does not return attentions; call it with output_attentions=False")
         if input_ids is None and text_embeds is None:
             text_embeds = self._default_text_embeds()
-        logits = self.catseg(
-            pixel_values,
-            input_ids=input_ids,
-            text_embeds=text_embeds,
-            attention_mask=attention_mask,
-            class_indices=class_indices,
-            guidance_pixel_values=guidance_pixel_values,
-        )
+        with _capture_aggregator_states(self.catseg.aggregator, enabled=output_hidden_states) as hidden_states:
+            logits = self.catseg(
+                pixel_values,
+                input_ids=input_ids,
+                text_embeds=text_embeds,
+                attention_mask=attention_mask,
+                class_indices=class_indices,
+                guidance_pixel_values=guidance_pixel_values,
+            )
         loss = self.loss_function(logits, labels) if labels is not None else None
-        return SemanticSegmenterOutput(loss=loss, logits=logits)
+        output = SemanticSegmenterOutput(
+            loss=loss, logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None
+        )
+        return output if return_dict else output.to_tuple()
 
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of logits (B, C, h, w) against labels (B, H, W), logits upsampled bilinearly to the label size."""

@@ -98,9 +98,15 @@ class CATSegProcessor(ProcessorMixin):
         return {"input_ids": encoded["input_ids"].view(shape), "attention_mask": encoded["attention_mask"].view(shape)}
 
     def __call__(self, images=None, text: Sequence[str] | None = None, return_tensors: str = "pt", **kwargs):
-        """Prepare images and/or a list of class names (the vocabulary shared by the whole batch)."""
+        """Prepare images and/or a list of class names (the vocabulary shared by the whole batch).
+
+        Other keyword arguments go to [`CATSegImageProcessor.preprocess`] (`do_resize=False`, `do_normalize=...`);
+        unknown ones are errors.
+        """
         if images is None and text is None:
             raise ValueError("Give `images`, `text` (a list of class names), or both.")
+        if images is None and kwargs:
+            raise TypeError(f"Image processing arguments {sorted(kwargs)} were given without `images`.")
         data: dict[str, Any] = {}
         if images is not None:
             data.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))

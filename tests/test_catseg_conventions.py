@@ -1,0 +1,217 @@
+"""CAT-Seg behaves like a transformers model: image-processor flags, config validation, forward outputs, pipelines,
+and a merged (peft-free) export of an adapted model."""
+
+import json
+import sys
+
+import numpy as np
+import pytest
+import torch
+from huggingface_hub.errors import StrictDataclassError
+from PIL import Image
+from transformers import pipeline
+from transformers.image_utils import PILImageResampling
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING
+from transformers.pipelines import base as pipeline_base
+from transformers.testing_utils import CaptureLogger
+
+from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegImageProcessor, CATSegProcessor
+from vocalign_hf.data.transforms import to_pixel_values
+
+
+def random_array(height, width, channels=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (height, width, channels), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------------------- image processor
+def test_per_call_flags_override_the_saved_ones(tiny_processor):
+    processor = tiny_processor.image_processor
+    image = random_array(20, 30)
+    raw = torch.from_numpy(image).permute(2, 0, 1).float()
+    plain = processor(image, do_resize=False, do_normalize=False)["pixel_values"][0]
+    assert torch.equal(plain, raw / 255)
+    unscaled = processor(image, do_resize=False, do_normalize=False, do_rescale=False)["pixel_values"][0]
+    assert torch.equal(unscaled, raw)
+    halved = processor(image, do_resize=False, do_normalize=False, rescale_factor=0.5)["pixel_values"][0]
+    assert torch.allclose(halved, raw * 0.5)
+    custom = processor(image, do_resize=False, image_mean=[0.5] * 3, image_std=[0.25] * 3)["pixel_values"][0]
+    assert torch.allclose(custom, (raw / 255 - 0.5) / 0.25, atol=1e-6)
+    resized = processor(image, size={"height": 8, "width": 12}, resample=PILImageResampling.NEAREST)
+    assert resized["pixel_values"].shape == (1, 3, 8, 12)
+    assert isinstance(processor(image, return_tensors="np")["pixel_values"], np.ndarray)
+    # nothing of the above changed the processor itself
+    assert processor(image)["pixel_values"].shape == (1, 3, 32, 32)
+
+
+def test_saved_flags_are_honoured_after_reloading(tmp_path, tiny_processor):
+    image = random_array(20, 30)
+    processor = CATSegImageProcessor(do_normalize=False, do_resize=False)
+    processor.save_pretrained(tmp_path)
+    reloaded = CATSegImageProcessor.from_pretrained(tmp_path)
+    assert reloaded.do_normalize is False and reloaded.do_resize is False
+    expected = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 255
+    assert torch.equal(reloaded(image)["pixel_values"], expected)
+
+
+def test_unknown_and_mistyped_arguments_are_clear_errors(tiny_processor):
+    image = random_array(8, 8)
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['do_normalise'\]"):
+        tiny_processor.image_processor(image, do_normalise=False)
+    with pytest.raises(TypeError, match="do_normalise"):  # through the processor as well
+        tiny_processor(images=image, text=["a"], do_normalise=False)
+    with pytest.raises(StrictDataclassError, match="do_normalize"):
+        tiny_processor.image_processor(image, do_normalize="no")
+    with pytest.raises(ValueError, match="resample"):
+        tiny_processor.image_processor(image, resample=PILImageResampling.LANCZOS)
+    with pytest.raises(ValueError, match="image_mean"):
+        tiny_processor.image_processor(image, image_mean=[0.5, 0.5])
+
+
+def test_float_images_on_the_0_255_scale_are_an_error_that_says_the_fix(tiny_processor):
+    decoded = torch.from_numpy(random_array(20, 30)).permute(2, 0, 1)
+    with pytest.raises(ValueError, match=r"values in \[0, 255\].*uint8.*divide it by 255"):
+        tiny_processor.image_processor(decoded.float())
+    # the suggested fixes give the uint8 image's pixels
+    expected = tiny_processor.image_processor(decoded)["pixel_values"]
+    assert torch.equal(tiny_processor.image_processor(decoded.float() / 255)["pixel_values"], expected)
+    assert torch.equal(tiny_processor.image_processor(decoded.float().round().to(torch.uint8))["pixel_values"],
+                       expected)
+
+
+def test_rgba_gives_the_same_pixels_as_the_data_pipeline(tiny_processor):
+    rgba = random_array(12, 16, channels=4)
+    rgba[:, :8, 3] = 0  # left half transparent
+    image = Image.fromarray(rgba, mode="RGBA")
+    processor = tiny_processor.image_processor
+    unnormalised = dict(do_resize=False, do_normalize=False)
+    expected = to_pixel_values(image)  # what the training / evaluation datasets feed
+    assert (expected[:, :, :8] == 0).all()  # composited over black
+    for form in (image, rgba, torch.from_numpy(rgba).permute(2, 0, 1)):
+        assert torch.equal(processor(form, **unnormalised)["pixel_values"][0], expected)
+    with pytest.raises(ValueError, match="do_convert_rgb"):
+        processor(image, do_convert_rgb=False)
+
+
+# --------------------------------------------------------------------------------------------------- config
+def test_config_runs_transformers_validation_and_checks_types():
+    with pytest.raises(StrictDataclassError, match="output_attentions"):
+        CATSegConfig(output_attentions=True, attn_implementation="sdpa")
+    assert CATSegConfig(output_attentions=True, attn_implementation="eager").output_attentions
+    with pytest.raises(StrictDataclassError, match=r"clip_resolution.*expected int, got str"):
+        CATSegConfig(clip_resolution="384")
+    with pytest.raises(StrictDataclassError, match="guidance_layers"):
+        CATSegConfig(guidance_layers="3,7")
+    config = CATSegConfig()
+    with pytest.raises(StrictDataclassError, match="pad_len"):
+        config.pad_len = 1.5  # checked on assignment too
+
+
+# -------------------------------------------------------------------------------------------------- forward
+def test_forward_honours_return_dict_and_output_hidden_states(tiny_model, tiny_processor):
+    inputs = tiny_processor(images=[random_array(40, 50), random_array(30, 20, seed=1)], text=["a", "b", "c"])
+    labels = torch.zeros(2, 32, 32, dtype=torch.long)
+    with torch.no_grad():
+        outputs = tiny_model(**inputs, labels=labels, output_hidden_states=True)
+        as_tuple = tiny_model(**inputs, labels=labels, output_hidden_states=True, return_dict=False)
+        plain = tiny_model(**inputs)
+    config = tiny_model.config
+    grid = config.feature_resolution
+    assert plain.hidden_states is None
+    assert len(outputs.hidden_states) == config.num_layers + 1  # the cost embedding, then each layer's output
+    assert all(h.shape == (2, config.hidden_dim, 3, grid, grid) for h in outputs.hidden_states)
+    assert not torch.equal(outputs.hidden_states[0], outputs.hidden_states[-1])
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == 3
+    assert torch.equal(as_tuple[0], outputs.loss) and torch.equal(as_tuple[1], outputs.logits)
+    assert all(torch.equal(a, b) for a, b in zip(as_tuple[2], outputs.hidden_states))
+    assert torch.equal(plain.logits, outputs.logits)  # capturing the states changes nothing
+
+
+def test_forward_rejects_what_it_cannot_do(tiny_model, tiny_processor):
+    inputs = tiny_processor(images=[random_array(32, 32)], text=["a", "b"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'position_ids'"):
+        tiny_model(**inputs, position_ids=torch.arange(3))
+    with pytest.raises(ValueError, match="does not return attentions"):
+        tiny_model(**inputs, output_attentions=True)
+
+
+# ------------------------------------------------------------------------------------------------ pipelines
+def test_zero_shot_pipeline_takes_class_names_per_call(tmp_path, tiny_model, tiny_processor):
+    image = Image.fromarray(random_array(30, 40))
+    tiny_model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    with CaptureLogger(pipeline_base.logger) as log:
+        segmenter = pipeline("zero-shot-image-segmentation", model=str(tmp_path))
+    assert "not supported" not in log.out
+    for names in (["road", "car", "sky"], ["tree", "person"]):
+        segments = segmenter(image, candidate_labels=names)
+        with torch.no_grad():
+            logits = tiny_model(**tiny_processor(images=image, text=names)).logits
+        expected = tiny_processor.post_process_semantic_segmentation(logits, target_sizes=[(30, 40)])[0]
+        assert {s["label"] for s in segments} == {names[i] for i in expected.unique().tolist()}
+        assert [s["score"] for s in segments] == sorted((s["score"] for s in segments), reverse=True)
+        for segment in segments:
+            mask = np.asarray(segment["mask"]) == 255
+            assert mask.shape == (30, 40)
+            assert np.array_equal(mask, (expected == names.index(segment["label"])).numpy())
+    with pytest.raises(ValueError, match="candidate_labels"):
+        segmenter(image)  # no default vocabulary
+
+
+def test_image_segmentation_pipeline_is_clean_and_auto_mappings_intact(tiny_model, tiny_processor):
+    tiny_model.set_vocabulary(["road", "car"], tiny_processor)
+    with CaptureLogger(pipeline_base.logger) as log:
+        segmenter = pipeline("image-segmentation", model=tiny_model, image_processor=tiny_processor.image_processor)
+    assert "not supported" not in log.out
+    assert {r["label"] for r in segmenter(Image.fromarray(random_array(20, 20)))} <= {"road", "car"}
+    # registering the name for the pipeline check leaves the Auto mapping working
+    assert CATSegConfig in list(MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING.keys())
+    assert CATSegForSemanticSegmentation in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING.values()
+    # in-memory model, no processor given: the zero-shot pipeline builds it from the config
+    zero_shot = pipeline("zero-shot-image-segmentation", model=tiny_model)
+    assert {s["label"] for s in zero_shot(Image.fromarray(random_array(20, 20)))} <= {"road", "car"}
+
+
+# ------------------------------------------------------------------------------------------- merged export
+def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path, monkeypatch, tiny_model,
+                                                                     tiny_processor):
+    from peft import get_peft_model
+
+    from vocalign_hf.adaptation import LoRASettings, load_adapted_model, lora_config_for_clip, save_adapter
+    from vocalign_hf.adaptation.merge import main
+
+    base, adapter, merged = tmp_path / "base", tmp_path / "adapter", tmp_path / "merged"
+    tiny_model.save_pretrained(base)  # weights only, like the world's source model: the processor follows the config
+    peft_model = get_peft_model(tiny_model, lora_config_for_clip(LoRASettings(layers=(0, 1))))
+    torch.manual_seed(1)
+    with torch.no_grad():  # LoRA starts as a no-op (B = 0): give it a real update
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(std=0.5)
+    names = ["road", "car", "sky"]
+    save_adapter(peft_model, adapter, class_names=names)
+
+    inputs = tiny_processor(images=[random_array(40, 50), random_array(30, 60, seed=1)], text=names)
+    adapted, _ = load_adapted_model(base, adapter)
+    with torch.no_grad():
+        expected = adapted(**inputs).logits
+        base_logits = CATSegForSemanticSegmentation.from_pretrained(base).eval()(**inputs).logits
+    assert not torch.allclose(expected, base_logits, atol=1e-3)  # the adapter matters
+
+    main([str(base), str(adapter), str(merged)])
+    files = {p.name for p in merged.iterdir()}
+    assert "adapter_config.json" not in files
+    assert {"config.json", "model.safetensors", "vocalign.json", "processor_config.json", "tokenizer.json"} <= files
+    loaded = CATSegForSemanticSegmentation.from_pretrained(merged).eval()
+    assert not any("lora" in key for key in loaded.state_dict())
+    with torch.no_grad():
+        got = loaded(**inputs).logits
+        by_default = loaded(pixel_values=inputs["pixel_values"]).logits  # adapted classes = default vocabulary
+    assert torch.allclose(got, expected, rtol=1e-5, atol=1e-5)
+    assert torch.equal(by_default, got)
+    assert json.loads((merged / "vocalign.json").read_text())["class_names"] == names
+
+    # loading needs no peft: with peft made unimportable, the checkpoint still loads and gives the same logits
+    monkeypatch.setitem(sys.modules, "peft", None)
+    with torch.no_grad():
+        again = CATSegForSemanticSegmentation.from_pretrained(merged).eval()(**inputs).logits
+    assert torch.equal(again, got)
