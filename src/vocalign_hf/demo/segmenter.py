@@ -381,7 +381,7 @@ def load_merged_adapter(
         DemoSetupError: no such folder (for the main job's default place, with the command that makes it), or the
             adapter does not load onto this base model.
     """
-    from ..adaptation import load_adapted_model
+    from ..adaptation import load_adapted_model, merge_lora
 
     adapter = str(adapter)
     if not Path(adapter).exists() and not _looks_like_hub_id(adapter):
@@ -392,7 +392,7 @@ def load_merged_adapter(
         raise DemoSetupError(f"{adapter} is not a peft adapter folder (it has no adapter_config.json).")
     try:
         model, info = load_adapted_model(str(base_model), adapter)
-        merged = model.merge_and_unload()
+        merged = merge_lora(model)
     except Exception as error:  # any loading failure becomes one message naming the adapter
         raise DemoSetupError(f"Could not load the adapter {adapter!r} onto {str(base_model)!r}: {_first_line(error)}") from error
     return merged.eval(), info
