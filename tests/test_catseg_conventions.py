@@ -134,6 +134,25 @@ def test_forward_rejects_what_it_cannot_do(tiny_model, tiny_processor):
         tiny_model(**inputs, output_attentions=True)
 
 
+
+def test_bad_class_indices_and_target_sizes_are_clear_errors(tiny_model, tiny_processor):
+    inputs = tiny_processor(images=[random_array(32, 32)] * 2, text=["a", "b", "c"])
+    with torch.no_grad():
+        kept = tiny_model(**inputs, class_indices=torch.tensor([[2, 0], [1, 1]])).logits
+        embeds = tiny_model.get_text_embeddings(inputs["input_ids"])
+        for name, value in (("input_ids", inputs["input_ids"]), ("text_embeds", embeds)):
+            with pytest.raises(ValueError, match=r"class_indices \[3\] are out of range for a vocabulary of 3"):
+                tiny_model(pixel_values=inputs["pixel_values"], **{name: value}, class_indices=torch.tensor([[0, 3], [1, 2]]))
+        with pytest.raises(ValueError, match="class_indices has 1 rows for a batch of 2"):
+            tiny_model(**inputs, class_indices=torch.tensor([[0, 1]]))
+        with pytest.raises(ValueError, match="integer tensor"):
+            tiny_model(**inputs, class_indices=torch.tensor([[0.0, 1.0], [1.0, 2.0]]))
+    assert kept.shape[:2] == (2, 2)
+    processor = tiny_processor.image_processor
+    with pytest.raises(ValueError, match=r"list of \(height, width\), one per image; got \(64, 64\)"):
+        processor.post_process_semantic_segmentation(kept[:1], target_sizes=(64, 64))
+    assert processor.post_process_semantic_segmentation(kept[:1], target_sizes=[(64, 64)])[0].shape == (64, 64)
+
 # ------------------------------------------------------------------------------------------------ pipelines
 def test_zero_shot_pipeline_takes_class_names_per_call(tmp_path, tiny_model, tiny_processor):
     image = Image.fromarray(random_array(30, 40))

@@ -277,6 +277,13 @@ class CATSegImageProcessor(BaseImageProcessor):
             a list of (H, W) long tensors, or of (segmentation, probabilities) pairs.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
+        if target_sizes is not None and any(
+            isinstance(size, (int, float)) or (isinstance(size, torch.Tensor) and size.dim() == 0) for size in target_sizes
+        ):
+            raise ValueError(
+                f"target_sizes must be a list of (height, width), one per image; got {tuple(target_sizes)!r}. "
+                f"For one image pass [{tuple(target_sizes)!r}]."
+            )
         if target_sizes is not None and len(target_sizes) != logits.shape[0]:
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {logits.shape[0]} images")
         results = []

@@ -46,6 +46,19 @@ from .aggregation_catseg import Aggregator, SwinTransformerBlock, shifted_window
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
 
 
+def _check_class_indices(class_indices: torch.Tensor, num_classes: int, batch_size: int) -> None:
+    """A clear error for `class_indices` that are not (B, K) integer indices into the vocabulary."""
+    if class_indices.dtype.is_floating_point or class_indices.dtype == torch.bool or class_indices.dim() != 2:
+        raise ValueError(
+            f"class_indices must be a (batch, K) integer tensor, got {tuple(class_indices.shape)} {class_indices.dtype}"
+        )
+    if class_indices.shape[0] != batch_size:
+        raise ValueError(f"class_indices has {class_indices.shape[0]} rows for a batch of {batch_size} images")
+    if class_indices.numel() and (class_indices.min() < 0 or class_indices.max() >= num_classes):
+        bad = class_indices[(class_indices < 0) | (class_indices >= num_classes)].unique().tolist()
+        raise ValueError(f"class_indices {bad} are out of range for a vocabulary of {num_classes} classes (0..{num_classes - 1})")
+
+
 @dataclass
 class CATSegImageFeatures:
     """Dense CLIP image features and the decoder guidance maps."""
@@ -212,12 +225,14 @@ class CATSegModel(CATSegPreTrainedModel):
         """
         if class_indices is not None and input_ids is not None and text_embeds is None:
             # Top-K: encode only the classes some image keeps (with gradients, LoRA sits in the text tower).
-            used, inverse = class_indices.unique(return_inverse=True)
             ids = input_ids if input_ids.dim() == 3 else input_ids.view(-1, self.config.num_templates, input_ids.shape[-1])
+            _check_class_indices(class_indices, ids.shape[0], pixel_values.shape[0])
+            used, inverse = class_indices.unique(return_inverse=True)
             text_embeds = self.get_text_embeddings(ids[used])[inverse]  # (B, K, P, D)
             input_ids, class_indices = None, None
         text_embeds = self._resolve_text(input_ids, text_embeds, attention_mask, pixel_values.shape[0])
         if class_indices is not None:
+            _check_class_indices(class_indices, text_embeds.shape[1], pixel_values.shape[0])
             index = class_indices[..., None, None].expand(-1, -1, *text_embeds.shape[2:])
             text_embeds = torch.gather(text_embeds, 1, index)
         features = self.get_image_features(pixel_values, guidance_pixel_values)
