@@ -111,7 +111,7 @@ class HubServer:
         self.repos: dict[tuple[str, str], Repo] = {}
         self.lfs: dict[str, bytes] = {}
         self.requests: list[tuple[str, str]] = []
-        self.failures: list[tuple[int, str]] = []
+        self.failures: list[tuple[int, str, str | None]] = []
         self.lock = threading.RLock()
         self._httpd = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._httpd.daemon_threads = True
@@ -137,10 +137,10 @@ class HubServer:
         self.stop()
 
     # --- test hooks --------------------------------------------------------------------------------------------
-    def fail_with(self, status: int, path_contains: str) -> None:
-        """Answer every request whose path contains `path_contains` with `status`."""
+    def fail_with(self, status: int, path_contains: str, method: str | None = None) -> None:
+        """Answer every request (of `method`, or any) whose path contains `path_contains` with `status`."""
         with self.lock:
-            self.failures.append((status, path_contains))
+            self.failures.append((status, path_contains, method))
 
     def clear_failures(self) -> None:
         with self.lock:
@@ -279,8 +279,8 @@ def _make_handler(hub: HubServer):
         def _dispatch(self) -> None:
             hub.requests.append((self.command, self.path))
             try:
-                for status, needle in list(hub.failures):
-                    if needle in self.path:
+                for status, needle, method in list(hub.failures):
+                    if needle in self.path and method in (None, self.command):
                         raise HubError(status, f"Injected failure {status}")
                 self._route()
             except HubError as error:
@@ -407,9 +407,14 @@ def _make_handler(hub: HubServer):
             body = json.loads(self._body())
             repo_id = f"{body.get('organization') or USER}/{body['name']}"
             repo_type = body.get("type") or "model"
-            hub.create_repo(repo_type, repo_id, bool(body.get("private")))
             prefix = "" if repo_type == "model" else f"{repo_type}s/"
-            return self._json(200, {"url": f"{hub.url}/{prefix}{repo_id}", "name": repo_id})
+            url = f"{hub.url}/{prefix}{repo_id}"
+            try:
+                hub.create_repo(repo_type, repo_id, bool(body.get("private")))
+            except HubError as error:  # as the Hub: a 409 that still names the repo's url
+                return self._json(error.status, {"error": error.message, "url": url},
+                                  {"X-Error-Message": error.message})
+            return self._json(200, {"url": url, "name": repo_id})
 
         def _validate_yaml(self) -> None:
             content = json.loads(self._body())["content"]

@@ -33,24 +33,38 @@ def hub():
         yield server
 
 
-@pytest.fixture
-def hub_env(hub, tmp_path, monkeypatch):
-    """Environment of a client process (and of this one's huggingface_hub) talking to the loopback Hub."""
-    import huggingface_hub.constants as constants
+@pytest.fixture(scope="module")
+def hub_home(tmp_path_factory):
+    return tmp_path_factory.mktemp("hf_home")
 
-    home = tmp_path / "hf_home"
+
+def client_env(hub: HubServer, home: Path, **extra: str) -> dict:
+    """Environment of a client process talking to the loopback Hub, with its own Hub cache under `home`."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "HUGGINGFACE_"))}
     env.update(
         HF_ENDPOINT=hub.url, HF_TOKEN=DEFAULT_TOKEN, HF_HOME=str(home), HF_HUB_DISABLE_XET="1",
         HF_HUB_DISABLE_TELEMETRY="1", HF_HUB_DISABLE_PROGRESS_BARS="1", HF_HUB_ETAG_TIMEOUT="5",
         OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT / "tests"), str(ROOT)]),
     )
-    monkeypatch.setattr(constants, "ENDPOINT", hub.url)
-    monkeypatch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
-    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(home / "hub"))
-    monkeypatch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-    monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+    env.update(extra)
     return env
+
+
+@pytest.fixture(scope="module")
+def hub_env(hub, hub_home):
+    """A client environment, and this process's huggingface_hub pointed at the same Hub and cache (it reads these
+    constants at call time; the module-level values were fixed when it was imported)."""
+    import huggingface_hub.constants as constants
+    import huggingface_hub.hf_api
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "ENDPOINT", hub.url)
+        patch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)  # behind the module-level functions
+        patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
+        patch.setattr(constants, "HF_HUB_CACHE", str(hub_home / "hub"))
+        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        patch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+        yield client_env(hub, hub_home)
 
 
 def run_client(
@@ -176,3 +190,222 @@ def test_converter_refuses_arbitrary_pickles_unless_allowed(tmp_path):
 
 class _Opaque:
     """Stands for a training-framework object pickled into a checkpoint."""
+
+
+# --- adapters: the recipe's push, loading with vocalign_hf and plain peft, revisions, cards --------------------------
+
+WORLD_CONFIG = ROOT / "recipes" / "configs" / "world.yaml"
+TINY_WORLD = [
+    "--world_image_size", "32", "--world_num_source_train", "8", "--world_num_target_train", "8",
+    "--world_num_target_eval", "4", "--max_steps", "2", "--per_device_train_batch_size", "2",
+    "--num_overlays", "0", "--disable_tqdm", "true", "--save_steps", "1000",
+]
+
+
+def _upload(folder: Path, repo_id: str) -> str:
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo_id, exist_ok=True)
+    return api.upload_folder(repo_id=repo_id, folder_path=str(folder)).oid
+
+
+def _lora_weights(folder: Path) -> dict:
+    return load_file(str(folder / "adapter_model.safetensors"))
+
+
+@pytest.fixture(scope="module")
+def published(hub, hub_env, tmp_path_factory):
+    """A tiny base model on the Hub (`org/base`), adapted by the recipe with `--push_adapter_to_hub org/adapter`."""
+    from conftest import tiny_catseg_config
+
+    from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+    from vocalign_hf.recipes import parse_recipe_args, run_adaptation
+
+    work = tmp_path_factory.mktemp("published")
+    torch.manual_seed(0)
+    config = tiny_catseg_config()
+    CATSegForSemanticSegmentation(config).save_pretrained(work / "base")
+    CATSegProcessor.from_config(config).save_pretrained(work / "base")
+    base_sha = _upload(work / "base", "org/base")
+    flags = ["--config", str(WORLD_CONFIG), "--output_dir", str(work / "run"), "--base_model", "org/base",
+             "--push_adapter_to_hub", "org/adapter", *TINY_WORLD]
+    results = run_adaptation(*parse_recipe_args(flags))
+    return {"work": work, "base_sha": base_sha, "results": results, "adapter": work / "run" / "adapter"}
+
+
+def _logits_script(base: str, adapter: str) -> str:
+    """Client code printing, as JSON, the logits of `adapter` on `base` for a fixed input, loaded with
+    `load_adapted_model` and with plain `PeftModel.from_pretrained`."""
+    return f"""
+import json, torch
+from peft import PeftModel
+from vocalign_hf import CATSegForSemanticSegmentation
+from vocalign_hf.adaptation import load_adapted_model
+
+def logits(model):
+    torch.manual_seed(1)
+    x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 49406, (3, 1, 6))
+    with torch.no_grad():
+        return model(pixel_values=x, input_ids=ids).logits.flatten().tolist()
+
+vocalign, info = load_adapted_model({base!r}, {adapter!r})
+plain = PeftModel.from_pretrained(CATSegForSemanticSegmentation.from_pretrained({base!r}), {adapter!r}).eval()
+print(json.dumps({{"vocalign": logits(vocalign), "peft": logits(plain), "classes": info["class_names"]}}))
+"""
+
+
+def _local_logits(base, adapter) -> torch.Tensor:
+    from vocalign_hf.adaptation import load_adapted_model
+
+    model, _ = load_adapted_model(base, adapter)
+    torch.manual_seed(1)
+    x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 49406, (3, 1, 6))
+    with torch.no_grad():
+        return model(pixel_values=x, input_ids=ids).logits.flatten()
+
+
+def test_recipe_pushes_an_adapter_that_loads_with_vocalign_and_plain_peft(hub, hub_env, published, tmp_path):
+    repo = hub.repo("org/adapter")
+    files = repo.commits[repo.branches["main"]].files
+    assert {"adapter_config.json", "adapter_model.safetensors", "vocalign.json", "README.md"} <= set(files)
+    assert files["adapter_model.safetensors"].lfs
+    info = json.loads(files["vocalign.json"].content)
+    assert info["base_model_repo_id"] == "org/base" and info["base_model_revision"] == published["base_sha"]
+    assert json.loads(files["adapter_config.json"].content)["revision"] == published["base_sha"]
+
+    expected = _local_logits(str(published["work"] / "base"), published["adapter"])
+    result = run_client(_logits_script("org/base", "org/adapter"), hub_env, tmp_path).result
+    assert torch.equal(torch.tensor(result["vocalign"]), expected)
+    assert torch.equal(torch.tensor(result["peft"]), expected)
+    assert result["classes"] == info["class_names"]
+
+
+def test_offline_mode_loads_from_the_cache(hub, hub_env, published, tmp_path):
+    """After a first load (the test above, or this one's warm-up), HF_HUB_OFFLINE=1 loads base and adapter from
+    the local cache without a single request to the Hub."""
+    from vocalign_hf.adaptation import load_adapted_model
+
+    load_adapted_model("org/base", "org/adapter")  # fills this process's (shared) cache
+    before = len(hub.requests)
+    offline = dict(hub_env, HF_HUB_OFFLINE="1")
+    result = run_client(_logits_script("org/base", "org/adapter"), offline, tmp_path).result
+    assert len(hub.requests) == before, hub.requests[before:]
+    assert torch.equal(torch.tensor(result["vocalign"]), torch.tensor(result["peft"]))
+
+
+def test_missing_repo_bad_token_and_server_error_are_clear(hub, hub_env, published, monkeypatch):
+    from vocalign_hf.adaptation import load_adapted_model, push_adapter_to_hub
+    from vocalign_hf.adaptation.adapters import AdapterLoadError
+
+    with pytest.raises(AdapterLoadError, match="'org/no-such-adapter'.*Repository Not Found.*Check the repo id"):
+        load_adapted_model("org/base", "org/no-such-adapter")
+
+    push_adapter_to_hub(published["adapter"], "org/adapter-flaky")  # a repo not in the local cache yet
+    monkeypatch.setenv("HF_TOKEN", "hf_not_a_valid_token")
+    with pytest.raises(AdapterLoadError, match="'org/adapter-flaky'.*401.*Invalid credentials.*HF_TOKEN"):
+        load_adapted_model("org/base", "org/adapter-flaky")
+    monkeypatch.setenv("HF_TOKEN", DEFAULT_TOKEN)
+
+    hub.fail_with(500, "/org/adapter-flaky/resolve/", method="GET")  # the download fails; HEAD would be retried
+    try:
+        with pytest.raises(AdapterLoadError, match="'org/adapter-flaky'.*500.*retry later"):
+            load_adapted_model("org/base", "org/adapter-flaky")
+    finally:
+        hub.clear_failures()
+    model, info = load_adapted_model("org/base", "org/adapter-flaky")  # the Hub is back
+    assert info["base_model_repo_id"] == "org/base"
+
+
+def test_adapter_card_is_a_valid_hub_card(hub, published):
+    from huggingface_hub import ModelCard
+
+    files = hub.repo("org/adapter").commits[hub.repo("org/adapter").branches["main"]].files
+    card = ModelCard(files["README.md"].content.decode())
+    data = card.data
+    assert data.base_model == "org/base" and data.library_name == "peft"
+    assert data.pipeline_tag == "image-segmentation" and data.model_name == "org/adapter"
+    results = {r.metric_name: r.metric_value for r in data.eval_results}
+    assert results["target mIoU (adapted)"] == round(published["results"]["adapted_miou"], 2)
+    assert results["target mIoU (zero-shot)"] == round(published["results"]["zero_shot_miou"], 2)
+    assert {r.task_type for r in data.eval_results} == {"image-segmentation"}
+    info = json.loads(files["vocalign.json"].content)
+    for name in info["class_names"]:
+        assert f"| {name} |" in card.text
+    assert 'load_adapted_model("org/base", "org/adapter")' in card.text
+    assert f'revision="{published["base_sha"]}"' in card.text and '"max_steps": 2' in card.text
+    assert "<this repo id>" not in card.text and "<folder of this adapter>" not in card.text
+    # The local folder's card is the same card before publication (no repo id yet), also valid.
+    local = ModelCard.load(published["adapter"] / "README.md")
+    assert local.data.base_model == "org/base"
+
+
+def test_adapter_revisions_and_base_mismatch_warning(hub, hub_env, published, tmp_path, caplog):
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from vocalign_hf.adaptation import load_adapted_model, push_adapter_to_hub
+
+    first_sha = hub.repo("org/adapter").branches["main"]
+    second = tmp_path / "adapter_v2"
+    shutil.copytree(published["adapter"], second)
+    weights = {k: v + 0.5 for k, v in _lora_weights(second).items()}
+    save_file(weights, str(second / "adapter_model.safetensors"), metadata={"format": "pt"})
+    second_sha = push_adapter_to_hub(second, "org/adapter")
+    assert second_sha != first_sha and hub.repo("org/adapter").branches["main"] == second_sha
+
+    base = str(published["work"] / "base")
+    first_logits = _local_logits(base, published["adapter"])
+    second_logits = _local_logits(base, second)
+    assert not torch.equal(first_logits, second_logits)
+
+    def hub_logits(**kwargs):
+        model, _ = load_adapted_model("org/base", "org/adapter", **kwargs)
+        torch.manual_seed(1)
+        x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 49406, (3, 1, 6))
+        with torch.no_grad():
+            return model(pixel_values=x, input_ids=ids).logits.flatten()
+
+    assert torch.equal(hub_logits(adapter_revision=first_sha), first_logits)
+    assert torch.equal(hub_logits(), second_logits)
+
+    # The base model moves on: loading warns, naming both commits; pinning the trained-on base does not warn.
+    from vocalign_hf import CATSegForSemanticSegmentation
+
+    moved = CATSegForSemanticSegmentation.from_pretrained(base)
+    with torch.no_grad():
+        for parameter in moved.parameters():
+            parameter.add_(0.01)
+    moved.save_pretrained(tmp_path / "base_v2")
+    new_base_sha = _upload(tmp_path / "base_v2", "org/base")
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vocalign_hf.adaptation.adapters"):
+        load_adapted_model("org/base", "org/adapter")
+    assert f"org/base@{published['base_sha']}" in caplog.text and f"org/base@{new_base_sha}" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vocalign_hf.adaptation.adapters"):
+        load_adapted_model("org/base", "org/adapter", revision=published["base_sha"])
+    assert "trained on" not in caplog.text
+
+
+def test_trainer_push_flags_map_to_the_recipe_push():
+    from vocalign_hf.adaptation import VocAlignArguments
+    from vocalign_hf.adaptation.adapters import adapter_push_target
+
+    def args(**kwargs):
+        return VocAlignArguments(output_dir="unused", report_to="none", **kwargs)
+
+    assert adapter_push_target(None, args()) is None
+    same = adapter_push_target(None, args(push_to_hub=True, hub_model_id="org/a", hub_private_repo=True))
+    assert same == {"repo_id": "org/a", "private": True, "token": None}
+    assert adapter_push_target("org/a", args())["repo_id"] == "org/a"
+    assert adapter_push_target("org/a", args(push_to_hub=True, hub_model_id="org/a"))["repo_id"] == "org/a"
+    with pytest.raises(ValueError, match="different repos"):
+        adapter_push_target("org/a", args(push_to_hub=True, hub_model_id="org/b"))
+    with pytest.raises(ValueError, match="--hub_model_id"):
+        adapter_push_target(None, args(push_to_hub=True))
+    with pytest.raises(ValueError, match="checkpoints"):
+        adapter_push_target(None, args(push_to_hub=True, hub_model_id="org/a", hub_strategy="checkpoint"))
+    with pytest.raises(ValueError, match="not a Hub repo id"):
+        adapter_push_target("no-namespace", args())

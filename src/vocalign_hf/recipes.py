@@ -259,6 +259,12 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
 
     from transformers import set_seed
 
+    from .adaptation.adapters import adapter_push_target
+
+    # One push path: the Trainer's --push_to_hub/--hub_model_id map onto the adapter push below (or fail now).
+    push = adapter_push_target(recipe.push_adapter_to_hub, args)
+    if args.push_to_hub:
+        args = replace(args, push_to_hub=False)
     set_seed(args.seed)
     data = load_target_data(recipe, args.output_dir, seed=args.seed)
     if data.base_model is None:
@@ -321,6 +327,7 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
                           dataset=recipe.dataset)
     (output / "results.json").write_text(json.dumps(results, indent=2))
     print(f"adapter saved to {folder}")
-    if recipe.push_adapter_to_hub:
-        push_adapter_to_hub(folder, recipe.push_adapter_to_hub)
+    if push is not None:
+        sha = push_adapter_to_hub(folder, **push)
+        print(f"adapter pushed to {push['repo_id']} (commit {sha})")
     return results

@@ -29,6 +29,7 @@ offline.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -37,7 +38,9 @@ import datasets
 from .dataset_info import DatasetInfo, get_dataset_info
 from .normalize import AnyDataset, LabelEncoding, normalize_segmentation_dataset
 
-__all__ = ["HUB_SOURCES", "DatasetNotOnHubError", "HubSource", "load_hub_dataset"]
+__all__ = ["HUB_SOURCES", "DatasetNotOnHubError", "HubSource", "hub_dataset_id", "load_hub_dataset"]
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class DatasetNotOnHubError(ValueError):
@@ -57,6 +60,7 @@ class HubSource:
         split_aliases: accepted split names -> the source's split names.
         label_encoding: default mask encoding of this source.
         unavailable: when set, the source cannot be loaded and this text is the error message.
+        hub_id: the Hub dataset repo the data comes from (for model cards' `datasets:`).
     """
 
     dataset: str
@@ -68,6 +72,7 @@ class HubSource:
     split_aliases: Mapping[str, str] = field(default_factory=dict)
     label_encoding: LabelEncoding = "auto"
     unavailable: Optional[str] = None
+    hub_id: Optional[str] = None
 
 
 _PC59_MESSAGE = (
@@ -91,6 +96,7 @@ HUB_SOURCES: dict[str, HubSource] = {
         label_column="semantic_segmentation",
         split_aliases={"val": "validation"},
         label_encoding="auto",
+        hub_id="Chris1/cityscapes",
     ),
     "ade20k_150": HubSource(
         dataset="ade20k_150",
@@ -100,6 +106,7 @@ HUB_SOURCES: dict[str, HubSource] = {
         label_column="annotation",
         split_aliases={"val": "validation"},
         label_encoding="raw",
+        hub_id="zhoubolei/scene_parse_150",
     ),
     "pascal_context_59": HubSource(dataset="pascal_context_59", unavailable=_PC59_MESSAGE),
 }
@@ -112,6 +119,17 @@ def _known_source(name_or_repo: str) -> Optional[HubSource]:
     except ValueError:
         return None
     return HUB_SOURCES.get(info.name)
+
+
+def hub_dataset_id(name_or_repo: Optional[str]) -> Optional[str]:
+    """The Hub dataset repo id behind a dataset name (``"cityscapes"`` -> ``"Chris1/cityscapes"``), the name itself
+    when it already is a repo id (``"org/name"``), or ``None`` (the built-in world, local folders, PASCAL-Context)."""
+    if not name_or_repo:
+        return None
+    src = _known_source(name_or_repo)
+    if src is not None:
+        return src.hub_id
+    return name_or_repo if _REPO_ID.fullmatch(name_or_repo) else None
 
 
 def load_hub_dataset(
