@@ -409,3 +409,99 @@ def test_trainer_push_flags_map_to_the_recipe_push():
         adapter_push_target(None, args(push_to_hub=True, hub_model_id="org/a", hub_strategy="checkpoint"))
     with pytest.raises(ValueError, match="not a Hub repo id"):
         adapter_push_target("no-namespace", args())
+
+
+# --- datasets: repos laid out as the ones the loaders name, read by the real `datasets` client ----------------------
+
+CITYSCAPES_LABEL_IDS = {7: 0, 8: 1, 23: 10, 26: 13, 0: 255}  # road, sidewalk, sky, car, unlabeled -> train ids
+ADE_ANNOTATIONS = {0: 255, 1: 0, 5: 4, 150: 149}  # "other" -> ignore; k -> k - 1 (reduce labels)
+
+
+def _segmentation_parquet(path: Path, label_column: str, values: list[int], extra: dict | None = None) -> Path:
+    """A parquet shard as `Dataset.push_to_hub` writes it: Image features (PNG bytes) in the schema metadata."""
+    import datasets
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    images, masks = [], []
+    for index in range(3):
+        images.append(Image.fromarray(rng.integers(0, 255, (8, 12, 3), dtype=np.uint8)))
+        mask = np.full((8, 12), values[index % len(values)], dtype=np.uint8)
+        mask[:, :4] = values[(index + 1) % len(values)]
+        mask[:2] = values[(index + 2) % len(values)]
+        masks.append(Image.fromarray(mask, mode="L"))
+    columns = {"image": images, label_column: masks, **(extra or {})}
+    features = {"image": datasets.Image(), label_column: datasets.Image()}
+    features.update({k: datasets.Value("int64") for k in (extra or {})})
+    datasets.Dataset.from_dict(columns, features=datasets.Features(features)).to_parquet(str(path))
+    return path
+
+
+@pytest.fixture(scope="module")
+def dataset_repos(hub, hub_env, tmp_path_factory):
+    """`zhoubolei/scene_parse_150` (a script on main, parquet on `refs/convert/parquet`, folder
+    `scene_parsing/{split}/`) and `Chris1/cityscapes` (parquet shards under `data/` on main, labelIds masks)."""
+    from huggingface_hub import HfApi
+
+    work = tmp_path_factory.mktemp("dataset_repos")
+    api = HfApi()
+    ade = "zhoubolei/scene_parse_150"
+    api.create_repo(ade, repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"# a loading script: datasets>=4 cannot run it\n", path_in_repo="scene_parse_150.py",
+                    repo_id=ade, repo_type="dataset")
+    api.create_branch(ade, branch="refs/convert/parquet", repo_type="dataset")
+    for split in ("train", "validation"):
+        shard = _segmentation_parquet(work / f"ade_{split}.parquet", "annotation", list(ADE_ANNOTATIONS),
+                                      {"scene_category": [0, 1, 2]})
+        api.upload_file(path_or_fileobj=str(shard), path_in_repo=f"scene_parsing/{split}/0000.parquet", repo_id=ade,
+                        repo_type="dataset", revision="refs/convert/parquet")
+    city = "Chris1/cityscapes"
+    api.create_repo(city, repo_type="dataset")
+    (work / "city" / "data").mkdir(parents=True)
+    for split in ("train", "validation"):
+        _segmentation_parquet(work / "city" / "data" / f"{split}-00000-of-00001.parquet", "semantic_segmentation",
+                              list(CITYSCAPES_LABEL_IDS))
+    api.upload_folder(folder_path=str(work / "city"), repo_id=city, repo_type="dataset")
+    return work
+
+
+def test_hub_datasets_load_with_the_right_labels_streaming_included(hub, hub_env, dataset_repos, tmp_path):
+    result = run_client(f"""
+        import json
+        import numpy as np
+        from vocalign_hf.data import load_hub_dataset
+
+        out = {{}}
+        for name in ("ade20k_150", "cityscapes"):
+            for streaming in (False, True):
+                kwargs = {{}} if streaming else {{"cache_dir": {str(tmp_path / "datasets_cache")!r}}}
+                ds = load_hub_dataset(name, "val", streaming=streaming, **kwargs)
+                rows = list(ds) if streaming else [ds[i] for i in range(len(ds))]
+                out[f"{{name}}/{{streaming}}"] = {{
+                    "columns": sorted(rows[0]),
+                    "labels": [np.asarray(r["label"]).tolist() for r in rows],
+                    "size": list(np.asarray(rows[0]["image"]).shape),
+                }}
+            unlabeled = load_hub_dataset(name, "train", with_labels=False, streaming=True)
+            out[f"{{name}}/unlabeled"] = sorted(next(iter(unlabeled)))
+        print(json.dumps(out))
+    """, hub_env, tmp_path).result
+
+    import datasets
+    import numpy as np
+
+    from vocalign_hf.data.normalize import mask_to_array
+
+    for name, mapping in (("ade20k_150", ADE_ANNOTATIONS), ("cityscapes", CITYSCAPES_LABEL_IDS)):
+        label_column = "annotation" if name == "ade20k_150" else "semantic_segmentation"
+        source = _segmentation_parquet(tmp_path / f"{name}.parquet", label_column, list(mapping))
+        raw = datasets.Dataset.from_parquet(str(source))
+        expected = [np.vectorize(mapping.get)(mask_to_array(m)).tolist() for m in raw[label_column]]
+        for streaming in (False, True):
+            got = result[f"{name}/{streaming}"]
+            assert got["labels"] == expected, (name, streaming)
+            assert "image" in got["columns"] and "label" in got["columns"] and got["size"] == [8, 12, 3]
+        assert "label" not in result[f"{name}/unlabeled"] and "image" in result[f"{name}/unlabeled"]
+    # The ADE20K shards were read from the parquet conversion branch, not from main.
+    assert any("refs%2Fconvert%2Fparquet" in path for _, path in hub.requests)
