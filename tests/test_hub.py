@@ -340,6 +340,30 @@ def test_adapter_card_is_a_valid_hub_card(hub, published):
     assert local.data.base_model == "org/base"
 
 
+def test_adapter_card_metadata_uses_hub_ids_only(tmp_path):
+    """`base_model:` and `datasets:` hold Hub ids or nothing: a local base folder or the built-in world is named
+    in the text only."""
+    from huggingface_hub import ModelCard
+
+    from vocalign_hf.adaptation import build_model_card
+    from vocalign_hf.data.hub import hub_dataset_id
+
+    assert hub_dataset_id("cityscapes") == "Chris1/cityscapes"
+    assert hub_dataset_id("ade20k_150") == "zhoubolei/scene_parse_150"
+    assert hub_dataset_id("me/my-domain") == "me/my-domain"
+    assert hub_dataset_id("world") is None and hub_dataset_id("folder") is None
+
+    (tmp_path / "base").mkdir()
+    local = ModelCard(str(build_model_card(str(tmp_path / "base"), ["road", "car"], dataset="world",
+                                           metrics={"target mIoU (adapted)": 50.0})))
+    assert local.data.base_model is None and local.data.datasets is None
+    assert str(tmp_path / "base") in local.text and "--push-to-hub" in local.text
+    hub = ModelCard(str(build_model_card("org/base", ["road", "car"], dataset="cityscapes", repo_id="org/a",
+                                         metrics={"target mIoU (adapted)": 50.0, "note": "n/a"})))
+    assert hub.data.base_model == "org/base" and hub.data.datasets == ["Chris1/cityscapes"]
+    assert [(r.dataset_type, r.metric_value) for r in hub.data.eval_results] == [("Chris1/cityscapes", 50.0)]
+
+
 def test_adapter_revisions_and_base_mismatch_warning(hub, hub_env, published, tmp_path, caplog):
     import shutil
 
