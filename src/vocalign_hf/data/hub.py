@@ -22,9 +22,10 @@ Known sources (``load_hub_dataset(name)``):
 Any other string is treated as a Hub repo id (``load_dataset(repo, split=...)``), with columns auto-detected or
 given explicitly, and the label conversion of ``dataset_info`` (if any) applied.
 
-None of this can run without Hub access; the column / label logic it relies on is
-:func:`~vocalign_hf.data.normalize.normalize_segmentation_dataset`, shared with the local loaders and tested
-offline.
+The column / label logic is :func:`~vocalign_hf.data.normalize.normalize_segmentation_dataset`, shared with the
+local loaders. ``tests/test_hub.py`` loads small repos laid out as these sources (the ADE20K parquet conversion
+branch, the Cityscapes shards and label encoding) from a Hub on 127.0.0.1 with the real ``datasets`` client,
+streaming included.
 """
 
 from __future__ import annotations
