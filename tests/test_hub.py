@@ -145,7 +145,8 @@ def test_converted_model_round_trip_with_remote_code(hub, hub_env, tmp_path):
                            "processor": type(processor).__module__}}))
     """, hub_env, tmp_path, block_vocalign=True).result
     assert result["diff"] == 0.0
-    assert result["model"].startswith("transformers_modules.") and result["processor"].startswith("transformers_modules.")
+    assert result["model"].startswith("transformers_modules.")
+    assert result["processor"].startswith("transformers_modules.")
 
     card = ModelCard(files["README.md"].content.decode())
     data = card.data.to_dict()
@@ -472,8 +473,8 @@ def dataset_repos(hub, hub_env, tmp_path_factory):
     api = HfApi()
     ade = "zhoubolei/scene_parse_150"
     api.create_repo(ade, repo_type="dataset")
-    api.upload_file(path_or_fileobj=b"# a loading script: datasets>=4 cannot run it\n", path_in_repo="scene_parse_150.py",
-                    repo_id=ade, repo_type="dataset")
+    api.upload_file(path_or_fileobj=b"# a loading script: datasets>=4 cannot run it\n",
+                    path_in_repo="scene_parse_150.py", repo_id=ade, repo_type="dataset")
     api.create_branch(ade, branch="refs/convert/parquet", repo_type="dataset")
     for split in ("train", "validation"):
         shard = _segmentation_parquet(work / f"ade_{split}.parquet", "annotation", list(ADE_ANNOTATIONS),

@@ -223,7 +223,8 @@ def _hub_failure(adapter: str, revision: str | None, error: Exception) -> Adapte
         hint = ""
     at = f" at revision {revision!r}" if revision else ""
     return AdapterLoadError(
-        f"Could not load the VocAlign adapter {adapter!r}{at} from the Hub ({constants.ENDPOINT}): {summary} {hint}".strip()
+        f"Could not load the VocAlign adapter {adapter!r}{at} from the Hub ({constants.ENDPOINT}): "
+        f"{summary} {hint}".strip()
     )
 
 
@@ -250,7 +251,9 @@ def _read_adapter_info(adapter: str | os.PathLike, revision: str | None, **hub_k
     return json.loads(Path(path).read_text())
 
 
-def _warn_if_other_base(info: Mapping[str, Any], base: CATSegForSemanticSegmentation, base_revision: str | None) -> None:
+def _warn_if_other_base(
+    info: Mapping[str, Any], base: CATSegForSemanticSegmentation, base_revision: str | None
+) -> None:
     """Warn when the adapter was trained on another base model (repo id or commit) than the one it is loaded onto."""
     trained_id, trained_commit = info.get("base_model_repo_id"), info.get("base_model_revision")
     if trained_id is None:
@@ -369,7 +372,9 @@ def adapter_push_target(push_adapter_to_hub: str | None, args: Any) -> dict[str,
             raise ValueError("--hub_revision is not supported: the adapter is pushed to the repo's main branch.")
         trainer_repo = getattr(args, "hub_model_id", None)
         if trainer_repo is None and push_adapter_to_hub is None:
-            raise ValueError("--push_to_hub needs a repo: pass --hub_model_id org/name or --push_adapter_to_hub org/name")
+            raise ValueError(
+                "--push_to_hub needs a repo: pass --hub_model_id org/name or --push_adapter_to_hub org/name"
+            )
     if trainer_repo and push_adapter_to_hub and trainer_repo != push_adapter_to_hub:
         raise ValueError(
             f"--hub_model_id {trainer_repo} and --push_adapter_to_hub {push_adapter_to_hub} name different repos: "

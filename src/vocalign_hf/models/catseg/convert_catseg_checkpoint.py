@@ -539,6 +539,8 @@ def build_converted_model_card(
 
     base_model = base_model or clip_base_model(config)
     variant = "CAT-Seg v1 (CLIP + ResNet guidance)" if config.variant == "v1" else "CAT-Seg (CVPR 2024)"
+    templates = config.prompt_templates
+    templates = templates if isinstance(templates, str) else f"{len(templates)} custom"
     card_data = ModelCardData(
         license="mit",
         base_model=base_model,
@@ -561,7 +563,7 @@ checkpoint weight maps onto this port.
 | source checkpoint | `{checkpoint_name}` |
 | source sha256 | `{checkpoint_sha256}` |
 | CLIP towers | {f"`{base_model}`" if base_model else "(not a released CLIP size)"} |
-| CLIP input | {config.clip_resolution} px, prompt templates `{config.prompt_templates if isinstance(config.prompt_templates, str) else len(config.prompt_templates)}` |
+| CLIP input | {config.clip_resolution} px, prompt templates `{templates}` |
 
 ## Use
 

@@ -29,7 +29,8 @@ except ImportError:  # this file as remote code on the Hub, without vocalign_hf:
             if not name:
                 raise ValueError(f"{source}: entry {index} is blank")
             if name.casefold() in seen:
-                raise ValueError(f"{source}: duplicate class name {name!r} (entry {index}; same as {seen[name.casefold()]!r})")
+                first = seen[name.casefold()]
+                raise ValueError(f"{source}: duplicate class name {name!r} (entry {index}; same as {first!r})")
             seen[name.casefold()] = name
             result.append(name)
         if not result:
