@@ -232,6 +232,15 @@ def _make_handler(hub: HubServer):
 
         # --- plumbing ------------------------------------------------------------------------------------------
         def _body(self) -> bytes:
+            if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                chunks = []
+                while True:
+                    size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
+                    if size == 0:
+                        self.rfile.readline()  # the empty line after the last chunk
+                        return b"".join(chunks)
+                    chunks.append(self.rfile.read(size))
+                    self.rfile.readline()
             length = int(self.headers.get("Content-Length") or 0)
             return self.rfile.read(length) if length else b""
 

@@ -217,7 +217,8 @@ def _lora_weights(folder: Path) -> dict:
 
 @pytest.fixture(scope="module")
 def published(hub, hub_env, tmp_path_factory):
-    """A tiny base model on the Hub (`org/base`), adapted by the recipe with `--push_adapter_to_hub org/adapter`."""
+    """A tiny base model on the Hub (`org/base`), adapted by the recipe with `--push_adapter_to_hub org/adapter`,
+    plus the Trainer's own flags naming the same repo (one push path: they must not push a second time)."""
     from conftest import tiny_catseg_config
 
     from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
@@ -230,7 +231,8 @@ def published(hub, hub_env, tmp_path_factory):
     CATSegProcessor.from_config(config).save_pretrained(work / "base")
     base_sha = _upload(work / "base", "org/base")
     flags = ["--config", str(WORLD_CONFIG), "--output_dir", str(work / "run"), "--base_model", "org/base",
-             "--push_adapter_to_hub", "org/adapter", *TINY_WORLD]
+             "--push_adapter_to_hub", "org/adapter", "--push_to_hub", "true", "--hub_model_id", "org/adapter",
+             *TINY_WORLD]
     results = run_adaptation(*parse_recipe_args(flags))
     return {"work": work, "base_sha": base_sha, "results": results, "adapter": work / "run" / "adapter"}
 
@@ -271,6 +273,7 @@ def test_recipe_pushes_an_adapter_that_loads_with_vocalign_and_plain_peft(hub, h
     files = repo.commits[repo.branches["main"]].files
     assert {"adapter_config.json", "adapter_model.safetensors", "vocalign.json", "README.md"} <= set(files)
     assert files["adapter_model.safetensors"].lfs
+    assert len(repo.commits) == 2, "one upload after the repo's initial commit: the Trainer did not push on its own"
     info = json.loads(files["vocalign.json"].content)
     assert info["base_model_repo_id"] == "org/base" and info["base_model_revision"] == published["base_sha"]
     assert json.loads(files["adapter_config.json"].content)["revision"] == published["base_sha"]
