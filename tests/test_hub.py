@@ -1,10 +1,11 @@
 """Publishing and loading through a Hub on 127.0.0.1 (`hub_server.HubServer`) with the real clients:
 `huggingface_hub`, `transformers` (remote code), `peft` and `datasets`.
 
-Client code runs in fresh Python processes whose `HF_ENDPOINT` points at the loopback Hub, exactly as a user's
-would; the remote-code check also makes `vocalign_hf` unimportable there. In-process calls that only need the
-endpoint (the converter's and the recipe's push) patch `huggingface_hub.constants.ENDPOINT` / `HF_HUB_CACHE`,
-which the client reads at call time.
+The round trips end in fresh Python processes whose `HF_ENDPOINT` points at the loopback Hub, as a user's would;
+the remote-code check also makes `vocalign_hf` unimportable there. Calls made in this process (the converter's and
+the recipe's pushes, the revision and error checks) use the same Hub and cache by patching
+`huggingface_hub.constants.ENDPOINT` / `HF_HUB_CACHE`, which the client reads at call time (the module-level values
+were fixed when it was imported).
 """
 
 from __future__ import annotations
