@@ -460,6 +460,12 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
 
     from transformers import set_seed
 
+    from .adaptation.adapters import adapter_push_target
+
+    # One push path: the Trainer's --push_to_hub/--hub_model_id map onto the adapter push below (or fail now).
+    push = adapter_push_target(recipe.push_adapter_to_hub, args)
+    if args.push_to_hub:
+        args = replace(args, push_to_hub=False)
     set_seed(args.seed)
     # Everything that can be wrong is checked before a model is loaded or an evaluation runs.
     resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
@@ -529,6 +535,7 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         trainer.model, tmp, data.class_names, data.concepts, metrics, settings, dataset=recipe.dataset))
     atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
-    if recipe.push_adapter_to_hub:
-        push_adapter_to_hub(folder, recipe.push_adapter_to_hub)
+    if push is not None:
+        sha = push_adapter_to_hub(folder, **push)
+        print(f"adapter pushed to {push['repo_id']} (commit {sha})")
     return results

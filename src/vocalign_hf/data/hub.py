@@ -22,13 +22,15 @@ Known sources (``load_hub_dataset(name)``):
 Any other string is treated as a Hub repo id (``load_dataset(repo, split=...)``), with columns auto-detected or
 given explicitly, and the label conversion of ``dataset_info`` (if any) applied.
 
-None of this can run without Hub access; the column / label logic it relies on is
-:func:`~vocalign_hf.data.normalize.normalize_segmentation_dataset`, shared with the local loaders and tested
-offline.
+The column / label logic is :func:`~vocalign_hf.data.normalize.normalize_segmentation_dataset`, shared with the
+local loaders. ``tests/test_hub.py`` loads small repos laid out as these sources (the ADE20K parquet conversion
+branch, the Cityscapes shards and label encoding) from a Hub on 127.0.0.1 with the real ``datasets`` client,
+streaming included.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Union
 
@@ -37,7 +39,9 @@ import datasets
 from .dataset_info import DatasetInfo, get_dataset_info
 from .normalize import AnyDataset, LabelEncoding, normalize_segmentation_dataset
 
-__all__ = ["HUB_SOURCES", "DatasetNotOnHubError", "HubSource", "load_hub_dataset"]
+__all__ = ["HUB_SOURCES", "DatasetNotOnHubError", "HubSource", "hub_dataset_id", "load_hub_dataset"]
+
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
 
 
 class DatasetNotOnHubError(ValueError):
@@ -57,6 +61,7 @@ class HubSource:
         split_aliases: accepted split names -> the source's split names.
         label_encoding: default mask encoding of this source.
         unavailable: when set, the source cannot be loaded and this text is the error message.
+        hub_id: the Hub dataset repo the data comes from (for model cards' `datasets:`).
     """
 
     dataset: str
@@ -68,6 +73,7 @@ class HubSource:
     split_aliases: Mapping[str, str] = field(default_factory=dict)
     label_encoding: LabelEncoding = "auto"
     unavailable: Optional[str] = None
+    hub_id: Optional[str] = None
 
 
 _PC59_MESSAGE = (
@@ -91,6 +97,7 @@ HUB_SOURCES: dict[str, HubSource] = {
         label_column="semantic_segmentation",
         split_aliases={"val": "validation"},
         label_encoding="auto",
+        hub_id="Chris1/cityscapes",
     ),
     "ade20k_150": HubSource(
         dataset="ade20k_150",
@@ -100,6 +107,7 @@ HUB_SOURCES: dict[str, HubSource] = {
         label_column="annotation",
         split_aliases={"val": "validation"},
         label_encoding="raw",
+        hub_id="zhoubolei/scene_parse_150",
     ),
     "pascal_context_59": HubSource(dataset="pascal_context_59", unavailable=_PC59_MESSAGE),
 }
@@ -112,6 +120,17 @@ def _known_source(name_or_repo: str) -> Optional[HubSource]:
     except ValueError:
         return None
     return HUB_SOURCES.get(info.name)
+
+
+def hub_dataset_id(name_or_repo: Optional[str]) -> Optional[str]:
+    """The Hub dataset repo id behind a dataset name (``"cityscapes"`` -> ``"Chris1/cityscapes"``), the name itself
+    when it already is a repo id (``"org/name"``), or ``None`` (the built-in world, local folders, PASCAL-Context)."""
+    if not name_or_repo:
+        return None
+    src = _known_source(name_or_repo)
+    if src is not None:
+        return src.hub_id
+    return name_or_repo if _REPO_ID.fullmatch(name_or_repo) else None
 
 
 def load_hub_dataset(

@@ -1,4 +1,4 @@
-"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes on import."""
+"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes on import (and for remote code)."""
 
 from transformers import (
     AutoConfig,
@@ -21,6 +21,13 @@ AutoModelForSemanticSegmentation.register(CATSegConfig, CATSegForSemanticSegment
 AutoImageProcessor.register(CATSegConfig, slow_image_processor_class=CATSegImageProcessor, exist_ok=True)
 AutoProcessor.register(CATSegConfig, CATSegProcessor, exist_ok=True)
 register_pipelines()
+# `save_pretrained` also writes an `auto_map` and copies the code files, so a saved or pushed model loads in a
+# plain transformers install: `AutoModelForSemanticSegmentation.from_pretrained(repo, trust_remote_code=True)`.
+CATSegConfig.register_for_auto_class()
+CATSegModel.register_for_auto_class("AutoModel")
+CATSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
+CATSegImageProcessor.register_for_auto_class("AutoImageProcessor")
+CATSegProcessor.register_for_auto_class("AutoProcessor")
 
 __all__ = [
     "CATSegConfig",

@@ -28,7 +28,9 @@ and dropped.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import pickle
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -36,6 +38,7 @@ from typing import Any
 
 import torch
 
+from ...atomic import atomic_write_text
 from .configuration_catseg import CATSegConfig
 from .modeling_catseg import CATSegForSemanticSegmentation
 
@@ -58,9 +61,15 @@ class CheckpointConversionError(ValueError):
     """A checkpoint that does not map one to one onto the port."""
 
 
-def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
+def load_reference_state_dict(path: str | Path, allow_unsafe_pickle: bool = False) -> dict[str, torch.Tensor]:
     """Read a detectron2 (`{"model": ...}`) or mmengine (`{"state_dict": ...}`) checkpoint, a bare state dict, or a
-    safetensors file."""
+    safetensors file.
+
+    `.pth` files are read with `torch.load(weights_only=True)`: tensors, containers and plain values only, never
+    arbitrary objects. A checkpoint that pickles other objects (e.g. an mmengine `meta` with its own classes) is an
+    error unless `allow_unsafe_pickle=True` (`--allow-unsafe-pickle`), which runs the pickle's code: only for files
+    from a source you trust.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
@@ -68,7 +77,16 @@ def load_reference_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    blob = torch.load(path, map_location="cpu", weights_only=False)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
+    except pickle.UnpicklingError as error:
+        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
+        detail = f"found {found.group(1)}" if found else str(error).strip().splitlines()[0][:200]
+        raise CheckpointConversionError(
+            f"{path} cannot be read with torch.load(weights_only=True): it pickles objects other than tensors "
+            f"({detail}). Loading it runs code from the file; only if you trust its source, pass "
+            "--allow-unsafe-pickle (load_reference_state_dict(..., allow_unsafe_pickle=True))."
+        ) from None
     if isinstance(blob, Mapping):  # detectron2 keeps weights under "model", mmengine under "state_dict"
         state = blob.get("model", blob.get("state_dict", blob))
     else:
@@ -486,6 +504,111 @@ def convert_checkpoint(
     return model.eval()
 
 
+CATSEG_CITATION = """@inproceedings{cho2024catseg,
+  title     = {CAT-Seg: Cost Aggregation for Open-Vocabulary Semantic Segmentation},
+  author    = {Cho, Seokju and Shin, Heeseong and Hong, Sunghwan and Arnab, Anurag and Seo, Paul Hongsuck and
+               Kim, Seungryong},
+  booktitle = {Proceedings of the IEEE/CVF Conference on Computer Vision and Pattern Recognition (CVPR)},
+  year      = {2024}
+}"""
+
+# (vision width, patch size) of the OpenAI CLIP towers CAT-Seg starts from -> their Hub ids.
+_CLIP_HUB_IDS = {(768, 16): "openai/clip-vit-base-patch16", (1024, 14): "openai/clip-vit-large-patch14-336"}
+
+
+def clip_base_model(config: CATSegConfig) -> str | None:
+    """The Hub id of the OpenAI CLIP checkpoint a converted model's towers come from (None if not a released size)."""
+    vision = config.clip_config.vision_config
+    return _CLIP_HUB_IDS.get((vision.hidden_size, vision.patch_size))
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def build_converted_model_card(
+    config: CATSegConfig, checkpoint_name: str, checkpoint_sha256: str, repo_id: str, base_model: str | None = None
+):
+    """The model card (`README.md`) of a converted checkpoint: license, base CLIP model, pipeline tag, library,
+    tags, the source checkpoint's name and sha256, a usage snippet for `repo_id` and the CAT-Seg citation."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base_model = base_model or clip_base_model(config)
+    variant = "CAT-Seg v1 (CLIP + ResNet guidance)" if config.variant == "v1" else "CAT-Seg (CVPR 2024)"
+    templates = config.prompt_templates
+    templates = templates if isinstance(templates, str) else f"{len(templates)} custom"
+    card_data = ModelCardData(
+        license="mit",
+        base_model=base_model,
+        pipeline_tag="image-segmentation",
+        library_name="transformers",
+        tags=["catseg", "open-vocabulary-segmentation", "semantic-segmentation", "clip", "vocalign-hf"],
+    )
+    content = f"""---
+{card_data.to_yaml()}
+---
+
+# {variant}: `{repo_id}`
+
+Open-vocabulary semantic segmentation: segment an image into any list of class names. Converted from the official
+checkpoint with [vocalign-hf](https://pypi.org/project/vocalign-hf/)'s `convert-catseg-checkpoint`; every
+checkpoint weight maps onto this port.
+
+| | |
+|---|---|
+| source checkpoint | `{checkpoint_name}` |
+| source sha256 | `{checkpoint_sha256}` |
+| CLIP towers | {f"`{base_model}`" if base_model else "(not a released CLIP size)"} |
+| CLIP input | {config.clip_resolution} px, prompt templates `{templates}` |
+
+## Use
+
+The modeling code travels with the weights (`auto_map`), so plain `transformers` loads it:
+
+```python
+import torch
+from PIL import Image
+from transformers import AutoModelForSemanticSegmentation, AutoProcessor
+
+model = AutoModelForSemanticSegmentation.from_pretrained("{repo_id}", trust_remote_code=True)
+processor = AutoProcessor.from_pretrained("{repo_id}", trust_remote_code=True)
+image = Image.open("street.jpg")
+inputs = processor(images=image, text=["road", "car", "sky", "person", "tree"])
+with torch.no_grad():
+    outputs = model(**inputs)
+segmentation = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+```
+
+With `vocalign-hf` installed, `CATSegForSemanticSegmentation.from_pretrained("{repo_id}")` needs no remote code, and
+the model can be adapted to a new domain with VocAlign (`accelerate launch recipes/adapt.py --base_model {repo_id}`).
+
+## Citation
+
+```bibtex
+{CATSEG_CITATION}
+```
+"""
+    return ModelCard(content)
+
+
+def push_folder_to_hub(
+    folder: str | Path, repo_id: str, private: bool = False, token: str | None = None, commit_message: str = ""
+) -> str:
+    """Create `repo_id` if needed and upload `folder` as one commit; returns the commit sha."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=token)
+    api.create_repo(repo_id, private=private, exist_ok=True)
+    commit = api.upload_folder(
+        repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload converted CAT-Seg"
+    )
+    return commit.oid
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2 CVPR'24 or v1, mmseg v1) or a state-dict file")
@@ -499,7 +622,18 @@ def main(argv: list[str] | None = None) -> None:
         "--pooling-size", type=int, nargs=2, default=None, metavar=("H", "W"),
         help="class-aggregation pooling (default: 2 2 for CVPR'24, 1 1 for v1 as VocAlign's configs)",
     )
+    parser.add_argument("--guidance-layers", type=int, nargs=2, default=None, metavar=("L1", "L2"),
+                        help="CLIP layers guiding the decoder (default: 3 7 for 12 layers, 7 15 for 24)")
+    parser.add_argument("--clip-resolution", type=int, default=None,
+                        help="side of CLIP's input (default: 384 for patch 16, 336 for patch 14)")
+    parser.add_argument("--base-model", default=None,
+                        help="Hub id of the CLIP checkpoint for the model card (default: inferred from the shapes)")
+    parser.add_argument(
+        "--allow-unsafe-pickle", action="store_true",
+        help="read a .pth that pickles arbitrary objects (runs code from the file: only for trusted files)",
+    )
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push to this Hub repo")
+    parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
 
     from .processing_catseg import CATSegProcessor
@@ -511,14 +645,26 @@ def main(argv: list[str] | None = None) -> None:
         overrides["num_heads"] = args.num_heads
     if args.pooling_size:
         overrides["pooling_size"] = args.pooling_size
-    model = convert_checkpoint(load_reference_state_dict(args.checkpoint), **overrides)
+    if args.guidance_layers:
+        overrides["guidance_layers"] = args.guidance_layers
+    if args.clip_resolution:
+        overrides["clip_resolution"] = args.clip_resolution
+    state = load_reference_state_dict(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
+    model = convert_checkpoint(state, **overrides)
     processor = CATSegProcessor.from_config(model.config)
+    # Model, processor, the modeling code (auto_map) and the card in one folder: what gets pushed, as one commit.
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
+    card = build_converted_model_card(
+        model.config, Path(args.checkpoint).name, file_sha256(args.checkpoint),
+        args.push_to_hub or str(args.output_dir), base_model=args.base_model,
+    )
+    atomic_write_text(Path(args.output_dir) / "README.md", str(card))
     print(f"Saved converted CAT-Seg to {args.output_dir}")
     if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        processor.push_to_hub(args.push_to_hub)
+        sha = push_folder_to_hub(args.output_dir, args.push_to_hub, private=args.private,
+                                 commit_message=f"Convert {Path(args.checkpoint).name}")
+        print(f"Pushed to {args.push_to_hub} (commit {sha})")
 
 
 if __name__ == "__main__":
