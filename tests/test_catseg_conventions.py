@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 from transformers.pipelines import base as pipeline_base
 from transformers.testing_utils import CaptureLogger
 
-from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegImageProcessor, CATSegProcessor
+from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegImageProcessor
 from vocalign_hf.data.transforms import to_pixel_values
 
 

@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from PIL import Image
 from transformers import HfArgumentParser
 
 from .atomic import atomic_write_text

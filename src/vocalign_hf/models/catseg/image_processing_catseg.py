@@ -20,7 +20,7 @@ from transformers.image_processing_utils import BaseImageProcessor
 from transformers.image_utils import PILImageResampling, SizeDict, validate_preprocess_arguments
 from transformers.processing_utils import ImagesKwargs
 
-from ...data._image_utils import composite_alpha_array, to_rgb
+from .image_conversion import composite_alpha_array, to_rgb
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor

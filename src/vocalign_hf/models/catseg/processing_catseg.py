@@ -13,30 +13,7 @@ from transformers import CLIPTokenizer
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
 
-try:  # the shared validator of vocalign_hf
-    from vocalign_hf.class_names import validate_class_names
-except ImportError:  # this file as remote code on the Hub, without vocalign_hf: the same rules, inlined
-
-    def validate_class_names(names, *, source: str = "class list") -> list[str]:
-        """Whitespace-normalised names; non-string, blank, duplicate (case-insensitive) or no names are errors."""
-        if isinstance(names, (str, bytes)):
-            raise TypeError(f"{source}: expected a list of class names, got a single string {names!r}")
-        result, seen = [], {}
-        for index, raw in enumerate(names):
-            if not isinstance(raw, str):
-                raise ValueError(f"{source}: entry {index} is {type(raw).__name__} {raw!r}, expected a string")
-            name = " ".join(raw.split())
-            if not name:
-                raise ValueError(f"{source}: entry {index} is blank")
-            if name.casefold() in seen:
-                first = seen[name.casefold()]
-                raise ValueError(f"{source}: duplicate class name {name!r} (entry {index}; same as {first!r})")
-            seen[name.casefold()] = name
-            result.append(name)
-        if not result:
-            raise ValueError(f"{source}: the class list is empty")
-        return result
-
+from .class_list import validate_class_names
 from .image_processing_catseg import CATSegImageProcessor
 from .prompt_templates import resolve_prompt_templates
 
