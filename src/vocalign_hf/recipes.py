@@ -190,9 +190,14 @@ def world_config(recipe: RecipeArguments):
 
 
 def _world_data(recipe: RecipeArguments, output_dir: str, seed: int) -> TargetData:
-    from .world import build_world, pretrain_source_model
+    from accelerate import PartialState
 
-    world = build_world(world_config(recipe))
+    from .world import build_world, default_world_cache, pretrain_source_model
+
+    # One process renders the world in memory; several share it through the on-disk cache (`VOCALIGN_WORLD_CACHE`),
+    # written by the process that gets here first (see `run_adaptation`) and read by the others.
+    cache = default_world_cache() if PartialState().num_processes > 1 else None
+    world = build_world(world_config(recipe), cache_dir=cache)
     base = recipe.base_model
     if base is None:  # the shipped model for the default world, else pretrained once and reused (settings hash)
         base = recipe.world_source_model_dir or str(Path(output_dir) / "source_model")
@@ -260,7 +265,10 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     from transformers import set_seed
 
     set_seed(args.seed)
-    data = load_target_data(recipe, args.output_dir, seed=args.seed)
+    # Several processes: the (local) main process builds the data first -- renders and caches the world, pretrains
+    # or unpacks its source model, prepares datasets -- and the others then read what it wrote.
+    with args.main_process_first(desc="target data"):
+        data = load_target_data(recipe, args.output_dir, seed=args.seed)
     if data.base_model is None:
         raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
     processor = CATSegProcessor.from_pretrained(data.base_model)
@@ -282,7 +290,8 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         results.update({k: v for k, v in metrics.items() if k.startswith("zero_shot_iou_")})
         tables["zero-shot"] = zero_shot.last_eval_table
     if args.method == "zero_shot":
-        print(tables["zero-shot"])
+        if zero_shot.is_world_process_zero():
+            print(tables["zero-shot"])
         return results
 
     set_seed(args.seed)
