@@ -25,7 +25,7 @@ TINY_JOB = [
     "--world_pretrain_batch_size", "8", "--max_steps", "3", "--per_device_train_batch_size", "2",
     "--per_device_eval_batch_size", "2", "--warmup_steps", "1", "--student_augmentation", "true",
     "--pseudo_threshold", "0.2", "--num_overlays", "1", "--disable_tqdm", "true", "--save_steps", "3",
-    "--logging_steps", "1",
+    "--logging_steps", "1", "--report_to", "tensorboard",
 ]
 
 
@@ -121,5 +121,28 @@ def test_only_rank_zero_prints_and_writes(two_process_run):
                      "checkpoint-3/teacher_lora.safetensors", "source_model"):
         assert output.resolve() / expected in written, expected  # (renamed into place, or opened for writing)
     assert (output / "checkpoint-3" / "teacher_lora.safetensors").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (output / "runs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/zero_shot_mean_iou", "train/adapted_mean_iou"} <= tags, tags
     assert len(re.findall(r"zero-shot mIoU [\d.]+ -> adapted mIoU", stdout)) == 1, stdout
     assert stdout.count("=== target split, adapted ===") == 1
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {
+        "single_gpu_bf16.yaml": ("NO", 1, 1), "multi_gpu_ddp.yaml": ("MULTI_GPU", 4, 1),
+        "multi_node_ddp.yaml": ("MULTI_GPU", 16, 2),
+    }
+    folder = ROOT / "recipes" / "accelerate_configs"
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(expected)
+    for name, (kind, processes, machines) in expected.items():
+        config = load_config_from_file(str(folder / name))
+        assert (str(config.distributed_type.value), config.num_processes, config.num_machines) == (kind, processes, machines)
+        assert config.mixed_precision == "bf16" and not config.use_cpu

@@ -491,7 +491,7 @@ def test_unsupported_schedules_are_rejected(tmp_path, tiny_model, tiny_processor
         trainer.create_scheduler(4, trainer.optimizer)
 
 
-def test_report_to_tensorboard_writes_training_and_evaluation_scalars(tmp_path, tiny_model, tiny_processor):
+def test_report_to_tensorboard_writes_training_and_evaluation_scalars(tmp_path, tiny_model, tiny_processor, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     args = make_args(tmp_path, max_steps=2, report_to=["tensorboard"], eval_strategy="steps", eval_steps=2)
@@ -508,3 +508,11 @@ def test_report_to_tensorboard_writes_training_and_evaluation_scalars(tmp_path, 
             value = accumulator.Scalars("eval/mean_iou")[-1].value
             assert value == pytest.approx(trainer.state.log_history[-2]["eval_mean_iou"], abs=1e-4)
     assert {"train/loss", "train/learning_rate", "train/pseudo_weight", "eval/mean_iou", "eval/runtime"} <= tags
+
+    # A trainer that only evaluates (the recipes' zero-shot run) logs under its output_dir too, not ./runs.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = make_args(tmp_path / "zero_shot", method="zero_shot", report_to=["tensorboard"])
+    make_trainer(tiny_model, tiny_processor, args).evaluate()
+    assert list((tmp_path / "zero_shot" / "runs").rglob("events.out.tfevents.*")) and not list(cwd.rglob("*"))

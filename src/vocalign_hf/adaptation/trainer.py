@@ -175,6 +175,17 @@ class VocAlignTrainer(Trainer):
             self.add_callback(_TeacherCheckpointCallback(self))
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
+        self._place_tensorboard_logs()
+
+    def _place_tensorboard_logs(self) -> None:
+        """TensorBoard's callback picks `<output_dir>/runs/<date>_<host>` when training begins; a trainer that only
+        evaluates (zero-shot) would otherwise log to `./runs` of the working directory."""
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
