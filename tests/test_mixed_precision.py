@@ -49,7 +49,7 @@ def test_teacher_student_and_evaluation_run_under_autocast(bf16, tmp_path, tiny_
 def test_bf16_main_job_on_a_small_world_is_close_to_fp32(tmp_path):
     """The recipe with the world's shipped source model (48.50 mIoU zero-shot on the default world in fp32) on the
     first images of the world's target splits, for a few steps, in fp32 and under --bf16: the adapted model
-    differs from the source model and stays within a point of fp32 (a non-finite loss would have wrecked it).
+    differs from the source model and stays within half a point of fp32 (a non-finite loss would have wrecked it).
     Finite losses are checked step by step in the test above."""
     from vocalign_hf.world.shipped import shipped_settings_hash, unpack_shipped_source_model
 
@@ -65,6 +65,6 @@ def test_bf16_main_job_on_a_small_world_is_close_to_fp32(tmp_path):
     bf16 = run_adaptation(*parse_recipe_args([*flags, "--output_dir", str(tmp_path / "bf16"), "--bf16", "true"]))
     for key in ("zero_shot_miou", "adapted_miou"):
         assert math.isfinite(bf16[key]) and 30 < bf16[key] <= 100, (key, bf16[key])
-        assert bf16[key] == pytest.approx(fp32[key], abs=1.0), (key, fp32[key], bf16[key])
+        assert bf16[key] == pytest.approx(fp32[key], abs=0.5), (key, fp32[key], bf16[key])
     assert bf16["adapted_miou"] != bf16["zero_shot_miou"]  # it trained; NaN weights would collapse the mIoU
     assert bf16 != fp32  # bf16 did run: some pixel differs

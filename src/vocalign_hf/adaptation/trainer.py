@@ -17,6 +17,11 @@ evaluated and saved, as in the reference.
 Randomness: block masks and the student's augmentation come from a generator seeded per optimisation step from
 `(args.seed, process index, global step, micro-batch)`, so they differ between ranks, are reproducible per rank,
 and a resumed run draws what the uninterrupted run drew.
+
+Checkpoints hold what the Trainer saves (adapter, processor, optimiser, RNG and trainer state) plus the teacher's
+LoRA weights (`teacher_lora.safetensors`, written by a callback's `on_save`); `train(resume_from_checkpoint=...)`
+restores the teacher too. Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under
+`accelerator.autocast()`, as the student's forward does once Accelerate prepared it.
 """
 
 from __future__ import annotations
