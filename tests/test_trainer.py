@@ -381,3 +381,138 @@ def test_v1_model_adapts_with_an_unmasked_frozen_backbone(tmp_path, tiny_process
     assert trainable and all("lora_" in n for n in trainable)
     after = student.backbone.state_dict()
     assert all(torch.equal(after[k], v) for k, v in backbone_before.items())
+
+
+def test_checkpoints_carry_the_processor_and_vocalign_settings(tmp_path, tiny_model, tiny_processor):
+    from vocalign_hf import CATSegProcessor
+
+    args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(tiny_model, tiny_processor, args).train()
+    checkpoint = tmp_path / "checkpoint-1"
+    assert (checkpoint / "teacher_lora.safetensors").is_file()
+    assert json.loads((checkpoint / "vocalign.json").read_text())["class_names"] == CLASSES
+    loaded = CATSegProcessor.from_pretrained(checkpoint)
+    assert torch.equal(loaded.tokenize_classes(CLASSES)["input_ids"], tiny_processor.tokenize_classes(CLASSES)["input_ids"])
+
+
+def test_resuming_without_the_teacher_file_is_refused(tmp_path, tiny_model, tiny_processor):
+    args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(tiny_model, tiny_processor, args).train()
+    (tmp_path / "checkpoint-1" / "teacher_lora.safetensors").unlink()
+    resumed = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2))
+    with pytest.raises(FileNotFoundError, match="teacher_lora.safetensors"):
+        resumed.train(resume_from_checkpoint=True)  # True: the last checkpoint of output_dir
+
+
+def test_evaluation_during_training_drives_early_stopping_and_the_best_model(tmp_path, tiny_model, tiny_processor):
+    """evaluate() runs the callbacks' on_evaluate (EarlyStoppingCallback stops after one evaluation that does not
+    beat the best by 1000 points) and its mean_iou selects the best checkpoint (load_best_model_at_end)."""
+    from transformers import EarlyStoppingCallback, TrainerCallback
+
+    seen = []
+
+    class Record(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            seen.append(dict(metrics))
+
+    args = make_args(
+        tmp_path, max_steps=6, eval_strategy="steps", eval_steps=1, save_strategy="steps", save_steps=1,
+        metric_for_best_model="mean_iou", greater_is_better=True, load_best_model_at_end=True,
+    )
+    stopper = EarlyStoppingCallback(early_stopping_patience=1, early_stopping_threshold=1000.0)
+    trainer = make_trainer(tiny_model, tiny_processor, args, callbacks=[stopper, Record()])
+    trainer.train()
+    assert trainer.state.global_step == 2 and len(seen) == 2  # stopped after the second evaluation
+    for metrics in seen:
+        assert metrics["eval_runtime"] > 0 and metrics["eval_samples_per_second"] > 0
+        assert metrics["eval_steps_per_second"] > 0 and 0 <= metrics["eval_mean_iou"] <= 100
+    best = max(range(2), key=lambda i: seen[i]["eval_mean_iou"])
+    assert trainer.state.best_metric == seen[best]["eval_mean_iou"]
+    assert trainer.state.best_model_checkpoint.endswith(f"checkpoint-{best + 1}")
+    logged = [entry for entry in trainer.state.log_history if "eval_mean_iou" in entry]
+    assert [entry["eval_mean_iou"] for entry in logged] == [m["eval_mean_iou"] for m in seen]
+
+
+def test_evaluate_accepts_a_dict_of_datasets(tmp_path, tiny_model, tiny_processor):
+    from torch.utils.data import Subset
+
+    trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, method="zero_shot"))
+    first, second = Subset(RandomImages(), range(3)), Subset(RandomImages(), range(3, 8))
+    metrics = trainer.evaluate({"first": first, "second": second})
+    assert metrics["eval_first_mean_iou"] == trainer.evaluate(first)["eval_mean_iou"]
+    assert metrics["eval_second_mean_iou"] == trainer.evaluate(second)["eval_mean_iou"]
+    assert metrics["eval_first_mean_iou"] != metrics["eval_second_mean_iou"]
+    assert {"eval_first_runtime", "eval_second_samples_per_second", "eval_second_iou_sky"} <= set(metrics)
+    named = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, method="zero_shot"))
+    named.eval_dataset = {"a": first, "b": second}  # the trainer's own dict: evaluated by name
+    named_metrics = named.evaluate(metric_key_prefix="test")
+    assert named_metrics["test_a_mean_iou"] == metrics["eval_first_mean_iou"]
+    assert named_metrics["test_b_mean_iou"] == metrics["eval_second_mean_iou"]
+
+
+@pytest.mark.parametrize(
+    "kind, kwargs",
+    [("cosine_with_min_lr", {"min_lr_rate": 0.2}), ("linear", {}), ("cosine_with_restarts", {"num_cycles": 2}),
+     ("polynomial", {"power": 2.0, "lr_end": 1e-5})],
+)
+def test_schedules_after_the_warmup_follow_get_scheduler(kind, kwargs, tmp_path, tiny_model, tiny_processor):
+    """After the warm-up, the learning rate is transformers' `kind` schedule (with lr_scheduler_kwargs) over the
+    remaining steps."""
+    from transformers import get_scheduler
+
+    args = make_args(tmp_path, max_steps=12, warmup_steps=4, learning_rate=1e-3, lr_scheduler_type=kind,
+                     lr_scheduler_kwargs=kwargs)
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    trainer.create_optimizer()
+    scheduler = trainer.create_scheduler(12, trainer.optimizer)
+    reference_optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-3)
+    reference = get_scheduler(kind, reference_optimizer, num_warmup_steps=0, num_training_steps=8,
+                              scheduler_specific_kwargs=kwargs)
+    lrs, expected = [], []
+    for step in range(12):
+        lrs.append(scheduler.get_last_lr()[0])
+        if step >= 4:
+            expected.append(reference.get_last_lr()[0])
+            reference_optimizer.step()
+            reference.step()
+        trainer.optimizer.step()
+        scheduler.step()
+    assert lrs[0] == pytest.approx(1e-4)  # the warm-up still starts at warmup_start_factor
+    assert lrs[4:] == pytest.approx(expected, rel=1e-9, abs=1e-15)
+    assert len(set(round(lr, 12) for lr in lrs[4:])) > 2  # it does decay
+
+
+def test_unsupported_schedules_are_rejected(tmp_path, tiny_model, tiny_processor):
+    args = make_args(tmp_path, lr_scheduler_type="reduce_lr_on_plateau", eval_strategy="steps", eval_steps=1,
+                     metric_for_best_model="mean_iou")
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    trainer.create_optimizer()
+    with pytest.raises(ValueError, match="reduce_lr_on_plateau"):
+        trainer.create_scheduler(4, trainer.optimizer)
+
+
+def test_report_to_tensorboard_writes_training_and_evaluation_scalars(tmp_path, tiny_model, tiny_processor, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = make_args(tmp_path, max_steps=2, report_to=["tensorboard"], eval_strategy="steps", eval_steps=2)
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    trainer.train()
+    events = sorted((tmp_path / "runs").rglob("events.out.tfevents.*"))  # <output_dir>/runs/<date>_<host>
+    assert events
+    tags = set()
+    for event in events:
+        accumulator = EventAccumulator(str(event))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+        if "eval/mean_iou" in accumulator.Tags()["scalars"]:
+            value = accumulator.Scalars("eval/mean_iou")[-1].value
+            assert value == pytest.approx(trainer.state.log_history[-2]["eval_mean_iou"], abs=1e-4)
+    assert {"train/loss", "train/learning_rate", "train/pseudo_weight", "eval/mean_iou", "eval/runtime"} <= tags
+
+    # A trainer that only evaluates (the recipes' zero-shot run) logs under its output_dir too, not ./runs.
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    args = make_args(tmp_path / "zero_shot", method="zero_shot", report_to=["tensorboard"])
+    make_trainer(tiny_model, tiny_processor, args).evaluate()
+    assert list((tmp_path / "zero_shot" / "runs").rglob("events.out.tfevents.*")) and not list(cwd.rglob("*"))

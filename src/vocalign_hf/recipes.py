@@ -343,9 +343,14 @@ def world_config(recipe: RecipeArguments):
 def _world_data(
     recipe: RecipeArguments, output_dir: str, seed: int, check_files: bool = True, progress: bool | None = None
 ) -> TargetData:
-    from .world import build_world, pretrain_source_model
+    from accelerate import PartialState
 
-    world = build_world(world_config(recipe))
+    from .world import build_world, default_world_cache, pretrain_source_model
+
+    # One process renders the world in memory; several share it through the on-disk cache (`VOCALIGN_WORLD_CACHE`),
+    # written by the process that gets here first (see `run_adaptation`) and read by the others.
+    cache = default_world_cache() if PartialState().num_processes > 1 else None
+    world = build_world(world_config(recipe), cache_dir=cache)
     base = recipe.base_model
     if base is None:  # the shipped model for the default world, else pretrained once and reused (settings hash)
         base = recipe.world_source_model_dir or str(Path(output_dir) / "source_model")
@@ -474,7 +479,10 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
             check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)
-    data = load_target_data(recipe, args.output_dir, seed=args.seed, progress=False if args.disable_tqdm else None)
+    # Several processes: the (local) main process builds the data first -- renders and caches the world, pretrains
+    # or unpacks its source model, prepares datasets -- and the others then read what it wrote.
+    with args.main_process_first(desc="target data"):
+        data = load_target_data(recipe, args.output_dir, seed=args.seed, progress=False if args.disable_tqdm else None)
     check_run_inputs(data, args, resume)
     processor = CATSegProcessor.from_pretrained(data.base_model)
 
@@ -496,7 +504,8 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         tables["zero-shot"] = zero_shot.last_eval_table
     if args.method == "zero_shot":
         results, absent = split_absent_metrics(results)
-        print(tables["zero-shot"])
+        if zero_shot.is_world_process_zero():
+            print(tables["zero-shot"])
         return {**results, "absent": absent} if absent else results
 
     set_seed(args.seed)

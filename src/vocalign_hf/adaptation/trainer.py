@@ -17,6 +17,11 @@ evaluated and saved, as in the reference.
 Randomness: block masks and the student's augmentation come from a generator seeded per optimisation step from
 `(args.seed, process index, global step, micro-batch)`, so they differ between ranks, are reproducible per rank,
 and a resumed run draws what the uninterrupted run drew.
+
+Checkpoints hold what the Trainer saves (adapter, processor, optimiser, RNG and trainer state) plus the teacher's
+LoRA weights (`teacher_lora.safetensors`, written by a callback's `on_save`); `train(resume_from_checkpoint=...)`
+restores the teacher too. Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under
+`accelerator.autocast()`, as the student's forward does once Accelerate prepared it.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from __future__ import annotations
 import copy
 import math
 import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -34,7 +40,9 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
-from transformers import Trainer, TrainerCallback
+from transformers import Trainer, TrainerCallback, get_scheduler
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, speed_metrics
+from transformers.utils import logging
 
 from ..atomic import atomic_write_json
 from ..data import collate_fn
@@ -48,6 +56,8 @@ from .pseudo_labels import entropy_loss, weighted_cross_entropy
 from .student_augmentation import StudentAugmentation
 from .topk import gather_class_probs, topk_pseudo_labels
 from .vocabulary import ConceptVocabulary
+
+logger = logging.get_logger(__name__)
 
 TEACHER_WEIGHTS = "teacher_lora.safetensors"
 VOCALIGN_STATE = "vocalign.json"
@@ -93,6 +103,23 @@ class _TeacherEMACallback(TrainerCallback):
         self.trainer.update_teacher(state.global_step)
 
 
+class _TeacherCheckpointCallback(TrainerCallback):
+    """Writes the teacher's LoRA weights into every checkpoint folder the Trainer saves (`on_save` runs right after
+    `checkpoint-<step>` was written), so that a run resumed from it continues with the same teacher."""
+
+    def __init__(self, trainer: "VocAlignTrainer") -> None:
+        self.trainer = trainer
+
+    def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:
+            return
+        folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
+        if folder.is_dir():
+            self.trainer.save_teacher(folder / TEACHER_WEIGHTS)
+        else:  # e.g. a hyper-parameter search trial's run folder
+            logger.warning(f"{folder} does not exist: the teacher's weights are not saved with this checkpoint")
+
+
 class VocAlignTrainer(Trainer):
     """Adapts a LoRA-wrapped CAT-Seg student to unlabeled target images with an EMA teacher.
 
@@ -126,6 +153,8 @@ class VocAlignTrainer(Trainer):
         self.processor = processor
         image_processor = processor.image_processor
         collator = data_collator or SegmentationCollator(image_processor.image_mean, image_processor.image_std)
+        # The processor is the Trainer's `processing_class`: every checkpoint carries it (as `save_pretrained` does).
+        kwargs.setdefault("processing_class", processor)
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
         self.vocabulary = (
             ConceptVocabulary(self.class_names, self.concepts, include_class_names=args.include_class_names)
@@ -148,8 +177,20 @@ class VocAlignTrainer(Trainer):
             self.teacher = copy.deepcopy(self.model).eval()
             self.teacher.requires_grad_(False)
             self.add_callback(_TeacherEMACallback(self))
+            self.add_callback(_TeacherCheckpointCallback(self))
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
+        self._place_tensorboard_logs()
+
+    def _place_tensorboard_logs(self) -> None:
+        """TensorBoard's callback picks `<output_dir>/runs/<date>_<host>` when training begins; a trainer that only
+        evaluates (zero-shot) would otherwise log to `./runs` of the working directory."""
+        from transformers.integrations import TensorBoardCallback
+        from transformers.integrations.integration_utils import default_logdir
+
+        for callback in self.callback_handler.callbacks:
+            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
+                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
@@ -169,12 +210,15 @@ class VocAlignTrainer(Trainer):
     def teacher_class_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Teacher probabilities over the target classes (B, Nc, H, W) at the input resolution (Eq. 7)."""
         self.teacher.to(pixel_values.device)
-        text = self._teacher_text
-        if text is None or text.device != pixel_values.device:
-            text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
-            if not self.args.teacher_text_ema:  # a frozen text tower: encode the vocabulary once
-                self._teacher_text = text
-        logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
+        # The teacher is a copy made before `accelerator.prepare`, which only wraps the student's forward in the
+        # mixed-precision autocast: the teacher's (largest) forward needs its own.
+        with self.accelerator.autocast():
+            text = self._teacher_text
+            if text is None or text.device != pixel_values.device:
+                text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
+                if not self.args.teacher_text_ema:  # a frozen text tower: encode the vocabulary once
+                    self._teacher_text = text
+            logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return self.vocabulary.aggregate(logits, from_logits=True, reduce=self.args.concept_reduce)
 
@@ -272,35 +316,62 @@ class VocAlignTrainer(Trainer):
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Linear warm-up from `learning_rate * warmup_start_factor` (5e-6 -> 5e-5 over 500 steps in the paper),
-        then `lr_scheduler_type` (`constant` as the paper, or `linear` / `cosine` / `polynomial` decay)."""
+        then `lr_scheduler_type` with `lr_scheduler_kwargs`, as transformers' `get_scheduler` builds it for the
+        remaining steps (`constant` as the paper, `linear`, `cosine`, `cosine_with_min_lr`, `polynomial`, ...).
+
+        Schedules that are not a function of the step (`reduce_lr_on_plateau`, `greedy`) are rejected."""
         if self.lr_scheduler is not None:
             return self.lr_scheduler
         optimizer = optimizer or self.optimizer
         warmup = self.args.get_warmup_steps(num_training_steps)
+        after = _schedule_after_warmup(
+            self.args.lr_scheduler_type, max(num_training_steps - warmup, 1), optimizer.defaults["lr"],
+            self.args.lr_scheduler_kwargs,
+        )
         start = self.args.warmup_start_factor
-        kind = str(getattr(self.args.lr_scheduler_type, "value", self.args.lr_scheduler_type))
 
         def factor(step: int) -> float:
             if step < warmup:
                 return start + (1.0 - start) * step / max(warmup, 1)
-            progress = min((step - warmup) / max(num_training_steps - warmup, 1), 1.0)
-            if kind in ("linear", "polynomial"):
-                return 1.0 - progress
-            if kind.startswith("cosine"):
-                return 0.5 * (1.0 + math.cos(math.pi * progress))
-            return 1.0
+            return after(step - warmup)
 
         self.lr_scheduler = LambdaLR(optimizer, factor)
         return self.lr_scheduler
 
     # ------------------------------------------------------------------------------------- checkpoints
-    def _save_checkpoint(self, model, trial):
-        super()._save_checkpoint(model, trial)
-        if self.teacher is not None and self.args.should_save:
-            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """[`Trainer.train`]; resuming also restores the teacher from `teacher_lora.safetensors` in the checkpoint
+        (no Trainer callback sees the checkpoint path, so it is read here, before the Trainer's own loading)."""
+        if resume_from_checkpoint is True:
+            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            if resume_from_checkpoint is None:
+                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+        if resume_from_checkpoint and self.teacher is not None:
+            teacher_file = Path(resume_from_checkpoint) / TEACHER_WEIGHTS
+            if not teacher_file.is_file():
+                raise FileNotFoundError(f"{teacher_file} is missing: cannot resume VocAlign without the teacher's weights")
+            self.load_teacher(teacher_file)
+        return super().train(
+            resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
+            ignore_keys_for_eval=ignore_keys_for_eval, **kwargs,
+        )
 
-            folder = Path(self.args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
-            self.save_teacher(folder / TEACHER_WEIGHTS)
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        """[`Trainer.save_model`] (model, processor, training arguments), plus `vocalign.json`: the class list,
+        concepts and the main settings of the run."""
+        super().save_model(output_dir, _internal_call=_internal_call)
+        if self.args.should_save:
+            info = {
+                "class_names": self.class_names,
+                "concepts": self.concepts,
+                "method": self.args.method,
+                "top_k": self.args.top_k,
+                "use_masking": self.args.use_masking,
+                "use_concepts": self.args.use_concepts,
+                "pseudo_threshold": self.args.pseudo_threshold,
+                "ema_alpha": self.args.ema_alpha,
+            }
+            atomic_write_json(Path(output_dir or self.args.output_dir) / VOCALIGN_STATE, info)
 
     def save_teacher(self, path: str | Path) -> None:
         """Write the teacher's LoRA weights atomically (tmp file + rename)."""
@@ -326,57 +397,113 @@ class VocAlignTrainer(Trainer):
                 params[name].copy_(value)
         self._teacher_text = None
 
-    def _load_from_checkpoint(self, resume_from_checkpoint, model=None):
-        super()._load_from_checkpoint(resume_from_checkpoint, model=model)
-        teacher_file = Path(resume_from_checkpoint) / TEACHER_WEIGHTS
-        if self.teacher is not None:
-            if not teacher_file.is_file():
-                raise FileNotFoundError(
-                    f"{teacher_file} is missing: cannot resume VocAlign without the teacher's weights"
-                )
-            self.load_teacher(teacher_file)
-
-    def _save(self, output_dir: str | None = None, state_dict=None):
-        super()._save(output_dir, state_dict=state_dict)
-        output_dir = Path(output_dir or self.args.output_dir)
-        info = {
-            "class_names": self.class_names,
-            "concepts": self.concepts,
-            "method": self.args.method,
-            "top_k": self.args.top_k,
-            "use_masking": self.args.use_masking,
-            "use_concepts": self.args.use_concepts,
-            "pseudo_threshold": self.args.pseudo_threshold,
-            "ema_alpha": self.args.ema_alpha,
-        }
-        atomic_write_json(output_dir / VOCALIGN_STATE, info)
-
     # -------------------------------------------------------------------------------------- evaluation
-    @torch.no_grad()
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval") -> dict[str, float]:
-        """mIoU of the **student** on a labelled split: streaming confusion matrix, summed across processes."""
+    def evaluate(
+        self,
+        eval_dataset=None,
+        ignore_keys: list[str] | None = None,
+        metric_key_prefix: str = "eval",
+    ) -> dict[str, float]:
+        """mIoU of the **student** on a labelled split (a streaming confusion matrix summed across processes),
+        in place of the Trainer's prediction loop, which would gather every logit map.
+
+        As [`Trainer.evaluate`]: `eval_dataset` may be a dict of datasets (evaluated one after the other, keys
+        inserted into the metric names), runtime metrics (`<prefix>_runtime`, `<prefix>_samples_per_second`, ...)
+        are added, the metrics are logged and the callbacks' `on_evaluate` runs (early stopping,
+        `load_best_model_at_end` with `metric_for_best_model="mean_iou"`). The model runs under
+        `accelerator.autocast()` (`--bf16` / `--fp16`). The per-class table is left in `self.last_eval_table`.
+        """
+        override = eval_dataset is not None
+        eval_dataset = eval_dataset if override else self.eval_dataset
+        if isinstance(eval_dataset, dict):
+            metrics = {}
+            for name, dataset in eval_dataset.items():
+                metrics.update(
+                    self.evaluate(dataset if override else name, ignore_keys, f"{metric_key_prefix}_{name}")
+                )
+            return metrics
+
+        self._memory_tracker.start()
         dataloader = self.get_eval_dataloader(eval_dataset)
+        start_time = time.time()
+        metric, num_samples = self._confusion_matrix(dataloader)
+        results = metric.compute()
+        metrics = {f"{metric_key_prefix}_mean_iou": 100 * results["mean_iou"]}
+        for name, iou in zip(self.class_names, results["per_category_iou"]):
+            metrics[f"{metric_key_prefix}_iou_{name}"] = float("nan") if math.isnan(iou) else 100 * float(iou)
+        total_batch_size = self.args.eval_batch_size * self.args.world_size
+        metrics.update(
+            speed_metrics(
+                metric_key_prefix, start_time, num_samples=num_samples,
+                num_steps=math.ceil(num_samples / total_batch_size),
+            )
+        )
+        self.last_eval_table = metric.format_table(self.class_names)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        self._memory_tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    @torch.no_grad()
+    def _confusion_matrix(self, dataloader) -> tuple[StreamingMeanIoU, int]:
+        """The student's confusion matrix over `dataloader`, summed over processes, and the number of images.
+
+        Accelerate pads the last batch of the shorter shards with images from the start of the split (so that every
+        process runs as many batches); those repeats are left out, as `gather_for_metrics` would drop them, so the
+        counts equal a single-process evaluation's."""
         model = self.accelerator.unwrap_model(self.model)
         was_training = model.training
         model.eval()
         device = self.args.device
-        text = model.get_text_embeddings(self._class_tokens.to(device))
         metric = StreamingMeanIoU(len(self.class_names), ignore_index=255, device=device)
+        num_samples = 0
         bar = tqdm(dataloader, desc="evaluate", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
-        for batch in bar:
-            pixel_values = batch["pixel_values"].to(device)
-            labels = batch["labels"].to(device)
-            with self.autocast_smart_context_manager():
-                if self.args.eval_sliding_window:
-                    scores = model.predict_sliding_window(pixel_values, text_embeds=text, output_size=labels.shape[-2:])
-                else:
-                    scores = model(pixel_values=pixel_values, text_embeds=text).logits
-            metric.update_from_scores(scores, labels)
-        results = metric.gather(self.accelerator).compute()
-        model.train(was_training)
-        metrics = {f"{metric_key_prefix}_mean_iou": 100 * results["mean_iou"]}
-        for name, iou in zip(self.class_names, results["per_category_iou"]):
-            metrics[f"{metric_key_prefix}_iou_{name}"] = float("nan") if math.isnan(iou) else 100 * float(iou)
-        self.last_eval_table = metric.format_table(self.class_names)
-        self.log(metrics)
-        return metrics
+        try:
+            with self.accelerator.autocast():
+                text = model.get_text_embeddings(self._class_tokens.to(device))
+            for batch in bar:
+                pixel_values = batch["pixel_values"].to(device)
+                labels = batch["labels"].to(device)
+                with self.accelerator.autocast():
+                    if self.args.eval_sliding_window:
+                        scores = model.predict_sliding_window(
+                            pixel_values, text_embeds=text, output_size=labels.shape[-2:]
+                        )
+                    else:
+                        scores = model(pixel_values=pixel_values, text_embeds=text).logits
+                keep = self._unpadded_count(len(labels))
+                metric.update_from_scores(scores[:keep], labels[:keep])
+                num_samples += keep
+        finally:
+            model.train(was_training)
+        total = self.accelerator.reduce(torch.tensor(num_samples, device=device), reduction="sum")
+        return metric.gather(self.accelerator), int(total)
+
+    def _unpadded_count(self, batch_size: int) -> int:
+        """How many images of this process's current batch are real, not padding (all but the last batch: all).
+
+        On the last batch every process holds `batch_size` images and `remainder` is the number of real ones in the
+        rank-ordered concatenation of those batches (what `Accelerator.gather_for_metrics` keeps)."""
+        state = self.accelerator.gradient_state
+        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
+            return batch_size
+        return max(0, min(batch_size, state.remainder - self.accelerator.process_index * batch_size))
+
+
+def _schedule_after_warmup(
+    kind: Any, num_steps: int, learning_rate: float, kwargs: Mapping[str, Any] | None
+):
+    """The learning-rate factor of transformers' `kind` schedule over `num_steps` steps without warm-up, as a
+    function of the step (`get_scheduler` applied to a throw-away optimizer, so the real one is left untouched)."""
+    name = str(getattr(kind, "value", kind))
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
+    scheduler = get_scheduler(
+        name, probe, num_warmup_steps=0, num_training_steps=num_steps, scheduler_specific_kwargs=dict(kwargs or {})
+    )
+    if not isinstance(scheduler, LambdaLR) or len(scheduler.lr_lambdas) != 1:
+        raise ValueError(
+            f"lr_scheduler_type={name!r} is not supported by VocAlignTrainer: its warm-up needs a schedule that is a "
+            "function of the step (constant, linear, cosine, cosine_with_restarts, cosine_with_min_lr, polynomial, "
+            "inverse_sqrt, warmup_stable_decay, ...)"
+        )
+    return scheduler.lr_lambdas[0]

@@ -1,0 +1,148 @@
+"""The main job on two processes (`accelerate launch`, gloo on CPU): both ranks end with the same student and teacher,
+the evaluation counts exactly what one process counts, masks differ between ranks, the world and the source model
+are built once, and only rank 0 prints results and writes files."""
+
+import json
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+ROOT = Path(__file__).resolve().parents[1]
+WORLD_CONFIG = ROOT / "recipes" / "configs" / "world.yaml"
+
+# A tiny world (32 px; 11 evaluation images: uneven shards over 2 ranks with batches of 2), a source model
+# pretrained for a few steps, 3 adaptation steps with the student's colour augmentation on.
+TINY_JOB = [
+    "--config", str(WORLD_CONFIG), "--world_image_size", "32", "--world_num_source_train", "24",
+    "--world_num_target_train", "16", "--world_num_target_eval", "11", "--world_pretrain_steps", "20",
+    "--world_pretrain_batch_size", "8", "--max_steps", "3", "--per_device_train_batch_size", "2",
+    "--per_device_eval_batch_size", "2", "--warmup_steps", "1", "--student_augmentation", "true",
+    "--pseudo_threshold", "0.2", "--num_overlays", "1", "--disable_tqdm", "true", "--save_steps", "3",
+    "--logging_steps", "1", "--report_to", "tensorboard",
+]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two_processes")
+    output, cache, probes = tmp / "run", tmp / "world_cache", tmp / "probes"
+    env = {**os.environ, "VOCALIGN_WORLD_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
+    # `accelerate launch --cpu` starts a single process; `--multi_gpu` starts torchrun's processes, which use gloo on
+    # the CPU here (the world config sets use_cpu: true).
+    command = [
+        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+        "--main_process_port", str(_free_port()),
+        str(ROOT / "tests" / "multiprocess_probe.py"), str(probes), f"{output},{cache}",
+        str(ROOT / "recipes" / "adapt.py"), *TINY_JOB, "--output_dir", str(output),
+    ]
+    done = subprocess.run(command, env=env, cwd=tmp, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
+    ranks = [torch.load(probes / f"rank{i}.pt", weights_only=False) for i in range(2)]
+    return output, ranks, done.stdout
+
+
+def test_both_ranks_hold_the_same_student_and_teacher(two_process_run):
+    output, ranks, _ = two_process_run
+    assert [r["process_index"] for r in ranks] == [0, 1] and all(r["num_processes"] == 2 for r in ranks)
+    for part in ("student", "teacher"):
+        assert ranks[0][part].keys() == ranks[1][part].keys() and ranks[0][part]
+        for name, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][name]), (part, name)
+    moved = [n for n, v in ranks[0]["student"].items() if "lora_B" in n and v.abs().sum() > 0]
+    assert moved, "training changed no LoRA weight"  # lora_B starts at zero
+    assert any(not torch.equal(v, ranks[0]["teacher"][n]) for n, v in ranks[0]["student"].items())
+    saved = load_file(str(output / "adapter" / "adapter_model.safetensors"))
+    assert len(saved) == len(ranks[0]["student"])
+    for name, value in saved.items():  # peft drops the adapter name from the keys
+        match = [v for n, v in ranks[0]["student"].items() if n.replace(".default", "") == name]
+        assert len(match) == 1 and torch.equal(match[0], value), name
+
+
+def test_two_process_evaluation_equals_one_process(two_process_run, tmp_path):
+    """11 images over 2 ranks in batches of 2: Accelerate pads rank 1's last batch with image 0, which must not be
+    counted. The recipe's evaluate.py on one process, with the saved adapter, gives exactly the same numbers."""
+    import importlib.util
+
+    output, _, _ = two_process_run
+    results = json.loads((output / "results.json").read_text())
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
+    evaluate_recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_recipe)
+    flags = [*TINY_JOB, "--output_dir", str(tmp_path), "--base_model", str(output / "source_model")]
+    adapted = evaluate_recipe.main([*flags, "--adapter", str(output / "adapter")])
+    zero_shot = evaluate_recipe.main(flags)
+    assert adapted["eval_mean_iou"] == results["adapted_miou"]
+    assert zero_shot["eval_mean_iou"] == results["zero_shot_miou"]
+    for key, value in results.items():
+        if key.startswith("adapted_iou_"):
+            assert adapted[key.replace("adapted_", "eval_")] == pytest.approx(value, abs=0, nan_ok=True)
+    assert adapted["eval_mean_iou"] != zero_shot["eval_mean_iou"]
+
+
+def test_masks_and_augmentation_differ_between_ranks(two_process_run):
+    _, ranks, _ = two_process_run
+    masks = [r["masks"] for r in ranks]
+    assert len(masks[0]) == len(masks[1]) == 3  # one student forward per step
+    for m0, m1 in zip(*masks):
+        assert 0.2 < m0.float().mean() < 0.8 and not torch.equal(m0, m1)
+    views = [r["fixed_view"] for r in ranks]  # the same image, the same step: only the rank differs
+    fill = ranks[0]["mask_fill"].view(1, 3, 1, 1)
+    kept = ~((views[0] == fill).all(dim=1) | (views[1] == fill).all(dim=1))
+    assert kept.any()
+    assert (views[0] - views[1]).abs().permute(1, 0, 2, 3)[:, kept].mean() > 0.01  # different colour augmentation
+
+
+def test_world_and_source_model_are_built_once(two_process_run):
+    _, ranks, _ = two_process_run
+    assert ranks[0]["render_calls"] == 4 and ranks[1]["render_calls"] == 0  # 4 splits, rendered by rank 0 only
+    assert ranks[0]["pretrain_calls"] == 1 and ranks[1]["pretrain_calls"] == 0
+
+
+def test_only_rank_zero_prints_and_writes(two_process_run):
+    output, ranks, stdout = two_process_run
+    assert ranks[1]["writes"] == [], ranks[1]["writes"][:5]
+    written = {Path(path) for _, path in ranks[0]["writes"]}
+    for expected in ("results.json", "overlays.png", "adapter/adapter_config.json", "checkpoint-3/trainer_state.json",
+                     "checkpoint-3/teacher_lora.safetensors", "source_model"):
+        assert output.resolve() / expected in written, expected  # (renamed into place, or opened for writing)
+    assert (output / "checkpoint-3" / "teacher_lora.safetensors").is_file()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events in (output / "runs").rglob("events.out.tfevents.*"):
+        accumulator = EventAccumulator(str(events))
+        accumulator.Reload()
+        tags |= set(accumulator.Tags()["scalars"])
+    assert {"train/loss", "train/zero_shot_mean_iou", "train/adapted_mean_iou"} <= tags, tags
+    assert len(re.findall(r"zero-shot mIoU [\d.]+ -> adapted mIoU", stdout)) == 1, stdout
+    assert stdout.count("=== target split, adapted ===") == 1
+
+
+def test_shipped_accelerate_configs_load():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {
+        "single_gpu_bf16.yaml": ("NO", 1, 1), "multi_gpu_ddp.yaml": ("MULTI_GPU", 4, 1),
+        "multi_node_ddp.yaml": ("MULTI_GPU", 16, 2),
+    }
+    folder = ROOT / "recipes" / "accelerate_configs"
+    assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(expected)
+    for name, (kind, processes, machines) in expected.items():
+        config = load_config_from_file(str(folder / name))
+        assert (str(config.distributed_type.value), config.num_processes, config.num_machines) == (kind, processes, machines)
+        assert config.mixed_precision == "bf16" and not config.use_cpu
