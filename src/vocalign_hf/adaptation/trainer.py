@@ -135,7 +135,8 @@ class VocAlignTrainer(Trainer):
     """
 
     # compute_loss returns a per-micro-batch mean (it does not use num_items_in_batch): the Trainer must divide it by
-    # the gradient-accumulation steps, which it would skip for a model whose forward takes **kwargs.
+    # the gradient-accumulation steps. Said explicitly, since the Trainer otherwise guesses it from the model's
+    # forward signature (it skips the division for a forward that takes **kwargs).
     loss_is_scaled_for_ga = False
 
     def __init__(
