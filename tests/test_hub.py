@@ -57,10 +57,13 @@ def hub_env(hub, hub_home):
     constants at call time; the module-level values were fixed when it was imported)."""
     import huggingface_hub.constants as constants
     import huggingface_hub.hf_api
+    import transformers.utils.hub
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(constants, "ENDPOINT", hub.url)
         patch.setattr(huggingface_hub.hf_api.api, "endpoint", hub.url)  # behind the module-level functions
+        # transformers' shared HfApi keeps the endpoint it was made with: a fresh one is made on first use here.
+        patch.setattr(transformers.utils.hub, "_hf_api", None)
         patch.setattr(constants, "HUGGINGFACE_CO_URL_TEMPLATE", hub.url + "/{repo_id}/resolve/{revision}/{filename}")
         patch.setattr(constants, "HF_HUB_CACHE", str(hub_home / "hub"))
         patch.setattr(constants, "HF_HUB_DISABLE_XET", True)

@@ -16,7 +16,7 @@ from PIL import Image
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.data.validation import DatasetValidationError, validate_segmentation_dataset
 from vocalign_hf.metrics import split_absent_metrics
-from vocalign_hf.recipe_checks import replace_folder
+from vocalign_hf.atomic import atomic_write_folder
 from vocalign_hf.recipes import load_target_data, parse_recipe_args, run_adaptation, summary_line
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -127,7 +127,7 @@ def test_overwrite_replaces_the_run_and_its_checkpoints(finished_run, base_model
     assert not [p for p in copy.iterdir() if p.name.startswith(".adapter")]  # no temporary folder left
 
 
-def test_replace_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
+def test_atomic_write_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
     dest = tmp_path / "adapter"
     dest.mkdir()
     (dest / "weights").write_text("old")
@@ -137,9 +137,9 @@ def test_replace_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
         raise RuntimeError("disk full")
 
     with pytest.raises(RuntimeError, match="disk full"):
-        replace_folder(dest, broken)
+        atomic_write_folder(dest, broken)
     assert (dest / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    replace_folder(dest, lambda folder: (folder / "config").write_text("new"))
+    atomic_write_folder(dest, lambda folder: (folder / "config").write_text("new"))
     assert sorted(p.name for p in dest.iterdir()) == ["config"]  # the whole folder, not new files beside old ones
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 

@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_folder"]
 
 
 def _current_umask() -> int:
@@ -63,3 +65,32 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any, *, indent: int | 
     """
     text = json.dumps(data, indent=indent, ensure_ascii=False) + "\n"
     return atomic_write_text(path, text)
+
+
+def atomic_write_folder(destination: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write a folder as a whole: ``write(tmp)`` fills a new sibling folder, which then takes ``destination``'s place.
+
+    Readers see the old complete folder or the new complete one, never new files beside old ones (peft's and
+    transformers' ``save_pretrained`` write file by file). If ``write`` fails, ``destination`` is untouched and the
+    temporary folder is removed. The new folder gets the usual permissions (``mkdtemp`` makes it private).
+
+    Returns:
+        The destination path.
+    """
+    destination = Path(destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
+    try:
+        os.chmod(tmp, 0o777 & ~_current_umask())
+        write(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    old = None
+    if destination.exists():
+        old = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".old"))
+        os.replace(destination, old / destination.name)
+    os.replace(tmp, destination)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return destination

@@ -5,7 +5,7 @@ Everything here fails with a `SystemExit` whose message names the problem, the o
 to pass instead: the recipes are command-line programs, and a user should read one line, not a traceback.
 
 * the output folder: a previous run is kept unless `--overwrite_output_dir` or `--resume_from_checkpoint` says
-  otherwise (:func:`check_output_dir`), and the adapter folder is replaced as a whole (:func:`replace_folder`);
+  otherwise (:func:`check_output_dir`), and the adapter folder is replaced as a whole (:func:`vocalign_hf.atomic.atomic_write_folder`, in :func:`save_adapter`);
 * the base model: a local folder with a `config.json`, an adapter folder given by mistake, or a Hub id tried once
   and honouring `HF_HUB_OFFLINE` (:func:`resolve_base_model`);
 * the LoRA layers exist in the model's CLIP towers (:func:`check_lora_layers`);
@@ -20,7 +20,6 @@ import logging
 import os
 import re
 import shutil
-import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,7 +32,6 @@ __all__ = [
     "check_output_dir",
     "check_resume_checkpoint",
     "find_run_artifacts",
-    "replace_folder",
     "resolve_adapter",
     "resolve_base_model",
     "resolve_resume_checkpoint",
@@ -86,31 +84,6 @@ def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming
     for checkpoint in _checkpoints(folder):
         logger.warning("--overwrite_output_dir: deleting the previous run's %s", checkpoint)
         shutil.rmtree(checkpoint)
-
-
-def replace_folder(destination: str | os.PathLike, write: Callable[[Path], Any]) -> Path:
-    """Write a folder as a whole: `write(tmp)` fills a new sibling folder, which then takes `destination`'s place.
-
-    Readers see the old complete folder or the new complete one, never new files beside old ones (peft's
-    `save_pretrained` writes file by file). If `write` fails, `destination` is untouched and the temporary folder
-    is removed.
-    """
-    destination = Path(destination)
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
-    try:
-        write(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    old = None
-    if destination.exists():
-        old = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".old"))
-        os.replace(destination, old / destination.name)
-    os.replace(tmp, destination)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-    return destination
 
 
 # --------------------------------------------------------------------------------------------------- base model

@@ -23,7 +23,6 @@ from .recipe_checks import (
     check_lora_layers,
     check_output_dir,
     check_resume_checkpoint,
-    replace_folder,
     resolve_base_model,
     resolve_resume_checkpoint,
 )
@@ -538,9 +537,9 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         "ema_alpha", "lora_rank", "lora_alpha", "lora_layers", "learning_rate", "max_steps", "seed")}
     metrics = {title: results[key] for key, title in (
         ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)")) if key in results}
-    # The adapter folder is written whole and then renamed into place: never new weights beside an old class list.
-    folder = replace_folder(output / "adapter", lambda tmp: save_adapter(
-        trainer.model, tmp, data.class_names, data.concepts, metrics, settings, dataset=recipe.dataset))
+    # save_adapter writes the folder whole and renames it into place: never new weights beside an old class list.
+    folder = save_adapter(trainer.model, output / "adapter", data.class_names, data.concepts, metrics, settings,
+                          dataset=recipe.dataset)
     atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
     if push is not None:

@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_folder, atomic_write_json, atomic_write_text
 from ..data.hub import hub_dataset_id
 from ..models.catseg import CATSegForSemanticSegmentation
 
@@ -167,16 +167,14 @@ def save_adapter(
     (class list, concepts, settings, metrics, the base model's Hub id and commit) and a model card `README.md`.
 
     When the base model came from the Hub, its commit goes into peft's `revision` field too, so
-    `AutoPeftModel`-style loading picks the same base weights.
+    `AutoPeftModel`-style loading picks the same base weights. The folder is replaced as a whole (an existing one
+    included), so readers never see new weights beside an old class list.
     """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
     peft_config = model.peft_config[model.active_adapter]
     base_model = peft_config.base_model_name_or_path or "catseg"
     repo_id, commit = base_model_reference(base_model, peft_config.revision)
     if commit is not None:
         peft_config.revision = commit
-    model.save_pretrained(str(output_dir))
     info = {
         "base_model": base_model,
         "base_model_repo_id": repo_id,
@@ -187,11 +185,16 @@ def save_adapter(
         "metrics": dict(metrics or {}),
         "settings": dict(settings or {}),
     }
-    atomic_write_json(output_dir / VOCALIGN_FILE, info)
     card = build_model_card(base_model, class_names, concepts, metrics, dataset, settings,
                             base_model_revision=commit)
-    atomic_write_text(output_dir / CARD_FILE, str(card))
-    return output_dir
+
+    def write(folder: Path) -> None:
+        model.save_pretrained(str(folder))
+        atomic_write_json(folder / VOCALIGN_FILE, info)
+        atomic_write_text(folder / CARD_FILE, str(card))
+
+    # Written whole, then renamed into place: a crash never leaves new weights beside an old class list.
+    return atomic_write_folder(output_dir, write)
 
 
 class AdapterLoadError(OSError):

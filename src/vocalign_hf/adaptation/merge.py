@@ -13,15 +13,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from peft import PeftModel
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_folder, atomic_write_json
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
 from .adapters import VOCALIGN_FILE, load_adapted_model
 
@@ -57,24 +55,14 @@ def save_merged(
     processor = processor if processor is not None else CATSegProcessor.from_config(merged.config)
     if class_names:
         merged.set_vocabulary(list(class_names), processor)
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; the checkpoint gets the usual permissions
-    try:
-        merged.save_pretrained(staging)
-        processor.save_pretrained(staging)
+
+    def write(folder: Path) -> None:
+        merged.save_pretrained(folder)
+        processor.save_pretrained(folder)
         if info:
-            atomic_write_json(staging / VOCALIGN_FILE, info)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(staging, output_dir)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output_dir
+            atomic_write_json(folder / VOCALIGN_FILE, info)
+
+    return atomic_write_folder(output_dir, write)
 
 
 def merge_adapter(
