@@ -539,7 +539,7 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)")) if key in results}
     # save_adapter writes the folder whole and renames it into place: never new weights beside an old class list.
     folder = save_adapter(trainer.model, output / "adapter", data.class_names, data.concepts, metrics, settings,
-                          dataset=recipe.dataset)
+                          dataset=recipe.hub_source or recipe.dataset)
     atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
     if push is not None:
