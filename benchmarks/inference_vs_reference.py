@@ -214,13 +214,40 @@ def measure(cfg: dict) -> dict:
         save_file(saved, os.path.join(workdir, f"{role}_{count}_r{cfg['round']}.safetensors"))
         entry = {"times_s": [round(t, 4) for t in times], "median_s": statistics.median(times)}
         entry.update(meter.as_dict())
+        with torch.no_grad():  # after timing: the counter slows the call it watches
+            entry["flops"], _ = _common.count_flops(infer)
         result["per_classes"][str(count)] = entry
     result["info"] = info
+    result["matmul_peak_gflops"] = _common.matmul_peak_gflops(device, torch.float32)
     return result
 
 
 def worker(cfg: dict) -> dict:
     return prepare(cfg) if cfg["role"] == "prepare" else measure(cfg)
+
+
+def plot_scaling(rows: list[dict], path: str, subtitle: str) -> None:
+    """Seconds per image and peak memory over the baseline against the class count, port and reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = [row["classes"] for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for role, style in (("reference", "o--"), ("port", "s-")):
+        left.plot(classes, [row[f"{role}_s"] for row in rows], style, label=role)
+        right.plot(classes, [row[f"{role}_inc"] for row in rows], style, label=role)
+    for axis, label in ((left, "seconds per image"), (right, "peak - baseline memory (MiB)")):
+        axis.set_xscale("log")
+        axis.set_xticks(classes, [str(c) for c in classes])
+        axis.set_xlabel("classes")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    fig.suptitle(f"CAT-Seg-B inference, port vs reference ({subtitle})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -241,6 +268,7 @@ def parse_args(argv=None):
     ap.add_argument("--nice", type=int, default=0, help="run the workers under `nice -n`")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", metavar="PNG", help="write time and peak memory against the class count (matplotlib)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (weights, outputs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -291,6 +319,13 @@ def main(argv=None) -> None:
                 row[f"{role}_peak"] = max(p["peak_mib"] for p in per)
                 row[f"{role}_inc"] = max(p["increment_mib"] for p in per)
                 row[f"{role}_base"] = max(p["baseline_mib"] for p in per)
+            for role in ("reference", "port"):
+                flops = results[role][0]["per_classes"][str(count)]["flops"]
+                peak = statistics.median(res["matmul_peak_gflops"] for res in results[role])
+                roof = _common.roofline(flops, row[f"{role}_s"], peak)
+                row[f"{role}_gflop"], row[f"{role}_gflops"], row[f"{role}_of_peak"] = (
+                    roof["gflop"], roof["gflops_s"], roof["of_peak"])
+                row[f"{role}_peak_gflops"] = roof["peak_gflops_s"]
             row["speed_ratio"] = row["port_ips"] / row["reference_ips"]
             row["mem_ratio"] = row["port_inc"] / row["reference_inc"] if row["reference_inc"] > 0 else float("nan")
             ref_out = load_file(os.path.join(workdir, f"reference_{count}_r0.safetensors"))
@@ -307,11 +342,22 @@ def main(argv=None) -> None:
             ("port_inc", "port peak - baseline (MiB)"), ("mem_ratio", "memory port/ref"),
             ("logits_diff", "max |logit diff|"), ("logits_absmax", "max |logit|"), ("probs_diff", "max |prob diff|"),
         ]
+        roof_columns = [
+            ("classes", "classes"), ("reference_gflop", "ref GFLOP"), ("reference_gflops", "ref GFLOP/s"),
+            ("reference_of_peak", "ref of peak"), ("port_gflop", "port GFLOP"), ("port_gflops", "port GFLOP/s"),
+            ("port_of_peak", "port of peak"), ("port_peak_gflops", "fp32 matmul peak (GFLOP/s)"),
+        ]
         if args.device.startswith("cuda"):
             columns = [(k, h.replace("RSS", "alloc")) for k, h in columns]
         print()
         print(_common.markdown_table(rows, columns))
+        print("\n# roofline: FLOPs of one inference (torch.utils.flop_counter: matmuls, convolutions, attention), "
+              "achieved GFLOP/s at the median time, and the share of the fp32 matmul peak measured in the workers\n")
+        print(_common.markdown_table(rows, roof_columns))
         print()
+        if args.plot:
+            plot_scaling(rows, args.plot, f"{args.mode}, pooling {args.pooling}, threads {args.threads or 'default'}")
+            print(f"# plot written to {args.plot}")
         for row in rows:
             verdict = "no slower" if row["speed_ratio"] >= 1.0 else "SLOWER"
             print(f"# C={row['classes']}: port/reference speed ratio {row['speed_ratio']:.2f} ({verdict}), "

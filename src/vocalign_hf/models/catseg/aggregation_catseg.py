@@ -120,17 +120,22 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def project(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """q, k, v of every token, concatenated: x (B*T, N, dim), guidance (B, N, G) -> (B*T, N, 3*dim)."""
+    def project_guidance(self, guidance: torch.Tensor | None) -> torch.Tensor | None:
+        """The guidance halves of q and k: guidance (B, N, G) -> (B, N, 2*dim), once per image."""
+        if guidance is None:
+            return None
+        return F.linear(guidance, torch.cat([self.q.weight[:, self.dim :], self.k.weight[:, self.dim :]]))
+
+    def project(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v of every token, concatenated: x (G*T, N, dim), projected guidance (G, N, 2*dim) from
+        `project_guidance` (row i of x goes with guidance row i // T) -> (G*T, N, 3*dim)."""
         d = self.dim
         # One GEMM for the token halves of q, k and v (weights are stacked, activations never concatenated).
         weight = torch.cat([self.q.weight[:, :d], self.k.weight[:, :d], self.v.weight])
         qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
-        if guidance is None:
-            return qkv
-        projected = F.linear(guidance, torch.cat([self.q.weight[:, d:], self.k.weight[:, d:]]))
-        # In place on the fresh GEMM output (its backward does not need it); v does not see the guidance.
-        qkv.unflatten(0, (projected.shape[0], -1))[..., : 2 * d].add_(projected.unsqueeze(1))
+        if projected_guidance is not None:
+            # In place on the fresh GEMM output (its backward does not need it); v does not see the guidance.
+            qkv.unflatten(0, (projected_guidance.shape[0], -1))[..., : 2 * d].add_(projected_guidance.unsqueeze(1))
         return qkv
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
@@ -179,12 +184,13 @@ class SwinTransformerBlock(nn.Module):
         """(H*W,) natural token index of each position in window order."""
         return window_token_order(self.resolution, self.window_size, self.shift).to(device)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B*T, H*W, C) and guidance: (B, H*W, G) (shared by the T classes of an image) or None, both with
-        their tokens in this block's window order (`token_order`); returns (B*T, H*W, C) in the same order."""
+    def forward(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (G*T, H*W, C) and the guidance's share of q and k, `attn.project_guidance(guidance)`: (G, H*W, 2C)
+        (shared by the T classes of an image) or None, both with their tokens in this block's window order
+        (`token_order`); returns (G*T, H*W, C) in the same order."""
         r, ws = self.resolution, self.window_size
         b, _, c = x.shape
-        h = self.attn.project(self.norm1(x), guidance)  # (B*T, H*W, 3C): consecutive runs of ws*ws are windows
+        h = self.attn.project(self.norm1(x), projected_guidance)  # (G*T, H*W, 3C): runs of ws*ws are windows
         h = self.attn(h.view(-1, ws * ws, h.shape[-1]), self.attn_mask, num_windows=(r // ws) ** 2)
         x = x + h.view(b, r * r, c)
         return x + self.mlp(self.norm2(x))
@@ -209,12 +215,43 @@ class SwinTransformerBlockWrapper(nn.Module):
         order_1, order_2 = self.block_1.token_order(x.device), self.block_2.token_order(x.device)
         natural_to_1 = torch.empty_like(order_1)
         natural_to_1[order_1] = torch.arange(order_1.numel(), device=x.device)
+        one_to_2 = natural_to_1[order_2]
         back = torch.empty_like(order_2)
         back[order_2] = torch.arange(order_2.numel(), device=x.device)
-        # One token permutation per block: natural -> block 1's windows -> block 2's shifted windows -> natural.
-        x = self.block_1(x[:, order_1], guidance[:, order_1] if guidance is not None else None)
-        x = self.block_2(x[:, natural_to_1[order_2]], guidance[:, order_2] if guidance is not None else None)
-        return x[:, back].view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        guidance_1, guidance_2 = None, None
+        if guidance is not None:  # q/k guidance terms once per image, in each block's token order
+            guidance_1 = self.block_1.attn.project_guidance(guidance[:, order_1])
+            guidance_2 = self.block_2.attn.project_guidance(guidance[:, order_2])
+
+        def both_blocks(slices: torch.Tensor, image: slice) -> torch.Tensor:
+            # One token permutation per block: natural -> block 1's windows -> block 2's shifted windows -> natural.
+            g1 = guidance_1[image] if guidance_1 is not None else None
+            g2 = guidance_2[image] if guidance_2 is not None else None
+            slices = self.block_1(slices[:, order_1], g1)
+            return self.block_2(slices[:, one_to_2], g2)[:, back]
+
+        if torch.is_grad_enabled():
+            out = both_blocks(x, slice(None))
+        else:  # a few class slices at a time: the block's activations stay in cache (same kernels per slice)
+            out = x.new_empty(x.shape)
+            for image, start, stop in slice_chunks(b, t):
+                out[image * t + start : image * t + stop] = both_blocks(
+                    x[image * t + start : image * t + stop], slice(image, image + 1)
+                )
+        return out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+INFERENCE_CHUNK_SLICES = 8
+
+
+def slice_chunks(batch: int, classes: int, size: int | None = None):
+    """(image, first class, end class) of runs of at most `size` (default `INFERENCE_CHUNK_SLICES`) class slices
+    within each image: the unit of the chunked no-grad paths (the per-image guidance then broadcasts over a chunk
+    as over a whole image)."""
+    size = size or INFERENCE_CHUNK_SLICES
+    for image in range(batch):
+        for start in range(0, classes, size):
+            yield image, start, min(start + size, classes)
 
 
 def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -387,8 +424,17 @@ class Up(nn.Module):
         out = out.view(n, h, w, 2, 2, c_out).permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c_out)
         return out.permute(0, 3, 1, 2)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B*T, C, h, w) class slices; guidance: (B, G, 2h, 2w), shared by the T classes of an image.
+    def project_guidance(self, guidance: torch.Tensor | None) -> torch.Tensor | None:
+        """The guidance half of the first convolution, (B, G, 2h, 2w) -> (B, out, 2h, 2w): once per image."""
+        if guidance is None:
+            return None
+        first = self.conv.double_conv[0]
+        weight = first.weight[:, first.in_channels - guidance.shape[1] :].contiguous(memory_format=torch.channels_last)
+        return F.conv2d(guidance.contiguous(memory_format=torch.channels_last), weight, padding=1)
+
+    def forward(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (G*T, C, h, w) class slices; projected_guidance: `project_guidance(guidance)` (G, out, 2h, 2w), shared
+        by the T classes of an image, or None.
 
         Runs channels last (oneDNN's convolutions are about 1.7x faster on CPU in that layout for these small
         channel counts); the result is channels last too.
@@ -396,13 +442,10 @@ class Up(nn.Module):
         cl = torch.channels_last
         x = self.upsample(x.contiguous(memory_format=cl))
         first, rest = self.conv.double_conv[0], self.conv.double_conv[1:]
-        c = x.shape[1]
         # conv(cat[x, g]) = conv_x(x) + conv_g(g) (bias-free): the guidance half runs once per image, not per class.
-        out = F.conv2d(x, first.weight[:, :c].contiguous(memory_format=cl), padding=1)
-        if guidance is not None:
-            weight = first.weight[:, c:].contiguous(memory_format=cl)
-            projected = F.conv2d(guidance.contiguous(memory_format=cl), weight, padding=1)
-            out.unflatten(0, (projected.shape[0], -1)).add_(projected.unsqueeze(1))
+        out = F.conv2d(x, first.weight[:, : x.shape[1]].contiguous(memory_format=cl), padding=1)
+        if projected_guidance is not None:
+            out.unflatten(0, (projected_guidance.shape[0], -1)).add_(projected_guidance.unsqueeze(1))
         return rest(out)
 
 
@@ -461,10 +504,21 @@ class Aggregator(nn.Module):
         for layer in self.layers:
             x = layer(x, appearance, text_guidance)
 
-        x = x.transpose(1, 2).reshape(b * t, -1, h, w)
-        x = self.decoder1(x, decoder_guidance[0])
-        x = self.decoder2(x, decoder_guidance[1])
-        logits = self.head(x).reshape(b, t, x.shape[-2], x.shape[-1])
+        x = x.transpose(1, 2).reshape(b * t, -1, h, w)  # a view of the channels-last class slices
+        guidance_1 = self.decoder1.project_guidance(decoder_guidance[0])
+        guidance_2 = self.decoder2.project_guidance(decoder_guidance[1])
+
+        def decode(slices: torch.Tensor, image: slice) -> torch.Tensor:
+            g1 = guidance_1[image] if guidance_1 is not None else None
+            g2 = guidance_2[image] if guidance_2 is not None else None
+            return self.head(self.decoder2(self.decoder1(slices, g1), g2))
+
+        if torch.is_grad_enabled():
+            logits = decode(x, slice(None)).reshape(b, t, 4 * h, 4 * w)
+        else:  # a few class slices at a time: the 96x96 decoder maps stay in cache (same kernels per slice)
+            logits = x.new_empty(b, t, 4 * h, 4 * w)
+            for image, start, stop in slice_chunks(b, t):
+                logits[image, start:stop] = decode(x[image * t + start : image * t + stop], slice(image, image + 1))[:, 0]
         if kept is not None:
             full = logits.new_full((b, num_classes, *logits.shape[-2:]), -100.0)
             logits = full.scatter(1, kept[..., None, None].expand(-1, -1, *logits.shape[-2:]), logits)
