@@ -182,6 +182,17 @@ def count_flops(fn, *args, **kwargs) -> tuple[int, Any]:
 def matmul_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
     """Measured matmul throughput (GFLOP/s) of this process (its thread count) for `dtype`: the best of `repeats`
     square `size` x `size` products, after one warm-up. The roofline denominator of the benchmarks."""
+    # A dtype without hardware support (bf16 on a CPU without AVX512-BF16/AMX) can run 100x slower: shrink the
+    # product until one takes under a second, so that the probe itself stays short.
+    while size > 128:
+        probe = torch.randn(128, 128, device=device).to(dtype)
+        synchronize(device)
+        start = now()
+        torch.mm(probe, probe)
+        synchronize(device)
+        if (now() - start) * (size / 128) ** 3 < 1.0:
+            break
+        size //= 2
     a = torch.randn(size, size, device=device).to(dtype)
     b = torch.randn(size, size, device=device).to(dtype)
     best = float("inf")
