@@ -10,6 +10,10 @@ converted checkpoints map one to one. Differences, none of which change the numb
   conv) apply the two halves of their weight separately: the guidance half runs once per image (appearance and
   decoder guidance, shared by the T classes) or once per image and class (text guidance, shared by the pixels),
   instead of on T or H*W copies, and the copies are never built;
+* the class slices are laid out (B, T, H, W, C) in memory (channels last) from the first Swin block to the decoder;
+  the Swin blocks apply the shift and window partition as one token permutation per block; the 2x2 transposed
+  convolutions run as one GEMM plus a pixel shuffle; without autograd the Swin blocks, the decoder and the
+  feed-forward layers run in chunks of class slices or rows (docs/performance.md, "Issue 15");
 * the class-attention padding tokens (the reference pads the class axis to `pad_len` = 256 with one learned
   token) are identical at every position, so their contribution to the linear attention's key/value sums is
   added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
