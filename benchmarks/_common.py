@@ -167,6 +167,52 @@ def trim_memory() -> None:
         pass
 
 
+# ----------------------------------------------------------------------------------------------- roofline
+def count_flops(fn, *args, **kwargs) -> tuple[int, Any]:
+    """FLOPs of one call of `fn` as `torch.utils.flop_counter.FlopCounterMode` counts them (matmuls, convolutions,
+    attention; elementwise operations are not counted), and the call's result."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        out = fn(*args, **kwargs)
+    return counter.get_total_flops(), out
+
+
+def matmul_peak_gflops(device: str = "cpu", dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """Measured matmul throughput (GFLOP/s) of this process (its thread count) for `dtype`: the best of `repeats`
+    square `size` x `size` products, after one warm-up. The roofline denominator of the benchmarks."""
+    # A dtype without hardware support (bf16 on a CPU without AVX512-BF16/AMX) can run 100x slower: shrink the
+    # product until one takes under a second, so that the probe itself stays short.
+    while size > 128:
+        probe = torch.randn(128, 128, device=device).to(dtype)
+        synchronize(device)
+        start = now()
+        torch.mm(probe, probe)
+        synchronize(device)
+        if (now() - start) * (size / 128) ** 3 < 1.0:
+            break
+        size //= 2
+    a = torch.randn(size, size, device=device).to(dtype)
+    b = torch.randn(size, size, device=device).to(dtype)
+    best = float("inf")
+    for i in range(repeats + 1):
+        synchronize(device)
+        start = now()
+        torch.mm(a, b)
+        synchronize(device)
+        if i:
+            best = min(best, now() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def roofline(flops: int, seconds: float, peak_gflops: float) -> dict[str, Any]:
+    """GFLOP, achieved GFLOP/s and the share of the measured matmul peak."""
+    achieved = flops / seconds / 1e9 if seconds > 0 else float("nan")
+    return {"gflop": round(flops / 1e9, 2), "gflops_s": round(achieved, 1), "peak_gflops_s": round(peak_gflops, 1),
+            "of_peak": round(achieved / peak_gflops, 3) if peak_gflops else float("nan")}
+
+
 def synchronize(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -178,15 +224,21 @@ def now() -> float:
 
 # ----------------------------------------------------------------------------------------- subprocesses
 def run_worker(
-    script: str, config: dict[str, Any], timeout: float | None = None, nice: int = 0, echo: bool = False
+    script: str, config: dict[str, Any], timeout: float | None = None, nice: int = 0, echo: bool = False,
+    src: str | None = None,
 ) -> dict[str, Any]:
     """Run `python script --worker '<json>'` in a fresh interpreter and return the dict it prints after
-    `RESULT `; on failure return `{"error": ...}` with the tail of its output. `echo` prints its other stdout."""
+    `RESULT `; on failure return `{"error": ...}` with the tail of its output. `echo` prints its other stdout.
+    `src` puts another checkout's `src/` folder first on the worker's `PYTHONPATH` (old code against new code in
+    one invocation)."""
     cmd = [sys.executable, script, "--worker", json.dumps(config)]
     if nice:
         cmd = ["nice", "-n", str(nice)] + cmd
+    env = None
+    if src:
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.abspath(src), os.environ.get("PYTHONPATH", "")]))
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
     except subprocess.TimeoutExpired:
         return {"error": f"timeout after {timeout:.0f} s"}
     if echo:

@@ -148,7 +148,16 @@ def worker(cfg: dict) -> dict:
             return out
         return wrapper
 
-    trainer.training_step = timed("fwd_bwd", trainer.training_step)
+    flops: dict[str, int] = {}
+    plain_step = trainer.training_step
+
+    def counted_step(*a, **k):  # FLOPs of the first warm-up step (the counter slows it; it is not timed)
+        if warmup and not flops:
+            flops["step"], out = _common.count_flops(plain_step, *a, **k)
+            return out
+        return plain_step(*a, **k)
+
+    trainer.training_step = timed("fwd_bwd", counted_step)
     trainer.teacher_class_probs = timed("teacher", trainer.teacher_class_probs)
     profiler = None
 
@@ -190,6 +199,12 @@ def worker(cfg: dict) -> dict:
     result["student_prompts"] = cfg["num_classes"] * config.num_templates
     result["teacher_entries"] = len(trainer.vocabulary.entries)
     result["info"] = _common.machine_info(device)
+    import vocalign_hf
+
+    result["code"] = os.path.dirname(vocalign_hf.__file__)
+    if flops and "step_s" in result:
+        peak = _common.matmul_peak_gflops(device, torch.bfloat16 if cfg["bf16"] else torch.float32)
+        result.update(_common.roofline(flops["step"], result["fwd_bwd_s"], peak))
     if profiler is not None:
         sort = "self_cuda_time_total" if device.startswith("cuda") else "self_cpu_time_total"
         print(profiler.key_averages().table(sort_by=sort, row_limit=cfg["profile"]))
@@ -228,6 +243,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                     help="profile the first timed step of each configuration and print the top ROWS operators")
     ap.add_argument("--json", action="store_true", help="also print one JSON line per configuration")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--compare-src", metavar="SRC",
+                    help="also run every configuration with the package from SRC (another checkout's src/ folder, "
+                         "e.g. a `git worktree` of an older commit), alternating with this tree's, and print "
+                         "old/new ratios: old code against new code in one invocation")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
 
@@ -261,7 +280,7 @@ COLUMNS = [
     ("top_k", "Top-K"), ("templates", "templates"), ("lora_s", "LoRA"), ("gc_s", "grad ckpt"),
     ("step_s", "step (s)"), ("fwd_bwd_s", "fwd+bwd (s)"), ("teacher_s", "teacher fwd (s)"),
     ("baseline_mib", "baseline (MiB)"), ("peak_mib", "peak (MiB)"), ("increment_mib", "peak - baseline (MiB)"),
-    ("error", "note"),
+    ("gflop", "GFLOP (fwd+bwd)"), ("gflops_s", "GFLOP/s"), ("of_peak", "of matmul peak"), ("error", "note"),
 ]
 
 
@@ -280,20 +299,38 @@ def main(argv=None) -> None:
     print(f"# vocabulary {args.num_classes} classes (+{args.concepts} concepts each for the teacher), batch "
           f"{args.batch_size}, {args.warmup} warm-up + {args.steps} timed steps, device {args.device}"
           f"{' bf16' if args.bf16 else ''}, worker torch threads {args.threads or 'default'}, model {'tiny' if args.tiny else 'CAT-Seg-B (ViT-B/16 @384)'}")
-    rows = []
-    for cfg in configurations(args):
-        res = _common.run_worker(os.path.abspath(__file__), cfg, timeout=args.timeout, nice=args.nice,
-                                  echo=bool(args.profile))
-        if "error" in res:
-            res = dict(cfg, **res)
-        res["lora_s"] = "on" if res["lora"] else "off"
-        res["gc_s"] = "on" if res["grad_ckpt"] else "off"
-        rows.append(res)
-        if args.json:
-            print(json.dumps({k: v for k, v in res.items() if k != "info"}))
-        print(_common.markdown_table([res], COLUMNS).splitlines()[-1], flush=True)
+    columns = ([("code_s", "code")] + COLUMNS) if args.compare_src else COLUMNS
+    rows, pairs = [], []
+    for index, cfg in enumerate(configurations(args)):
+        variants = [("new", None)]
+        if args.compare_src:  # alternate which side runs first, so that drifting machine load hits both
+            variants = [("old", args.compare_src), ("new", None)][:: 1 if index % 2 == 0 else -1]
+        pair = {}
+        for label, src in variants:
+            res = _common.run_worker(os.path.abspath(__file__), cfg, timeout=args.timeout, nice=args.nice,
+                                      echo=bool(args.profile), src=src)
+            if "error" in res:
+                res = dict(cfg, **res)
+            res["lora_s"] = "on" if res["lora"] else "off"
+            res["gc_s"] = "on" if res["grad_ckpt"] else "off"
+            res["code_s"] = label
+            rows.append(res)
+            pair[label] = res
+            if args.json:
+                print(json.dumps({k: v for k, v in res.items() if k != "info"}))
+            print(_common.markdown_table([res], columns).splitlines()[-1], flush=True)
+        pairs.append(pair)
     print()
-    print(_common.markdown_table(rows, COLUMNS))
+    print(_common.markdown_table(rows, columns))
+    if args.compare_src:
+        print("\n# old/new (time: > 1 means the new code is faster; memory: < 1 means it uses less)")
+        for pair in pairs:
+            old, new = pair["old"], pair["new"]
+            ratios = {key: old[key] / new[key] for key in ("step_s", "fwd_bwd_s", "teacher_s", "increment_mib")
+                      if isinstance(old.get(key), (int, float)) and isinstance(new.get(key), (int, float)) and new[key]}
+            print(f"# K={new['top_k']} templates={new['templates']} lora={new['lora_s']} gc={new['gc_s']}: "
+                  + ", ".join(f"{k} old/new {'%.2f' % v}" for k, v in ratios.items())
+                  + (f", new/old memory {1 / ratios['increment_mib']:.2f}" if ratios.get("increment_mib") else ""))
     mem = [r for r in rows if "peak_mib" in r and r["templates"] == rows[0]["templates"] and r["lora"] == rows[0]["lora"]
            and r["grad_ckpt"] == rows[0]["grad_ckpt"]]
     if len({r["top_k"] for r in mem}) > 1:

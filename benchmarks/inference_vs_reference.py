@@ -177,11 +177,15 @@ def measure(cfg: dict) -> dict:
             ids = processor.tokenize_classes(names)["input_ids"].to(device)
             text["embeds"] = model.get_text_embeddings(ids)  # cached once per vocabulary, as the reference does
 
+        autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
+
         def infer():
             pixel_values = ((raw / 255.0 - mean) / std).unsqueeze(0)
-            if mode == "sliding":
-                return model.predict_sliding_window(pixel_values, text_embeds=text["embeds"], output_size=out_size)[0]
-            logits = model(pixel_values=pixel_values, text_embeds=text["embeds"]).logits
+            with autocast:
+                if mode == "sliding":
+                    probs = model.predict_sliding_window(pixel_values, text_embeds=text["embeds"], output_size=out_size)
+                    return probs[0].float()
+                logits = model(pixel_values=pixel_values, text_embeds=text["embeds"]).logits.float()
             head_out.append(logits)
             return F.interpolate(logits.sigmoid(), size=out_size, mode="bilinear", align_corners=False)[0]
 
@@ -214,13 +218,41 @@ def measure(cfg: dict) -> dict:
         save_file(saved, os.path.join(workdir, f"{role}_{count}_r{cfg['round']}.safetensors"))
         entry = {"times_s": [round(t, 4) for t in times], "median_s": statistics.median(times)}
         entry.update(meter.as_dict())
+        with torch.no_grad():  # after timing: the counter slows the call it watches
+            entry["flops"], _ = _common.count_flops(infer)
         result["per_classes"][str(count)] = entry
     result["info"] = info
+    bf16 = role == "port" and cfg.get("bf16")  # the roofline of what ran: the bf16 matmul peak under autocast
+    result["matmul_peak_gflops"] = _common.matmul_peak_gflops(device, torch.bfloat16 if bf16 else torch.float32)
     return result
 
 
 def worker(cfg: dict) -> dict:
     return prepare(cfg) if cfg["role"] == "prepare" else measure(cfg)
+
+
+def plot_scaling(rows: list[dict], path: str, subtitle: str) -> None:
+    """Seconds per image and peak memory over the baseline against the class count, port and reference."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    classes = [row["classes"] for row in rows]
+    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    for role, style in (("reference", "o--"), ("port", "s-")):
+        left.plot(classes, [row[f"{role}_s"] for row in rows], style, label=role)
+        right.plot(classes, [row[f"{role}_inc"] for row in rows], style, label=role)
+    for axis, label in ((left, "seconds per image"), (right, "peak - baseline memory (MiB)")):
+        axis.set_xscale("log")
+        axis.set_xticks(classes, [str(c) for c in classes])
+        axis.set_xlabel("classes")
+        axis.set_ylabel(label)
+        axis.grid(True, alpha=0.3)
+        axis.legend()
+    fig.suptitle(f"CAT-Seg-B inference, port vs reference ({subtitle})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
 
 
 # -------------------------------------------------------------------------------------------------- main
@@ -237,10 +269,13 @@ def parse_args(argv=None):
     ap.add_argument("--runs", type=int, default=3, help="timed inferences per class count and round")
     ap.add_argument("--rounds", type=int, default=2, help="alternating reference/port process pairs")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--bf16", action="store_true",
+                    help="run the port under bf16 autocast (the reference stays fp32): the speed and accuracy cost")
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads in the workers")
     ap.add_argument("--nice", type=int, default=0, help="run the workers under `nice -n`")
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--plot", metavar="PNG", help="write time and peak memory against the class count (matplotlib)")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (weights, outputs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -259,7 +294,7 @@ def main(argv=None) -> None:
     workdir = tempfile.mkdtemp(prefix="catseg_bench_")
     base = dict(reference_path=os.path.abspath(args.reference_path), workdir=workdir, seed=args.seed,
                 pooling=args.pooling, image_size=args.image_size, device=args.device, threads=args.threads,
-                mode=args.mode, classes=args.classes, warmup=args.warmup, runs=args.runs)
+                mode=args.mode, classes=args.classes, warmup=args.warmup, runs=args.runs, bf16=args.bf16)
     script = os.path.abspath(__file__)
     try:
         prep = _common.run_worker(script, dict(base, role="prepare"), timeout=args.timeout, nice=args.nice)
@@ -268,7 +303,7 @@ def main(argv=None) -> None:
         print(f"# {args.mode} inference, batch 1, {args.image_size}x{args.image_size} input, pooling {args.pooling}, "
               f"{prep['params'] / 1e6:.1f}M parameters (random, seed {args.seed}), {args.warmup} warm-up + "
               f"{args.runs} timed runs x {args.rounds} rounds per side, device {args.device}, "
-              f"worker torch threads {args.threads or 'default'}")
+              f"worker torch threads {args.threads or 'default'}, port {'bf16 autocast' if args.bf16 else 'fp32'}")
         results = {"reference": [], "port": []}
         for r in range(args.rounds):
             for role in ("reference", "port") if r % 2 == 0 else ("port", "reference"):
@@ -291,6 +326,13 @@ def main(argv=None) -> None:
                 row[f"{role}_peak"] = max(p["peak_mib"] for p in per)
                 row[f"{role}_inc"] = max(p["increment_mib"] for p in per)
                 row[f"{role}_base"] = max(p["baseline_mib"] for p in per)
+            for role in ("reference", "port"):
+                flops = results[role][0]["per_classes"][str(count)]["flops"]
+                peak = statistics.median(res["matmul_peak_gflops"] for res in results[role])
+                roof = _common.roofline(flops, row[f"{role}_s"], peak)
+                row[f"{role}_gflop"], row[f"{role}_gflops"], row[f"{role}_of_peak"] = (
+                    roof["gflop"], roof["gflops_s"], roof["of_peak"])
+                row[f"{role}_peak_gflops"] = roof["peak_gflops_s"]
             row["speed_ratio"] = row["port_ips"] / row["reference_ips"]
             row["mem_ratio"] = row["port_inc"] / row["reference_inc"] if row["reference_inc"] > 0 else float("nan")
             ref_out = load_file(os.path.join(workdir, f"reference_{count}_r0.safetensors"))
@@ -299,6 +341,8 @@ def main(argv=None) -> None:
             if "logits" in ref_out and "logits" in port_out:
                 row["logits_diff"] = float((ref_out["logits"] - port_out["logits"]).abs().max())
                 row["logits_absmax"] = float(ref_out["logits"].abs().max())
+                same = ref_out["logits"].argmax(1) == port_out["logits"].argmax(1)
+                row["argmax_agree"] = float(same.float().mean())
             rows.append(row)
         columns = [
             ("classes", "classes"), ("reference_ips", "reference img/s"), ("port_ips", "port img/s"),
@@ -306,12 +350,25 @@ def main(argv=None) -> None:
             ("reference_inc", "ref peak - baseline (MiB)"), ("port_base", "port baseline RSS (MiB)"),
             ("port_inc", "port peak - baseline (MiB)"), ("mem_ratio", "memory port/ref"),
             ("logits_diff", "max |logit diff|"), ("logits_absmax", "max |logit|"), ("probs_diff", "max |prob diff|"),
+            ("argmax_agree", "argmax agreement"),
+        ]
+        roof_columns = [
+            ("classes", "classes"), ("reference_gflop", "ref GFLOP"), ("reference_gflops", "ref GFLOP/s"),
+            ("reference_of_peak", "ref of peak"), ("port_gflop", "port GFLOP"), ("port_gflops", "port GFLOP/s"),
+            ("port_of_peak", "port of peak"), ("reference_peak_gflops", "ref fp32 matmul peak (GFLOP/s)"),
+            ("port_peak_gflops", "port matmul peak (GFLOP/s, bf16 under --bf16)"),
         ]
         if args.device.startswith("cuda"):
             columns = [(k, h.replace("RSS", "alloc")) for k, h in columns]
         print()
         print(_common.markdown_table(rows, columns))
+        print("\n# roofline: FLOPs of one inference (torch.utils.flop_counter: matmuls, convolutions, attention), "
+              "achieved GFLOP/s at the median time, and the share of the matmul peak measured in the workers\n")
+        print(_common.markdown_table(rows, roof_columns))
         print()
+        if args.plot:
+            plot_scaling(rows, args.plot, f"{args.mode}, pooling {args.pooling}, threads {args.threads or 'default'}")
+            print(f"# plot written to {args.plot}")
         for row in rows:
             verdict = "no slower" if row["speed_ratio"] >= 1.0 else "SLOWER"
             print(f"# C={row['classes']}: port/reference speed ratio {row['speed_ratio']:.2f} ({verdict}), "

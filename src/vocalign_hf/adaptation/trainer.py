@@ -206,6 +206,8 @@ class VocAlignTrainer(Trainer):
             names = [n for n in lora_parameter_names(self.teacher) if self.args.teacher_text_ema or "text_model" not in n]
             self._ema_pairs = ([teacher[n] for n in names], [student[n] for n in names])
         update_ema_(*self._ema_pairs, ema_alpha(step, self.args.ema_alpha))
+        if self.args.teacher_text_ema:  # the teacher's text LoRA weights moved: its class embeddings are stale
+            self._teacher_text = None
 
     @torch.no_grad()
     def teacher_class_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -216,9 +218,10 @@ class VocAlignTrainer(Trainer):
         with self.accelerator.autocast():
             text = self._teacher_text
             if text is None or text.device != pixel_values.device:
+                # Encoded once per EMA update (`update_teacher` drops it when the text tower follows the student),
+                # or once in all with a frozen teacher text tower; gradient accumulation reuses it.
                 text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
-                if not self.args.teacher_text_ema:  # a frozen text tower: encode the vocabulary once
-                    self._teacher_text = text
+                self._teacher_text = text
             logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return self.vocabulary.aggregate(logits, from_logits=True, reduce=self.args.concept_reduce)

@@ -10,6 +10,10 @@ converted checkpoints map one to one. Differences, none of which change the numb
   conv) apply the two halves of their weight separately: the guidance half runs once per image (appearance and
   decoder guidance, shared by the T classes) or once per image and class (text guidance, shared by the pixels),
   instead of on T or H*W copies, and the copies are never built;
+* the class slices are laid out (B, T, H, W, C) in memory (channels last) from the first Swin block to the decoder;
+  the Swin blocks apply the shift and window partition as one token permutation per block; the 2x2 transposed
+  convolutions run as one GEMM plus a pixel shuffle; without autograd the Swin blocks, the decoder and the
+  feed-forward layers run in chunks of class slices or rows (docs/performance.md, "Issue 15");
 * the class-attention padding tokens (the reference pads the class axis to `pad_len` = 256 with one learned
   token) are identical at every position, so their contribution to the linear attention's key/value sums is
   added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
@@ -21,6 +25,8 @@ under other names (the converter maps them) and differs in one computation: its 
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import torch.nn.functional as F
@@ -75,6 +81,24 @@ def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | N
     return add_per_group(out, F.linear(guidance, linear.weight[:, dim:]))
 
 
+FEED_FORWARD_CHUNK_ROWS = 1024
+
+
+def feed_forward(x: torch.Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> torch.Tensor:
+    """`fc2(act(fc1(x)))`; without autograd, in chunks of `FEED_FORWARD_CHUNK_ROWS` tokens, so that the 4x wider
+    hidden activation stays in cache instead of being written to and read back from memory (the result is the
+    same bit for bit: every row is computed by the same kernels). With autograd the plain form is kept, since
+    backward needs the whole hidden activation anyway."""
+    if torch.is_grad_enabled() or x.numel() // x.shape[-1] <= FEED_FORWARD_CHUNK_ROWS:
+        return fc2(act(fc1(x)))
+    flat = x.reshape(-1, x.shape[-1])
+    out = flat.new_empty(flat.shape[0], fc2.out_features)
+    for start in range(0, flat.shape[0], FEED_FORWARD_CHUNK_ROWS):
+        rows = slice(start, start + FEED_FORWARD_CHUNK_ROWS)
+        out[rows] = fc2(act(fc1(flat[rows])))
+    return out.view(*x.shape[:-1], fc2.out_features)
+
+
 class Mlp(nn.Module):
     """fc1 -> GELU -> fc2 (timm's `Mlp` without dropout)."""
 
@@ -85,7 +109,7 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return feed_forward(x, self.fc1, self.act, self.fc2)
 
 
 class WindowAttention(nn.Module):
@@ -100,16 +124,23 @@ class WindowAttention(nn.Module):
         self.v = nn.Linear(dim, dim)
         self.proj = nn.Linear(dim, dim)
 
-    def project(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """q, k, v of every token, concatenated: x (B*T, H, W, dim), guidance (B, H, W, G) -> (B*T, H, W, 3*dim)."""
+    def project_guidance(self, guidance: torch.Tensor | None) -> torch.Tensor | None:
+        """The guidance halves of q and k: guidance (B, N, G) -> (B, N, 2*dim), once per image."""
+        if guidance is None:
+            return None
+        return F.linear(guidance, torch.cat([self.q.weight[:, self.dim :], self.k.weight[:, self.dim :]]))
+
+    def project(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+        """q, k, v of every token, concatenated: x (G*T, N, dim), projected guidance (G, N, 2*dim) from
+        `project_guidance` (row i of x goes with guidance row i // T) -> (G*T, N, 3*dim)."""
         d = self.dim
         # One GEMM for the token halves of q, k and v (weights are stacked, activations never concatenated).
         weight = torch.cat([self.q.weight[:, :d], self.k.weight[:, :d], self.v.weight])
         qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
-        if guidance is None:
-            return qkv
-        projected = F.linear(guidance, torch.cat([self.q.weight[:, d:], self.k.weight[:, d:]]))
-        return add_per_group(qkv, F.pad(projected, (0, d)))  # v does not see the guidance
+        if projected_guidance is not None:
+            # In place on the fresh GEMM output (its backward does not need it); v does not see the guidance.
+            qkv.unflatten(0, (projected_guidance.shape[0], -1))[..., : 2 * d].add_(projected_guidance.unsqueeze(1))
+        return qkv
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
         """qkv: (B * nW, N, 3 * dim) windows of `project`'s output; mask: (nW, N, N) additive or None."""
@@ -123,8 +154,23 @@ class WindowAttention(nn.Module):
         return self.proj(out.transpose(1, 2).reshape(bw, n, -1))
 
 
+@functools.lru_cache(maxsize=None)
+def window_token_order(resolution: int, window_size: int, shift: int) -> torch.Tensor:
+    """Token permutation of a (shifted) window partition: `x[:, order]` for x (N, H*W, C) in row-major order equals
+    `window_partition(roll(x, -shift), window_size)` flattened to (N, H*W, C)."""
+    index = torch.arange(resolution * resolution).view(1, resolution, resolution, 1)
+    if shift:
+        index = torch.roll(index, shifts=(-shift, -shift), dims=(1, 2))
+    return window_partition(index, window_size).flatten()
+
+
 class SwinTransformerBlock(nn.Module):
-    """A (shifted-)window transformer block over the patch grid of one class's cost slice."""
+    """A (shifted-)window transformer block over the patch grid of one class's cost slice.
+
+    Works on tokens already in this block's window order (`token_order`): every other operation of the block is
+    per token, so the cyclic shift and the window partition reduce to one permutation of the tokens, which
+    `SwinTransformerBlockWrapper` applies once per block instead of rolling and partitioning q, k, v and the output.
+    """
 
     def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int, shift: int):
         super().__init__()
@@ -138,22 +184,19 @@ class SwinTransformerBlock(nn.Module):
         mask = shifted_window_mask(resolution, window_size, shift) if shift > 0 else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B*T, H*W, C); guidance: (B, H*W, G), shared by the T classes of an image, or None."""
+    def token_order(self, device: torch.device) -> torch.Tensor:
+        """(H*W,) natural token index of each position in window order."""
+        return window_token_order(self.resolution, self.window_size, self.shift).to(device)
+
+    def forward(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (G*T, H*W, C) and the guidance's share of q and k, `attn.project_guidance(guidance)`: (G, H*W, 2C)
+        (shared by the T classes of an image) or None, both with their tokens in this block's window order
+        (`token_order`); returns (G*T, H*W, C) in the same order."""
         r, ws = self.resolution, self.window_size
         b, _, c = x.shape
-        if guidance is not None:
-            guidance = guidance.view(-1, r, r, guidance.shape[-1])
-        # Per-token projections commute with the roll and the window partition (they only move tokens).
-        h = self.attn.project(self.norm1(x).view(b, r, r, c), guidance)
-        if self.shift:
-            h = torch.roll(h, shifts=(-self.shift, -self.shift), dims=(1, 2))
-        windows = window_partition(h, ws)
-        windows = self.attn(windows, self.attn_mask, num_windows=(r // ws) ** 2)
-        h = window_reverse(windows, ws, r, r)
-        if self.shift:
-            h = torch.roll(h, shifts=(self.shift, self.shift), dims=(1, 2))
-        x = x + h.reshape(b, r * r, c)
+        h = self.attn.project(self.norm1(x), projected_guidance)  # (G*T, H*W, 3C): runs of ws*ws are windows
+        h = self.attn(h.view(-1, ws * ws, h.shape[-1]), self.attn_mask, num_windows=(r // ws) ** 2)
+        x = x + h.view(b, r * r, c)
         return x + self.mlp(self.norm2(x))
 
 
@@ -167,14 +210,52 @@ class SwinTransformerBlockWrapper(nn.Module):
         self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim > 0 else None
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, C, T, H, W); guidance: (B, G, H, W) or None."""
+        """x: (B, C, T, H, W); guidance: (B, G, H, W) or None. Returns (B, C, T, H, W) laid out as (B, T, H, W, C)
+        in memory (channels-last class slices)."""
         b, c, t, h, w = x.shape
-        x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)
+        x = x.permute(0, 2, 3, 4, 1).reshape(b * t, h * w, c)  # a view when x is already laid out so
         if guidance is not None:  # the same for every class: normalised (and projected) once per image
             guidance = self.guidance_norm(guidance.flatten(2).transpose(1, 2))
-        x = self.block_1(x, guidance)
-        x = self.block_2(x, guidance)
-        return x.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+        order_1, order_2 = self.block_1.token_order(x.device), self.block_2.token_order(x.device)
+        natural_to_1 = torch.empty_like(order_1)
+        natural_to_1[order_1] = torch.arange(order_1.numel(), device=x.device)
+        one_to_2 = natural_to_1[order_2]
+        back = torch.empty_like(order_2)
+        back[order_2] = torch.arange(order_2.numel(), device=x.device)
+        guidance_1, guidance_2 = None, None
+        if guidance is not None:  # q/k guidance terms once per image, in each block's token order
+            guidance_1 = self.block_1.attn.project_guidance(guidance[:, order_1])
+            guidance_2 = self.block_2.attn.project_guidance(guidance[:, order_2])
+
+        def both_blocks(slices: torch.Tensor, image: slice) -> torch.Tensor:
+            # One token permutation per block: natural -> block 1's windows -> block 2's shifted windows -> natural.
+            g1 = guidance_1[image] if guidance_1 is not None else None
+            g2 = guidance_2[image] if guidance_2 is not None else None
+            slices = self.block_1(slices[:, order_1], g1)
+            return self.block_2(slices[:, one_to_2], g2)[:, back]
+
+        if torch.is_grad_enabled():
+            out = both_blocks(x, slice(None))
+        else:  # a few class slices at a time: the block's activations stay in cache (same kernels per slice)
+            out = x.new_empty(x.shape)
+            for image, start, stop in slice_chunks(b, t):
+                out[image * t + start : image * t + stop] = both_blocks(
+                    x[image * t + start : image * t + stop], slice(image, image + 1)
+                )
+        return out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
+
+
+INFERENCE_CHUNK_SLICES = 8
+
+
+def slice_chunks(batch: int, classes: int, size: int | None = None):
+    """(image, first class, end class) of runs of at most `size` (default `INFERENCE_CHUNK_SLICES`) class slices
+    within each image: the unit of the chunked no-grad paths (the per-image guidance then broadcasts over a chunk
+    as over a whole image)."""
+    size = size or INFERENCE_CHUNK_SLICES
+    for image in range(batch):
+        for start in range(0, classes, size):
+            yield image, start, min(start + size, classes)
 
 
 def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -260,19 +341,25 @@ class ClassTransformerLayer(nn.Module):
         )
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B, C, T, H, W); guidance: (B, T, G) or None."""
+        """x: (B, C, T, H, W); guidance: (B, T, G) or None.
+
+        Works in the (B, T, H, W, C) memory layout the Swin blocks leave behind (channels-last class slices): only
+        the pooled tokens are transposed, and the residual sum keeps the layout of `x`.
+        """
         b, c, t, h, w = x.shape
-        pooled = self.pool(x.reshape(b, c * t, h, w))
+        slices = x.transpose(1, 2).reshape(b * t, c, h, w).contiguous(memory_format=torch.channels_last)
+        pooled = self.pool(slices)  # (B*T, C, hp, wp), channels last
         hp, wp = pooled.shape[-2:]
-        tokens = pooled.view(b, c, t, hp * wp).permute(0, 3, 2, 1).reshape(b * hp * wp, t, c)
+        tokens = pooled.permute(0, 2, 3, 1).reshape(b, t, hp * wp, c).transpose(1, 2).reshape(b * hp * wp, t, c)
         num_pad = max(self.pad_len - t, 0) if self.padding_tokens is not None else 0
         pad_x = self.norm1(self.padding_tokens) if num_pad else None
         pad_g = self.padding_guidance if (num_pad and guidance is not None) else None
         tokens = tokens + self.attention(self.norm1(tokens), guidance, pad_x, pad_g, num_pad)
         normed = self.norm2(tokens)
-        tokens = tokens + (normed + self.MLP(normed) if self.mlp_adds_input else self.MLP(normed))
-        tokens = tokens.view(b, hp, wp, t, c).permute(0, 3, 4, 1, 2).reshape(b * t, c, hp, wp)
-        tokens = F.interpolate(tokens, size=(h, w), mode="bilinear", align_corners=True)
+        mlp = feed_forward(normed, *self.MLP)
+        tokens = tokens + (normed + mlp if self.mlp_adds_input else mlp)
+        tokens = tokens.view(b, hp, wp, t, c).permute(0, 3, 1, 2, 4).reshape(b * t, hp, wp, c).permute(0, 3, 1, 2)
+        tokens = F.interpolate(tokens, size=(h, w), mode="bilinear", align_corners=True)  # stays channels last
         return x + tokens.view(b, t, c, h, w).transpose(1, 2)
 
 
@@ -329,15 +416,40 @@ class Up(nn.Module):
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
         self.conv = DoubleConv(in_channels, out_channels)
 
-    def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
-        """x: (B*T, C, h, w) class slices; guidance: (B, G, 2h, 2w), shared by the T classes of an image."""
-        x = self.up(x)
+    def upsample(self, x: torch.Tensor) -> torch.Tensor:
+        """`self.up(x)` (kernel 2, stride 2: the 2x2 output patches do not overlap) as one GEMM over channels-last
+        pixels followed by a pixel shuffle; returns a channels-last tensor. oneDNN's transposed convolution runs
+        this shape far below the matmul peak on CPU."""
+        n, c_in, h, w = x.shape
+        weight = self.up.weight  # (C_in, C_out, 2, 2)
+        c_out = weight.shape[1]
+        pixels = x.permute(0, 2, 3, 1).reshape(-1, c_in)  # a view for channels-last input
+        out = F.linear(pixels, weight.permute(2, 3, 1, 0).reshape(4 * c_out, c_in), self.up.bias.repeat(4))
+        out = out.view(n, h, w, 2, 2, c_out).permute(0, 1, 3, 2, 4, 5).reshape(n, 2 * h, 2 * w, c_out)
+        return out.permute(0, 3, 1, 2)
+
+    def project_guidance(self, guidance: torch.Tensor | None) -> torch.Tensor | None:
+        """The guidance half of the first convolution, (B, G, 2h, 2w) -> (B, out, 2h, 2w): once per image."""
+        if guidance is None:
+            return None
+        first = self.conv.double_conv[0]
+        weight = first.weight[:, first.in_channels - guidance.shape[1] :].contiguous(memory_format=torch.channels_last)
+        return F.conv2d(guidance.contiguous(memory_format=torch.channels_last), weight, padding=1)
+
+    def forward(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+        """x: (G*T, C, h, w) class slices; projected_guidance: `project_guidance(guidance)` (G, out, 2h, 2w), shared
+        by the T classes of an image, or None.
+
+        Runs channels last (oneDNN's convolutions are about 1.7x faster on CPU in that layout for these small
+        channel counts); the result is channels last too.
+        """
+        cl = torch.channels_last
+        x = self.upsample(x.contiguous(memory_format=cl))
         first, rest = self.conv.double_conv[0], self.conv.double_conv[1:]
         # conv(cat[x, g]) = conv_x(x) + conv_g(g) (bias-free): the guidance half runs once per image, not per class.
-        out = F.conv2d(x, first.weight[:, : x.shape[1]], padding=1)
-        if guidance is not None:
-            projected = F.conv2d(guidance, first.weight[:, x.shape[1] :], padding=1)
-            out = add_per_group(out, projected)
+        out = F.conv2d(x, first.weight[:, : x.shape[1]].contiguous(memory_format=cl), padding=1)
+        if projected_guidance is not None:
+            out.unflatten(0, (projected_guidance.shape[0], -1)).add_(projected_guidance.unsqueeze(1))
         return rest(out)
 
 
@@ -396,10 +508,21 @@ class Aggregator(nn.Module):
         for layer in self.layers:
             x = layer(x, appearance, text_guidance)
 
-        x = x.transpose(1, 2).reshape(b * t, -1, h, w)
-        x = self.decoder1(x, decoder_guidance[0])
-        x = self.decoder2(x, decoder_guidance[1])
-        logits = self.head(x).view(b, t, x.shape[-2], x.shape[-1])
+        x = x.transpose(1, 2).reshape(b * t, -1, h, w)  # a view of the channels-last class slices
+        guidance_1 = self.decoder1.project_guidance(decoder_guidance[0])
+        guidance_2 = self.decoder2.project_guidance(decoder_guidance[1])
+
+        def decode(slices: torch.Tensor, image: slice) -> torch.Tensor:
+            g1 = guidance_1[image] if guidance_1 is not None else None
+            g2 = guidance_2[image] if guidance_2 is not None else None
+            return self.head(self.decoder2(self.decoder1(slices, g1), g2))
+
+        if torch.is_grad_enabled():
+            logits = decode(x, slice(None)).reshape(b, t, 4 * h, 4 * w)
+        else:  # a few class slices at a time: the 96x96 decoder maps stay in cache (same kernels per slice)
+            logits = x.new_empty(b, t, 4 * h, 4 * w)
+            for image, start, stop in slice_chunks(b, t):
+                logits[image, start:stop] = decode(x[image * t + start : image * t + stop], slice(image, image + 1))[:, 0]
         if kept is not None:
             full = logits.new_full((b, num_classes, *logits.shape[-2:]), -100.0)
             logits = full.scatter(1, kept[..., None, None].expand(-1, -1, *logits.shape[-2:]), logits)
