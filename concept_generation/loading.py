@@ -11,7 +11,7 @@ from typing import Any
 
 from .classes import name_key, normalize_name, validate_class_names
 from .errors import ClassListError, ConceptFileError
-from .phrases import MAX_CONCEPT_CHARS, phrase_form, same_phrase
+from vocalign_hf.concept_phrases import MAX_CONCEPT_CHARS, phrase_form, same_phrase
 from .validation import excerpt
 
 __all__ = ["SHIPPED_CONCEPT_SETS", "list_shipped_concepts", "shipped_concepts_path", "load_concepts"]

@@ -10,7 +10,7 @@ from typing import Any
 
 from .classes import name_key, normalize_name
 from .errors import ConceptGenerationError
-from .phrases import MAX_CONCEPT_CHARS, contains_phrase, phrase_form, same_phrase
+from vocalign_hf.concept_phrases import MAX_CONCEPT_CHARS, contains_phrase, phrase_form, same_phrase
 
 __all__ = ["parse_answer", "clean_concepts", "excerpt"]
 
@@ -106,7 +106,7 @@ def clean_concepts(
 
     Rules (names and concepts are compared after Unicode NFC normalisation, ignoring case and extra
     whitespace; "names" and "contains" below also ignore plurals, a leading article, and spacing or
-    hyphenation, see :mod:`concept_generation.phrases`):
+    hyphenation, see :mod:`vocalign_hf.concept_phrases`):
 
     * answer class names are matched to the targets; unknown (extra) classes are **dropped with a
       warning** naming them; a class given twice has its lists merged (with a warning);
@@ -245,7 +245,7 @@ def _clean_class(
 
 def _remove_shared(cleaned: dict[str, list[str]], warn: Callable[[str], None]) -> None:
     """Remove, from every class, concepts that two or more classes share (same
-    :func:`~concept_generation.phrases.phrase_form`: up to case, plural, article and spacing)."""
+    :func:`~vocalign_hf.concept_phrases.phrase_form`: up to case, plural, article and spacing)."""
     owners: dict[str, list[tuple[str, str]]] = {}
     for name, kept in cleaned.items():
         for text in kept:

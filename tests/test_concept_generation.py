@@ -874,7 +874,7 @@ def test_load_concepts_accepts_concepts_containing_another_class_as_a_word(tmp_p
 
 
 def test_phrase_helpers():
-    from concept_generation.phrases import contains_phrase, same_phrase, singular
+    from vocalign_hf.concept_phrases import contains_phrase, same_phrase, singular
 
     assert [singular(w) for w in ["sidewalks", "benches", "shelves", "knives", "bodies", "people", "glass", "bus"]] == [
         "sidewalk", "bench", "shelf", "knife", "body", "person", "glass", "bus"
