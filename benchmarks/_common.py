@@ -222,6 +222,19 @@ def now() -> float:
     return time.perf_counter()
 
 
+def huge_pages_state() -> str:
+    """`on` where this process's large CPU tensors get transparent huge pages (PyTorch's `THP_MEM_ALLOC_ENABLE=1`
+    and a kernel in `madvise` or `always` mode), else `off` (the code before vocalign_hf.cpu_memory ran so)."""
+    mode = None
+    try:
+        with open("/sys/kernel/mm/transparent_hugepage/enabled") as handle:
+            text = handle.read()
+        mode = text[text.find("[") + 1 : text.find("]")]
+    except OSError:
+        pass
+    return "on" if os.environ.get("THP_MEM_ALLOC_ENABLE", "").strip() == "1" and mode in ("madvise", "always") else "off"
+
+
 # ----------------------------------------------------------------------------------------- subprocesses
 def run_worker(
     script: str, config: dict[str, Any], timeout: float | None = None, nice: int = 0, echo: bool = False,

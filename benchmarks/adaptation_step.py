@@ -280,14 +280,19 @@ COLUMNS = [
     ("top_k", "Top-K"), ("templates", "templates"), ("lora_s", "LoRA"), ("gc_s", "grad ckpt"),
     ("step_s", "step (s)"), ("fwd_bwd_s", "fwd+bwd (s)"), ("teacher_s", "teacher fwd (s)"),
     ("baseline_mib", "baseline (MiB)"), ("peak_mib", "peak (MiB)"), ("increment_mib", "peak - baseline (MiB)"),
-    ("gflop", "GFLOP (fwd+bwd)"), ("gflops_s", "GFLOP/s"), ("of_peak", "of matmul peak"), ("error", "note"),
+    ("gflop", "GFLOP (fwd+bwd)"), ("gflops_s", "GFLOP/s"), ("of_peak", "of matmul peak"),
+    ("huge_pages", "huge-page tensors"), ("error", "note"),
 ]
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        _common.emit_result(worker(json.loads(args.worker)))
+        import vocalign_hf  # noqa: F401 - first, as a program using it would: it sets up huge-page tensors
+
+        result = worker(json.loads(args.worker))
+        result["huge_pages"] = _common.huge_pages_state()
+        _common.emit_result(result)
         return
     if args.tiny:
         if args.num_classes == 150:

@@ -65,6 +65,31 @@ def test_chunked_no_grad_aggregator_equals_the_autograd_path(pad_len, monkeypatc
     assert (changed[1] - chunked[1]).abs().max() > 1e-3
 
 
+def _graph_node_names(tensor: torch.Tensor) -> set[str]:
+    seen, names, stack = set(), set(), [tensor.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+def test_student_backward_has_no_whole_gradient_copies():
+    """The student's aggregator is frozen and its inputs need gradients: the guidance terms are then added out of
+    place, since an in-place add on a GEMM output makes autograd clone the whole gradient (`CopySlices`)."""
+    config = tiny_catseg_config()
+    model = agg.Aggregator(config).requires_grad_(False)
+    dense, text, guidance = _aggregator_inputs(config)
+    inputs = [dense.requires_grad_(), text, tuple(g.requires_grad_() for g in guidance)]
+    logits = model(*inputs)
+    assert not [name for name in _graph_node_names(logits) if "CopySlices" in name]
+    logits.square().mean().backward()
+    assert all(g.grad is not None and g.grad.abs().sum() > 0 for g in (dense, *inputs[2]))
+
+
 class _Images(Dataset):
     def __len__(self):
         return 8

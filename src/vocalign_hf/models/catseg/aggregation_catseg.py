@@ -67,6 +67,15 @@ def add_per_group(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     return (x.unflatten(0, (shared.shape[0], -1)) + shared.unsqueeze(1)).flatten(0, 1)
 
 
+def add_per_group_(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
+    """`add_per_group`, in place on `x` when no gradient flows through it. Under autograd the sum is a new tensor:
+    an in-place add on (a view of) a GEMM output would make autograd copy the whole gradient back (`CopySlices`)."""
+    if x.requires_grad:
+        return add_per_group(x, shared)
+    x.unflatten(0, (shared.shape[0], -1)).add_(shared.unsqueeze(1))
+    return x
+
+
 def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
     """`linear(cat([x, g]))` without building the concatenation, for guidance shared by groups of rows of x.
 
@@ -137,9 +146,11 @@ class WindowAttention(nn.Module):
         # One GEMM for the token halves of q, k and v (weights are stacked, activations never concatenated).
         weight = torch.cat([self.q.weight[:, :d], self.k.weight[:, :d], self.v.weight])
         qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
-        if projected_guidance is not None:
-            # In place on the fresh GEMM output (its backward does not need it); v does not see the guidance.
-            qkv.unflatten(0, (projected_guidance.shape[0], -1))[..., : 2 * d].add_(projected_guidance.unsqueeze(1))
+        if projected_guidance is None:
+            return qkv
+        if qkv.requires_grad:  # out of place (see `add_per_group_`); v does not see the guidance: its third is zero
+            return add_per_group(qkv, F.pad(projected_guidance, (0, d)))
+        add_per_group_(qkv[..., : 2 * d], projected_guidance)  # in place on the fresh GEMM output
         return qkv
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
@@ -449,7 +460,7 @@ class Up(nn.Module):
         # conv(cat[x, g]) = conv_x(x) + conv_g(g) (bias-free): the guidance half runs once per image, not per class.
         out = F.conv2d(x, first.weight[:, : x.shape[1]].contiguous(memory_format=cl), padding=1)
         if projected_guidance is not None:
-            out.unflatten(0, (projected_guidance.shape[0], -1)).add_(projected_guidance.unsqueeze(1))
+            out = add_per_group_(out, projected_guidance)
         return rest(out)
 
 
