@@ -6,6 +6,7 @@ Every loader returns a ``datasets.Dataset`` with an ``image`` column and, when m
 ``(3, H, W)``) and ``labels`` (``int64``, ``(H, W)``), and batch them with :func:`collate_fn`.
 """
 
+from . import dataset_info, transforms
 from .cityscapes import load_cityscapes
 from .dataset_info import (
     ADE20K_150_CLASSES,
@@ -33,30 +34,18 @@ from .transforms import (
     SegmentationTrainTransform,
     collate_fn,
     color_jitter,
+    hsv_to_rgb,
     make_eval_transform,
     make_train_transform,
     photometric_distortion,
+    rgb_to_hsv,
     to_label_tensor,
     to_pixel_values,
     train_transform_preset,
 )
 
 __all__ = [
-    # metadata
-    "IGNORE_INDEX",
-    "CITYSCAPES_CLASSES",
-    "CITYSCAPES_PALETTE",
-    "CITYSCAPES_LABEL_ID_TO_TRAIN_ID",
-    "ADE20K_150_CLASSES",
-    "ADE20K_150_PALETTE",
-    "PASCAL_CONTEXT_59_CLASSES",
-    "PASCAL_CONTEXT_59_PALETTE",
-    "DatasetInfo",
-    "get_dataset_info",
-    "known_dataset_names",
-    "make_palette",
-    "map_label_ids",
-    "reduce_labels",
+    *dataset_info.__all__,  # metadata
     # loaders
     "load_cityscapes",
     "IMAGE_EXTENSIONS",
@@ -69,17 +58,5 @@ __all__ = [
     "load_hub_dataset",
     "normalize_segmentation_dataset",
     "detect_cityscapes_label_encoding",
-    # transforms
-    "ColorJitter",
-    "PhotoMetricDistortion",
-    "SegmentationTrainTransform",
-    "SegmentationEvalTransform",
-    "make_train_transform",
-    "make_eval_transform",
-    "train_transform_preset",
-    "collate_fn",
-    "color_jitter",
-    "photometric_distortion",
-    "to_pixel_values",
-    "to_label_tensor",
+    *transforms.__all__,
 ]
