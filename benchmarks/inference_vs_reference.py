@@ -284,7 +284,12 @@ def parse_args(argv=None):
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.worker:
-        _common.emit_result(worker(json.loads(args.worker)))
+        cfg = json.loads(args.worker)
+        if cfg["role"] == "port":
+            import vocalign_hf  # noqa: F401 - first, as a program using it would: it sets up huge-page tensors
+        result = worker(cfg)
+        result["huge_pages"] = _common.huge_pages_state()
+        _common.emit_result(result)
         return
     if not os.path.isfile(os.path.join(args.reference_path, "cat_seg", "cat_seg_model.py")):
         raise SystemExit(f"No CAT-Seg checkout at {args.reference_path!r}: see the module docstring (--help).")
@@ -311,7 +316,7 @@ def main(argv=None) -> None:
                 if "error" in res:
                     raise SystemExit(f"{role} run failed: {res['error']}")
                 results[role].append(res)
-                print(f"#   round {r} {role}: " + ", ".join(
+                print(f"#   round {r} {role} (huge-page tensors {res.get('huge_pages', '?')}): " + ", ".join(
                     f"C={c}: {v['median_s']:.3f} s, peak +{v['increment_mib']:.0f} MiB" for c, v in res["per_classes"].items()),
                     flush=True)
 
