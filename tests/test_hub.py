@@ -443,6 +443,47 @@ def test_trainer_push_flags_map_to_the_recipe_push():
         adapter_push_target("no-namespace", args())
 
 
+def test_trainer_push_to_hub_publishes_the_adapter_card(hub, hub_env, published, tmp_path):
+    """A `VocAlignTrainer` used directly (outside the recipes) pushes the adapter's own card, with the mIoU it
+    measured, and not the Trainer's generic one."""
+    from huggingface_hub import ModelCard
+    from torch.utils.data import Dataset
+
+    from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+    from vocalign_hf.adaptation import VocAlignArguments, VocAlignTrainer, add_lora
+
+    class Labelled(Dataset):
+        def __len__(self):
+            return 4
+
+        def __getitem__(self, index):
+            g = torch.Generator().manual_seed(index)
+            return {"pixel_values": torch.rand(3, 32, 32, generator=g), "labels": torch.randint(0, 3, (32, 32), generator=g)}
+
+    args = VocAlignArguments(
+        output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=2,
+        per_device_eval_batch_size=2, push_to_hub=True, hub_model_id="org/trainer-adapter", save_strategy="no",
+        disable_tqdm=True, lora_layers=[0],
+    )
+    model = add_lora(CATSegForSemanticSegmentation.from_pretrained("org/base"), args)
+    trainer = VocAlignTrainer(
+        model=model, args=args, class_names=["sky", "road", "tree"], processor=CATSegProcessor.from_pretrained("org/base"),
+        train_dataset=Labelled(), eval_dataset=Labelled(),
+    )
+    trainer.train()
+    metrics = trainer.evaluate(metric_key_prefix="adapted")
+    trainer.push_to_hub()
+
+    repo = hub.repo("org/trainer-adapter")
+    files = repo.commits[repo.branches["main"]].files
+    assert "adapter_config.json" in files
+    card = ModelCard(files["README.md"].content.decode())
+    assert card.data.base_model == "org/base" and card.data.library_name == "peft"
+    assert "| road |" in card.text and 'load_adapted_model("org/base", "org/trainer-adapter")' in card.text
+    results = {r.metric_name: r.metric_value for r in card.data.eval_results}
+    assert results == {"target mIoU (adapted)": round(metrics["adapted_mean_iou"], 2)}
+
+
 # --- datasets: repos laid out as the ones the loaders name, read by the real `datasets` client ----------------------
 
 CITYSCAPES_LABEL_IDS = {7: 0, 8: 1, 23: 10, 26: 13, 0: 255}  # road, sidewalk, sky, car, unlabeled -> train ids

@@ -532,9 +532,7 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     )
     if overlays:
         print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
-    settings = {key: getattr(args, key) for key in (
-        "method", "top_k", "use_masking", "mask_ratio", "mask_block_size", "use_concepts", "pseudo_threshold",
-        "ema_alpha", "lora_rank", "lora_alpha", "lora_layers", "learning_rate", "max_steps", "seed")}
+    settings = trainer.adaptation_settings()
     metrics = {title: results[key] for key, title in (
         ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)")) if key in results}
     # save_adapter writes the folder whole and renames it into place: never new weights beside an old class list.

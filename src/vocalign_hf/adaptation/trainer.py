@@ -44,10 +44,11 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, speed_metrics
 from transformers.utils import logging
 
-from ..atomic import atomic_write_json
+from ..atomic import atomic_write_json, atomic_write_text
 from ..data import collate_fn
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
+from .adapters import CARD_FILE, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
 from .ema import ema_alpha, update_ema_
 from .lora import LoRASettings, lora_config_for_clip, lora_parameter_names
@@ -376,6 +377,40 @@ class VocAlignTrainer(Trainer):
                 "ema_alpha": self.args.ema_alpha,
             }
             atomic_write_json(Path(output_dir or self.args.output_dir) / VOCALIGN_STATE, info)
+
+    CARD_SETTINGS = (
+        "method", "top_k", "use_masking", "mask_ratio", "mask_block_size", "use_concepts", "pseudo_threshold",
+        "ema_alpha", "lora_rank", "lora_alpha", "lora_layers", "learning_rate", "max_steps", "seed",
+    )
+
+    def adaptation_settings(self) -> dict[str, Any]:
+        """The settings of this run that an adapter's model card and `vocalign.json` record."""
+        return {key: getattr(self.args, key) for key in self.CARD_SETTINGS}
+
+    def create_model_card(self, model_name: str | None = None, dataset: str | list[str] | None = None, **kwargs) -> None:
+        """Write the adapter's own card ([`build_model_card`]: base model, target classes and concepts, the mIoUs
+        this trainer measured, the settings, a usage snippet) as `README.md` in `output_dir`, so that
+        `trainer.push_to_hub()` publishes the same card as the recipes. A model without LoRA (every weight trained)
+        keeps the Trainer's own card; extra arguments of the Trainer's card (tags, language, ...) are ignored."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return super().create_model_card(model_name=model_name, dataset=dataset, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        peft_config = model.peft_config[model.active_adapter]
+        base_model = peft_config.base_model_name_or_path or "catseg"
+        _, commit = base_model_reference(base_model, peft_config.revision)
+        metrics: dict[str, float] = {}
+        for entry in self.state.log_history:  # the latest mIoU of each evaluation prefix ("eval", "adapted", ...)
+            for key, value in entry.items():
+                if key.endswith("_mean_iou"):
+                    metrics[f"target mIoU ({key[: -len('_mean_iou')].replace('_', '-')})"] = value
+        card = build_model_card(
+            base_model, self.class_names, self.concepts, metrics, dataset if isinstance(dataset, str) else None,
+            self.adaptation_settings(), repo_id=self.hub_model_id, base_model_revision=commit,
+        )
+        atomic_write_text(Path(self.args.output_dir) / CARD_FILE, str(card))
+        return None
 
     def save_teacher(self, path: str | Path) -> None:
         """Write the teacher's LoRA weights atomically (tmp file + rename)."""
