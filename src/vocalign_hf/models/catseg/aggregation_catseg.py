@@ -68,9 +68,10 @@ def add_per_group(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
 
 
 def add_per_group_(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-    """`add_per_group`, in place on `x` when no gradient flows through it. Under autograd the sum is a new tensor:
-    an in-place add on (a view of) a GEMM output would make autograd copy the whole gradient back (`CopySlices`)."""
-    if x.requires_grad:
+    """`add_per_group`, in place on `x` when no gradient flows through either. Under autograd the sum is a new
+    tensor: an in-place add on (a view of) a GEMM output would make autograd copy the whole gradient back
+    (`CopySlices`)."""
+    if x.requires_grad or shared.requires_grad:
         return add_per_group(x, shared)
     x.unflatten(0, (shared.shape[0], -1)).add_(shared.unsqueeze(1))
     return x
@@ -148,7 +149,8 @@ class WindowAttention(nn.Module):
         qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
         if projected_guidance is None:
             return qkv
-        if qkv.requires_grad:  # out of place (see `add_per_group_`); v does not see the guidance: its third is zero
+        if qkv.requires_grad or projected_guidance.requires_grad:
+            # Out of place (see `add_per_group_`); v does not see the guidance, so its third is zero.
             return add_per_group(qkv, F.pad(projected_guidance, (0, d)))
         add_per_group_(qkv[..., : 2 * d], projected_guidance)  # in place on the fresh GEMM output
         return qkv
