@@ -38,7 +38,3 @@ def kernel_thp_mode() -> str | None:
     start, end = text.find("["), text.find("]")
     return text[start + 1 : end] if 0 <= start < end else None
 
-
-def huge_page_tensors_active() -> bool:
-    """Whether large CPU tensors of this process get huge pages: the variable is 1 and the kernel honours it."""
-    return os.environ.get(HUGE_PAGES_ENV, "0").strip() == "1" and kernel_thp_mode() in ("madvise", "always")
