@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch.utils.data import Dataset
 
 from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 
@@ -54,3 +55,14 @@ def tiny_catseg_v1_config(**overrides) -> CATSegConfig:
     config = tiny_catseg_config(**kwargs)
     config.clip_config.vision_config.patch_size = 16  # the backbone's stride-16 map must match the CLIP grid
     return config
+
+
+class RandomImages(Dataset):
+    """Deterministic 32x32 images and 3-class labels per index (a labelled split for trainer tests)."""
+
+    def __len__(self):
+        return 8
+
+    def __getitem__(self, index):
+        g = torch.Generator().manual_seed(index)
+        return {"pixel_values": torch.rand(3, 32, 32, generator=g), "labels": torch.randint(0, 3, (32, 32), generator=g)}

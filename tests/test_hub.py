@@ -446,19 +446,11 @@ def test_trainer_push_flags_map_to_the_recipe_push():
 def test_trainer_push_to_hub_publishes_the_adapter_card(hub, hub_env, published, tmp_path):
     """A `VocAlignTrainer` used directly (outside the recipes) pushes the adapter's own card, with the mIoU it
     measured, and not the Trainer's generic one."""
+    from conftest import RandomImages
     from huggingface_hub import ModelCard
-    from torch.utils.data import Dataset
 
     from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
     from vocalign_hf.adaptation import VocAlignArguments, VocAlignTrainer, add_lora
-
-    class Labelled(Dataset):
-        def __len__(self):
-            return 4
-
-        def __getitem__(self, index):
-            g = torch.Generator().manual_seed(index)
-            return {"pixel_values": torch.rand(3, 32, 32, generator=g), "labels": torch.randint(0, 3, (32, 32), generator=g)}
 
     args = VocAlignArguments(
         output_dir=str(tmp_path / "run"), report_to="none", use_cpu=True, max_steps=1, per_device_train_batch_size=2,
@@ -468,7 +460,7 @@ def test_trainer_push_to_hub_publishes_the_adapter_card(hub, hub_env, published,
     model = add_lora(CATSegForSemanticSegmentation.from_pretrained("org/base"), args)
     trainer = VocAlignTrainer(
         model=model, args=args, class_names=["sky", "road", "tree"], processor=CATSegProcessor.from_pretrained("org/base"),
-        train_dataset=Labelled(), eval_dataset=Labelled(),
+        train_dataset=RandomImages(), eval_dataset=RandomImages(),
     )
     trainer.train()
     metrics = trainer.evaluate(metric_key_prefix="adapted")

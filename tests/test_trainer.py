@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from torch.utils.data import Dataset
+from conftest import RandomImages
 
 from vocalign_hf import CATSegForSemanticSegmentation
 from vocalign_hf.adaptation import (
@@ -20,17 +20,6 @@ from vocalign_hf.adaptation import (
 
 CLASSES = ["road", "car", "sky"]
 CONCEPTS = {"car": ["automobile", "vehicle"], "sky": ["heaven"]}
-
-
-class RandomImages(Dataset):
-    """Deterministic images (and labels) per index."""
-
-    def __len__(self):
-        return 8
-
-    def __getitem__(self, index):
-        g = torch.Generator().manual_seed(index)
-        return {"pixel_values": torch.rand(3, 32, 32, generator=g), "labels": torch.randint(0, 3, (32, 32), generator=g)}
 
 
 def make_args(tmp_path, **overrides):
