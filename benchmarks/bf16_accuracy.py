@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         model=model, args=args, class_names=data.class_names, processor=processor, eval_dataset=data.eval
     )
     model = trainer.model.eval()
-    tokens = trainer._class_tokens
+    tokens = processor.tokenize_classes(data.class_names)["input_ids"]  # as the recipes tokenise them
     metrics = {name: StreamingMeanIoU(len(data.class_names), ignore_index=255) for name in ("fp32", "bf16")}
     agree = labelled_agree = pixels = labelled = 0
     max_diff = 0.0
