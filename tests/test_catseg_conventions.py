@@ -176,6 +176,39 @@ def test_zero_shot_pipeline_takes_class_names_per_call(tmp_path, tiny_model, tin
         segmenter(image)  # no default vocabulary
 
 
+def test_zero_shot_pipeline_batches_images_and_encodes_the_names_once(tmp_path, tiny_model, tiny_processor):
+    tiny_model.save_pretrained(tmp_path)
+    tiny_processor.save_pretrained(tmp_path)
+    images = [Image.fromarray(random_array(20 + 3 * i, 30, seed=i)) for i in range(3)]
+    names = ["road", "car", "sky"]
+    segmenter = pipeline("zero-shot-image-segmentation", model=str(tmp_path))
+    text_passes = []
+    segmenter.model.catseg.clip.text_model.register_forward_hook(lambda *args: text_passes.append(1))
+
+    def as_arrays(results):
+        return [[(s["label"], round(s["score"], 5), np.asarray(s["mask"]).tobytes()) for s in r] for r in results]
+
+    one_by_one = [segmenter(image, candidate_labels=names) for image in images]
+    batched = segmenter(images, candidate_labels=names, batch_size=2)  # batches of 2 and 1
+    assert as_arrays(batched) == as_arrays(one_by_one)
+    assert [np.asarray(r[0]["mask"]).shape for r in batched] == [(20, 30), (23, 30), (26, 30)]
+    assert len(text_passes) == 1  # four forward passes, one encoding of the names
+    segmenter(images[:1], candidate_labels=["tree", "person"])
+    assert len(text_passes) == 2  # new names: encoded again
+    with torch.no_grad():  # an in-place weight update (an optimiser step) makes the cached embeddings stale
+        segmenter.model.catseg.clip.text_projection.weight.mul_(-1)
+    flipped = segmenter(images[0], candidate_labels=names)
+    assert len(text_passes) == 3
+    with torch.no_grad():
+        logits = segmenter.model(**tiny_processor(images=images[0], text=names)).logits
+    expected = tiny_processor.post_process_semantic_segmentation(logits, target_sizes=[(20, 30)])[0]
+    assert {s["label"] for s in flipped} == {names[i] for i in expected.unique().tolist()}
+    with pytest.raises(ValueError, match="candidate_labels: duplicate class name 'Car'"):
+        segmenter(images[0], candidate_labels=["car", "road", "Car"])
+    with pytest.raises(ValueError, match="candidate_labels"):
+        segmenter(images[0], candidate_labels=[])
+
+
 def test_image_segmentation_pipeline_is_clean_and_auto_mappings_intact(tiny_model, tiny_processor):
     tiny_model.set_vocabulary(["road", "car"], tiny_processor)
     with CaptureLogger(pipeline_base.logger) as log:

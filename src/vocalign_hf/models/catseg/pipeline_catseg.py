@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import torch
 import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, Pipeline
@@ -21,7 +22,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 
 from .configuration_catseg import CATSegConfig
 from .modeling_catseg import CATSegForSemanticSegmentation
-from .processing_catseg import CATSegProcessor
+from .processing_catseg import CATSegProcessor, validate_class_names
 
 ZERO_SHOT_TASK = "zero-shot-image-segmentation"
 
@@ -61,8 +62,10 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             self.processor = CATSegProcessor.from_config(self.model.config)
             if self.image_processor is not None:
                 self.processor.image_processor = self.image_processor
-            self.image_processor = self.processor.image_processor
-            self.tokenizer = self.processor.tokenizer
+        # transformers' batching (`batch_size` > 1) collates with the pipeline's image processor.
+        self.image_processor = self.processor.image_processor
+        self.tokenizer = self.processor.tokenizer
+        self._text_cache: tuple[tuple, torch.Tensor] | None = None
 
     def __call__(self, images: Any, candidate_labels: Sequence[str] | None = None, **kwargs: Any):
         """Segment one image (PIL image, path or URL) or a list of them with the given class names.
@@ -71,6 +74,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             images: the image(s).
             candidate_labels (`list[str]`, *optional*): the class names; default: the model's vocabulary.
             timeout (`float`, *optional*): seconds to wait when fetching an image from a URL.
+            batch_size (`int`, *optional*): images per forward pass (transformers' pipeline batching).
         """
         if candidate_labels is not None:
             kwargs["candidate_labels"] = candidate_labels
@@ -79,12 +83,14 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     def _sanitize_parameters(self, candidate_labels=None, timeout=None, **kwargs):
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unexpected argument(s) {sorted(kwargs)}")
-        preprocess = {}
+        preprocess = {} if timeout is None else {"timeout": timeout}
+        # The class names are per call, not per image: they go to the forward pass and to post-processing, never
+        # through the batch collation (which would treat a class list as padded per-image tokens).
+        labels = {}
         if candidate_labels is not None:
-            preprocess["candidate_labels"] = candidate_labels
-        if timeout is not None:
-            preprocess["timeout"] = timeout
-        return preprocess, {}, {}
+            validate_class_names(candidate_labels, source="candidate_labels")  # empty or duplicate: a clear error now
+            labels["candidate_labels"] = list(candidate_labels)  # the masks are labelled with the names as given
+        return preprocess, labels, dict(labels)
 
     def _labels(self, candidate_labels: Sequence[str] | None) -> list[str]:
         if candidate_labels is not None:
@@ -95,22 +101,35 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             )
         return [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
 
-    def preprocess(self, image, candidate_labels=None, timeout=None):
+    def _text_embeds(self, candidate_labels: list[str]) -> torch.Tensor:
+        """The class names' text embeddings, encoded once for all the images and batches that share them.
+
+        Re-encoded when the names, the device or the text tower's weights change (an in-place update of a weight
+        bumps its version counter)."""
+        text_weights = [*self.model.catseg.clip.text_model.parameters(), self.model.catseg.clip.text_projection.weight]
+        key = (tuple(candidate_labels), str(self.device), tuple((id(w), w._version) for w in text_weights))
+        if self._text_cache is None or self._text_cache[0] != key:
+            input_ids = self.processor.tokenize_classes(candidate_labels)["input_ids"].to(self.device)
+            self._text_cache = (key, self.model.get_text_embeddings(input_ids))
+        return self._text_cache[1]
+
+    def preprocess(self, image, timeout=None):
         image = load_image(image, timeout=timeout)
-        labels = self._labels(candidate_labels)
-        text = list(candidate_labels) if candidate_labels is not None else None
-        inputs = self.processor(images=[image], text=text).to(self.dtype)
+        inputs = self.processor(images=[image]).to(self.dtype)
         inputs["target_size"] = (image.height, image.width)
-        inputs["candidate_labels"] = labels
         return inputs
 
-    def _forward(self, model_inputs):
+    def _forward(self, model_inputs, candidate_labels=None):
         target_size = model_inputs.pop("target_size")
-        labels = model_inputs.pop("candidate_labels")
-        logits = self.model(**model_inputs).logits
-        return {"logits": logits, "target_size": target_size, "candidate_labels": labels}
+        if candidate_labels is None:
+            self._labels(None)  # the pipeline's own error when there is no default vocabulary
+            logits = self.model(**model_inputs).logits
+        else:
+            logits = self.model(**model_inputs, text_embeds=self._text_embeds(candidate_labels)).logits
+        return {"logits": logits, "target_size": target_size}
 
-    def postprocess(self, model_outputs) -> list[dict[str, Any]]:
+    def postprocess(self, model_outputs, candidate_labels=None) -> list[dict[str, Any]]:
+        labels = self._labels(candidate_labels)
         logits = model_outputs["logits"].float()
         logits = F.interpolate(logits, size=model_outputs["target_size"], mode="bilinear", align_corners=False)
         probs = logits[0].softmax(dim=0)
@@ -120,7 +139,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             mask = segmentation == index
             segments.append({
                 "score": float(probs[index][mask].mean()),
-                "label": model_outputs["candidate_labels"][index],
+                "label": labels[index],
                 "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
             })
         return sorted(segments, key=lambda segment: -segment["score"])
