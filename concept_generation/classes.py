@@ -16,6 +16,7 @@ from typing import Any
 
 from vocalign_hf.class_names import load_class_names
 from vocalign_hf.class_names import normalize_name as _normalize_whitespace
+from vocalign_hf.class_names import unwrap_class_list
 from vocalign_hf.class_names import validate_class_names as _validate
 
 from .errors import ClassListError
@@ -149,14 +150,10 @@ def _read_yaml_list(path: Path) -> list[Any]:
         data = yaml.safe_load(_read_text(path))
     except yaml.YAMLError as exc:
         raise ClassListError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    if isinstance(data, dict):
-        if "classes" not in data:
-            raise ClassListError(f'{path}: a YAML mapping must have a "classes" key, got keys {sorted(map(str, data))}')
-        data = data["classes"]
-    if not isinstance(data, list):
-        kind = type(data).__name__
-        raise ClassListError(f"{path}: expected a YAML list of class names or a 'classes:' list, got {kind}")
-    return data
+    try:
+        return unwrap_class_list(data, path, "YAML")
+    except ValueError as exc:
+        raise ClassListError(str(exc)) from None
 
 
 def class_list_path(spec: Any) -> Path | None:

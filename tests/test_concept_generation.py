@@ -763,6 +763,9 @@ def test_class_list_txt_and_yaml_files(tmp_path):
     bad.write_text("names: [road]\n", encoding="utf-8")
     with pytest.raises(ClassListError, match=r'bad.yaml: a YAML mapping must have a "classes" key'):
         read_class_list(bad)
+    bad.write_text("classes: road\n", encoding="utf-8")
+    with pytest.raises(ClassListError, match=r"bad.yaml: expected a YAML list of class names .* got str"):
+        read_class_list(bad)
     bad.write_text("- road\n- [wall\n", encoding="utf-8")
     with pytest.raises(ClassListError, match="not valid YAML"):
         read_class_list(bad)

@@ -28,10 +28,23 @@ def load_class_names(path: str | Path) -> list[str]:
         raise ValueError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ValueError(f"{path}: cannot read class list ({exc})") from None
+    return validate_class_names(unwrap_class_list(data, path, "JSON"), source=str(path))
+
+
+def unwrap_class_list(data: object, path: str | Path, file_format: str) -> list:
+    """The list of a parsed class-list document: the document itself, or its `"classes"` entry.
+
+    Raises:
+        ValueError: a mapping without a `"classes"` key, or anything but a list; the message names the file and the
+            format (`"JSON"`, `"YAML"`).
+    """
     if isinstance(data, dict):
         if "classes" not in data:
-            raise ValueError(f'{path}: a JSON object must have a "classes" key, got keys {sorted(data)}')
+            raise ValueError(f'{path}: a {file_format} mapping must have a "classes" key, got keys {sorted(map(str, data))}')
         data = data["classes"]
     if not isinstance(data, list):
-        raise ValueError(f'{path}: expected a JSON list of class names or {{"classes": [...]}}, got {type(data).__name__}')
-    return validate_class_names(data, source=str(path))
+        raise ValueError(
+            f'{path}: expected a {file_format} list of class names or a mapping with a "classes" list, '
+            f"got {type(data).__name__}"
+        )
+    return data
