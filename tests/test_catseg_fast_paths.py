@@ -115,3 +115,32 @@ def test_teacher_vocabulary_is_encoded_once_per_ema_update(teacher_text_ema, tmp
     # 2 optimiser steps x 2 micro-batches: the text LoRA weights follow the student at each of the 2 EMA updates
     # (encoded before steps 1 and 2), or never (encoded once).
     assert len(calls) == (2 if teacher_text_ema else 1)
+
+
+def test_prompts_run_cut_after_their_eot_token_and_give_the_padded_embeddings(tiny_processor):
+    torch.manual_seed(0)
+    model = CATSegForSemanticSegmentation(tiny_catseg_config(prompt_templates=["a {}.", "a photo of the big {}."]))
+    model.requires_grad_(False)
+    model.catseg.clip.text_model.embeddings.token_embedding.weight.requires_grad_(True)
+    processor = type(tiny_processor).from_config(model.config)
+    ids = processor(text=["road", "traffic light", "a very long class name indeed"])["input_ids"]  # (3, 2, L)
+    padded = F.pad(ids, (0, 77 - ids.shape[-1]), value=model.config.clip_config.text_config.pad_token_id)
+    seen = []
+    model.catseg.clip.text_model.embeddings.register_forward_hook(lambda m, args, out: seen.append(out.shape[:2]))
+
+    fast = model.catseg.get_text_embeddings(padded)
+    # every prompt ran without its padding, in as many passes as there are prompt lengths
+    eot = ids.flatten(0, 1).argmax(-1) + 1  # the EOT token has the largest id
+    assert sorted(n * length for n, length in seen) == sorted(
+        int((eot == length).sum()) * length for length in eot.unique().tolist()
+    )
+    assert sum(n * length for n, length in seen) < 0.75 * eot.numel() * ids.shape[-1]
+    # the reference's layout: the whole padded (77-token) batch at once
+    plain = F.normalize(model.catseg.clip.get_text_features(input_ids=padded.flatten(0, 1)).pooler_output, dim=-1)
+    torch.testing.assert_close(fast, plain.view_as(fast), rtol=1e-5, atol=1e-6)
+    # gradients flow back to each prompt's tokens as in the padded batch
+    weights = torch.randn_like(fast)
+    (grad_fast,) = torch.autograd.grad((fast * weights).sum(), model.catseg.clip.text_model.embeddings.token_embedding.weight)
+    (grad_plain,) = torch.autograd.grad((plain.view_as(fast) * weights).sum(),
+                                        model.catseg.clip.text_model.embeddings.token_embedding.weight)
+    torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-4 * float(grad_plain.abs().max()))

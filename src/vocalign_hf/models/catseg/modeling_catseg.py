@@ -100,6 +100,23 @@ class CATSegPreTrainedModel(PreTrainedModel):
                 nn.init.zeros_(param)
 
 
+def prompts_by_length(input_ids: torch.Tensor, eos_token_id: int) -> list[tuple[torch.Tensor, int]]:
+    """Rows of `input_ids` (N, L) grouped by the length up to and including the token CLIP's text model pools:
+    `[(row indices, length), ...]`, shortest first.
+
+    The pooled position is found as `CLIPTextModel` finds it (the first `eos_token_id`, or the largest id for the
+    legacy `eos_token_id == 2`), so a row cut to its length pools the same token. With 80 prompt templates about
+    40 % of a padded batch's tokens lie after the EOT token (ADE-150).
+    """
+    if eos_token_id == 2:
+        pooled = input_ids.to(torch.int).argmax(dim=-1)
+    else:
+        pooled = (input_ids == eos_token_id).int().argmax(dim=-1)
+    lengths, order = torch.sort(pooled + 1, stable=True)
+    values, counts = torch.unique_consecutive(lengths, return_counts=True)
+    return list(zip(order.split(counts.tolist()), values.tolist()))
+
+
 class CATSegModel(CATSegPreTrainedModel):
     """CLIP towers + cost aggregation: returns per-class logits at 4x the CLIP patch grid."""
 
@@ -143,8 +160,16 @@ class CATSegModel(CATSegPreTrainedModel):
                 f"(num_classes, {p}, seq_len)"
             )
         # The reference encodes without a padding mask; with CLIP's causal mask, tokens after EOT cannot change
-        # the EOT feature, so padding is harmless and the mask is unnecessary.
-        embeds = self.clip.get_text_features(input_ids=input_ids).pooler_output
+        # the EOT feature, so padding is harmless and the mask is unnecessary. The padding can therefore be cut too:
+        # prompts of one length run together, each cut just after its EOT token (the pooled one).
+        groups = prompts_by_length(input_ids, self.config.clip_config.text_config.eos_token_id)
+        if len(groups) == 1:
+            embeds = self.clip.get_text_features(input_ids=input_ids[:, : groups[0][1]]).pooler_output
+        else:
+            rows = torch.cat([index for index, _ in groups])
+            parts = [self.clip.get_text_features(input_ids=input_ids[index, :length]).pooler_output
+                     for index, length in groups]
+            embeds = torch.cat(parts)[torch.argsort(rows)]
         return F.normalize(embeds, dim=-1).view(-1, p, embeds.shape[-1])
 
     # --------------------------------------------------------------------------------------- image side
