@@ -163,13 +163,8 @@ class CATSegModel(CATSegPreTrainedModel):
         # the EOT feature, so padding is harmless and the mask is unnecessary. The padding can therefore be cut too:
         # prompts of one length run together, each cut just after its EOT token (the pooled one).
         groups = prompts_by_length(input_ids, self.config.clip_config.text_config.eos_token_id)
-        if len(groups) == 1:
-            embeds = self.clip.get_text_features(input_ids=input_ids[:, : groups[0][1]]).pooler_output
-        else:
-            rows = torch.cat([index for index, _ in groups])
-            parts = [self.clip.get_text_features(input_ids=input_ids[index, :length]).pooler_output
-                     for index, length in groups]
-            embeds = torch.cat(parts)[torch.argsort(rows)]
+        parts = [self.clip.get_text_features(input_ids=input_ids[rows, :length]).pooler_output for rows, length in groups]
+        embeds = torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
         return F.normalize(embeds, dim=-1).view(-1, p, embeds.shape[-1])
 
     # --------------------------------------------------------------------------------------- image side
