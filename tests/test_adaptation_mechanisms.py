@@ -245,6 +245,9 @@ def test_eq7_sum_of_entry_softmax_random():
     ident = ConceptVocabulary.identity(["a", "b", "c"])
     x = torch.randn(1, 3, 2, 2)
     torch.testing.assert_close(ident.aggregate(x), torch.softmax(x, 1))
+    probs = torch.softmax(x, 1)
+    kept = ident.aggregate(probs, from_logits=False)
+    assert torch.equal(kept, probs) and kept.data_ptr() != probs.data_ptr()  # a new tensor, never the input
     with pytest.raises(ValueError):
         v.aggregate(torch.randn(1, 4, 2, 2))
 

@@ -173,6 +173,8 @@ class ConceptVocabulary:
         if reduce not in ("sum", "max"):
             raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
         probs = torch.softmax(scores, dim=1) if from_logits else scores
+        if reduce == "sum" and self.num_entries == self.num_classes:
+            return probs if from_logits else probs.clone()  # one entry per class, in class order: nothing to sum
         out_shape = (probs.shape[0], self.num_classes) + tuple(probs.shape[2:])
         owner = self.entry_to_class.to(probs.device)
         if reduce == "sum":
