@@ -215,6 +215,9 @@ def test_image_segmentation_pipeline_is_clean_and_auto_mappings_intact(tiny_mode
         segmenter = pipeline("image-segmentation", model=tiny_model, image_processor=tiny_processor.image_processor)
     assert "not supported" not in log.out
     assert {r["label"] for r in segmenter(Image.fromarray(random_array(20, 20)))} <= {"road", "car"}
+    images = [Image.fromarray(random_array(20 + 3 * i, 30, seed=i)) for i in range(3)]
+    masks = lambda results: [[(r["label"], np.asarray(r["mask"]).tobytes()) for r in rs] for rs in results]  # noqa: E731
+    assert masks(segmenter(images, batch_size=2)) == masks([segmenter(image) for image in images])
     # registering the name for the pipeline check leaves the Auto mapping working
     assert CATSegConfig in list(MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING.keys())
     assert CATSegForSemanticSegmentation in MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING.values()

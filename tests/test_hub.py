@@ -262,14 +262,24 @@ print(json.dumps({{"vocalign": logits(vocalign), "peft": logits(plain), "classes
 """
 
 
+def _fixed_input_logits(model) -> torch.Tensor:
+    """What `_logits_script` computes for a model, in this process, with the client's one thread (`client_env`): the
+    thread count can change float sums, and the comparisons are bitwise."""
+    torch.manual_seed(1)
+    x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 49406, (3, 1, 6))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.no_grad():
+            return model(pixel_values=x, input_ids=ids).logits.flatten()
+    finally:
+        torch.set_num_threads(threads)
+
+
 def _local_logits(base, adapter) -> torch.Tensor:
     from vocalign_hf.adaptation import load_adapted_model
 
-    model, _ = load_adapted_model(base, adapter)
-    torch.manual_seed(1)
-    x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 49406, (3, 1, 6))
-    with torch.no_grad():
-        return model(pixel_values=x, input_ids=ids).logits.flatten()
+    return _fixed_input_logits(load_adapted_model(base, adapter)[0])
 
 
 def test_recipe_pushes_an_adapter_that_loads_with_vocalign_and_plain_peft(hub, hub_env, published, tmp_path):
@@ -393,11 +403,7 @@ def test_adapter_revisions_and_base_mismatch_warning(hub, hub_env, published, tm
     assert not torch.equal(first_logits, second_logits)
 
     def hub_logits(**kwargs):
-        model, _ = load_adapted_model("org/base", "org/adapter", **kwargs)
-        torch.manual_seed(1)
-        x, ids = torch.randn(2, 3, 32, 32), torch.randint(0, 49406, (3, 1, 6))
-        with torch.no_grad():
-            return model(pixel_values=x, input_ids=ids).logits.flatten()
+        return _fixed_input_logits(load_adapted_model("org/base", "org/adapter", **kwargs)[0])
 
     assert torch.equal(hub_logits(adapter_revision=first_sha), first_logits)
     assert torch.equal(hub_logits(), second_logits)
