@@ -1,5 +1,6 @@
-"""Class lists: the JSON reader, and the validator that the processor, the data loaders, the trainer and the concept
-generator share (defined in `models.catseg.class_list`)."""
+"""Class lists: the JSON reader (its unwrapping of `{"classes": [...]}` is shared with the concept generator's YAML
+reader), and the validator that the processor, the data loaders, the trainer and the concept generator share (defined
+in `models.catseg.class_list`)."""
 
 from __future__ import annotations
 
