@@ -41,7 +41,8 @@ def unwrap_class_list(data: object, path: str | Path, file_format: str) -> list:
     """
     if isinstance(data, dict):
         if "classes" not in data:
-            raise ValueError(f'{path}: a {file_format} mapping must have a "classes" key, got keys {sorted(map(str, data))}')
+            keys = sorted(map(str, data))
+            raise ValueError(f'{path}: a {file_format} mapping must have a "classes" key, got keys {keys}')
         data = data["classes"]
     if not isinstance(data, list):
         raise ValueError(
