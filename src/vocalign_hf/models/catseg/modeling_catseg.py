@@ -142,6 +142,9 @@ class CATSegModel(CATSegPreTrainedModel):
     def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """Encode prompts into L2-normalised CLIP text embeddings.
 
+        Each prompt runs only up to its EOT token, the one CLIP pools, in one pass per prompt length: the padding after
+        it cannot change a causal text model's pooled output, so the result is that of the padded batch.
+
         Args:
             input_ids: (num_classes, num_templates, seq_len) or (num_classes * num_templates, seq_len) token ids,
                 class-major, as produced by [`CATSegProcessor`].
