@@ -38,12 +38,18 @@ CONFIG_DIR = Path(__file__).resolve().parent.parent / "recipes" / "configs"
 
 
 @torch.no_grad()
-def predict(model, text_tokens: torch.Tensor, batch: dict, sliding_window: bool, bf16: bool) -> torch.Tensor:
+def encode_text(model, text_tokens: torch.Tensor, device: torch.device, bf16: bool) -> torch.Tensor:
+    """The class embeddings, once per precision (the evaluation loop of `VocAlignTrainer` also encodes them once)."""
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+        return model.get_text_embeddings(text_tokens.to(device))
+
+
+@torch.no_grad()
+def predict(model, text: torch.Tensor, batch: dict, sliding_window: bool, bf16: bool) -> torch.Tensor:
     """Class scores (B, C, H, W) in fp32 at the labels' size for one evaluation batch, as `VocAlignTrainer.evaluate`
     computes them."""
     device = batch["pixel_values"].device
     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-        text = model.get_text_embeddings(text_tokens.to(device))
         if sliding_window:
             scores = model.predict_sliding_window(
                 batch["pixel_values"], text_embeds=text, output_size=batch["labels"].shape[-2:]
@@ -75,12 +81,13 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     agree = labelled_agree = pixels = labelled = 0
     max_diff = 0.0
     seconds = {"fp32": 0.0, "bf16": 0.0}
+    text = {name: encode_text(model, tokens, args.device, bf16=name == "bf16") for name in ("fp32", "bf16")}
     for batch in trainer.get_eval_dataloader(data.eval):
         batch = {k: v.to(args.device) for k, v in batch.items()}
         scores = {}
         for name in ("fp32", "bf16"):
             start = time.perf_counter()
-            scores[name] = predict(model, tokens, batch, args.eval_sliding_window, bf16=name == "bf16")
+            scores[name] = predict(model, text[name], batch, args.eval_sliding_window, bf16=name == "bf16")
             seconds[name] += time.perf_counter() - start
             metrics[name].update_from_scores(scores[name], batch["labels"])
         same = scores["fp32"].argmax(1) == scores["bf16"].argmax(1)
