@@ -163,8 +163,7 @@ class CATSegModel(CATSegPreTrainedModel):
                 f"(num_classes, {p}, seq_len)"
             )
         # The reference encodes without a padding mask; with CLIP's causal mask, tokens after EOT cannot change
-        # the EOT feature, so padding is harmless and the mask is unnecessary. The padding can therefore be cut too:
-        # prompts of one length run together, each cut just after its EOT token (the pooled one).
+        # the EOT feature, so the mask is unnecessary (and the padding can be cut, see the docstring).
         groups = prompts_by_length(input_ids, self.config.clip_config.text_config.eos_token_id)
         parts = [self.clip.get_text_features(input_ids=input_ids[rows, :length]).pooler_output for rows, length in groups]
         embeds = torch.cat(parts)[torch.argsort(torch.cat([rows for rows, _ in groups]))]
