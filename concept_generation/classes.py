@@ -14,9 +14,8 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vocalign_hf.class_names import load_class_names
+from vocalign_hf.class_names import CLASS_LIST_SUFFIXES, load_class_names
 from vocalign_hf.class_names import normalize_name as _normalize_whitespace
-from vocalign_hf.class_names import unwrap_class_list
 from vocalign_hf.class_names import validate_class_names as _validate
 
 from .errors import ClassListError
@@ -30,8 +29,6 @@ __all__ = [
     "class_list_path",
 ]
 
-CLASS_LIST_SUFFIXES = (".json", ".txt", ".yaml", ".yml")
-"""File types :func:`read_class_list` reads (by suffix, case-insensitive)."""
 
 # A comma-free, space-free token ending in a file-like suffix ("classes.yaml", "labels.jsn") is a file
 # name, never a class name.
@@ -117,42 +114,9 @@ def _read_class_file(path: Path, spec: str) -> list[str]:
             ' (it looks like a path, so it is not read as a one-class inline list; inline lists are "a,b,c")'
         )
         raise ClassListError(f"class list file not found: {spec}{hint}")
-    suffix = path.suffix.lower()
-    if suffix == ".json":
-        try:
-            names: list[Any] = load_class_names(path)
-        except (OSError, ValueError) as exc:
-            raise ClassListError(str(exc)) from None
-    elif suffix == ".txt":
-        lines = _read_text(path).splitlines()
-        names = [line for line in lines if line.strip() and not line.lstrip().startswith("#")]
-    elif suffix in (".yaml", ".yml"):
-        names = _read_yaml_list(path)
-    else:
-        raise ClassListError(
-            f"class list {path}: unsupported file type {path.suffix or '(none)'!r}; "
-            f"use one of {', '.join(CLASS_LIST_SUFFIXES)}"
-        )
-    return validate_class_names(names, source=str(path))
-
-
-def _read_text(path: Path) -> str:
     try:
-        return path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ClassListError(f"{path}: cannot read class list ({exc})") from None
-
-
-def _read_yaml_list(path: Path) -> list[Any]:
-    import yaml
-
-    try:
-        data = yaml.safe_load(_read_text(path))
-    except yaml.YAMLError as exc:
-        raise ClassListError(f"{path}: not valid YAML ({' '.join(str(exc).split())})") from None
-    try:
-        return unwrap_class_list(data, path, "YAML")
-    except ValueError as exc:
+        return load_class_names(path)
+    except (OSError, ValueError) as exc:
         raise ClassListError(str(exc)) from None
 
 

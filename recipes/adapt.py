@@ -15,12 +15,18 @@ per-class tables, writes overlays and the adapter (peft format, with the class l
 
 from pathlib import Path
 
+from vocalign_hf.errors import run_program
 from vocalign_hf.recipes import parse_recipe_args, run_adaptation
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 
-if __name__ == "__main__":
-    recipe, args = parse_recipe_args(config_dir=CONFIG_DIR)
+
+def main(argv: list[str] | None = None) -> dict:
+    recipe, args = parse_recipe_args(argv, config_dir=CONFIG_DIR)
     if args.process_index == 0:
         print(f"config: {recipe.config} (dataset {recipe.dataset}, output {args.output_dir})")
-    run_adaptation(recipe, args)
+    return run_adaptation(recipe, args)
+
+
+if __name__ == "__main__":
+    run_program(main)  # a bad input: one line and exit status 2 (-v or VOCALIGN_TRACEBACK=1: the traceback)

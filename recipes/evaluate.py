@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model
+from vocalign_hf.errors import UsageError, run_program
 from vocalign_hf.metrics import split_absent_metrics
 from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model
 from vocalign_hf.recipes import load_target_data, parse_recipe_args
@@ -29,9 +30,9 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         resolve_base_model(recipe.base_model)
     if recipe.adapter:
         resolve_adapter(recipe.adapter)
-    data = load_target_data(recipe, args.output_dir, progress=False if args.disable_tqdm else None)
+    data = load_target_data(recipe, args.output_dir, progress=False if args.disable_tqdm else None, with_train=False)
     if data.base_model is None:
-        raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
+        raise UsageError("--base_model is required (a converted CAT-Seg folder or Hub id)")
     base_model = resolve_base_model(data.base_model)
     processor = CATSegProcessor.from_pretrained(base_model)
     if recipe.adapter:
@@ -55,4 +56,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    main()
+    run_program(main)

@@ -17,11 +17,13 @@ from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.data.validation import DatasetValidationError, validate_segmentation_dataset
 from vocalign_hf.metrics import split_absent_metrics
 from vocalign_hf.atomic import atomic_write_folder
+from vocalign_hf.errors import UsageError
 from vocalign_hf.recipes import load_target_data, parse_recipe_args, run_adaptation, summary_line
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = ROOT / "recipes" / "configs"
 CLASSES = ["sky", "grass", "road"]
+CONCEPTS = {"sky": ["heaven"], "grass": ["lawn"]}
 COLOURS = np.array([(90, 140, 230), (40, 170, 60), (120, 120, 120)], dtype=np.uint8)
 
 
@@ -55,6 +57,7 @@ def domain(tmp_path) -> Path:
     for i in range(2):
         _write_pair(root / "val" / "images", root / "val" / "masks", f"v{i}", 10 + i)
     (root / "classes.json").write_text(json.dumps(CLASSES))
+    (root / "concepts.json").write_text(json.dumps(CONCEPTS))
     return root
 
 
@@ -62,7 +65,7 @@ def flags(domain: Path, base: Path, output: Path, *extra: str) -> list[str]:
     return [
         "--dataset", "folder", "--base_model", str(base), "--data_root", str(domain / "images"),
         "--eval_data_root", str(domain / "val" / "images"), "--eval_mask_root", str(domain / "val" / "masks"),
-        "--class_names_file", str(domain / "classes.json"), "--output_dir", str(output), "--crop_size", "32",
+        "--class_names_file", str(domain / "classes.json"), "--concepts", str(domain / "concepts.json"), "--output_dir", str(output), "--crop_size", "32",
         "--max_steps", "2", "--warmup_steps", "0", "--per_device_train_batch_size", "2", "--lora_layers", "0", "1",
         "--eval_sliding_window", "false", "--num_overlays", "0", "--disable_tqdm", "true", "--save_steps", "1",
         "--use_cpu", "true", "--top_k", "null", *extra,
@@ -93,6 +96,7 @@ def finished_run(base_model, tmp_path_factory):
     for i in range(2):
         _write_pair(domain / "val" / "images", domain / "val" / "masks", f"v{i}", 10 + i)
     (domain / "classes.json").write_text(json.dumps(CLASSES))
+    (domain / "concepts.json").write_text(json.dumps(CONCEPTS))
     output = root / "run"
     results = run(flags(domain, base_model, output))
     return domain, output, results
@@ -102,7 +106,7 @@ def finished_run(base_model, tmp_path_factory):
 def test_a_second_run_into_the_same_folder_is_refused_and_changes_nothing(finished_run, base_model, no_model_load):
     domain, output, results = finished_run
     before = {p: p.read_bytes() for p in output.rglob("*") if p.is_file()}
-    with pytest.raises(SystemExit, match="--overwrite_output_dir") as error:
+    with pytest.raises(UsageError, match="--overwrite_output_dir") as error:
         run(flags(domain, base_model, output))
     message = str(error.value)
     assert str(output) in message and "results.json" in message and "checkpoint-2" in message
@@ -136,10 +140,12 @@ def test_atomic_write_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
         (folder / "weights").write_text("new, half written")
         raise RuntimeError("disk full")
 
+    with pytest.raises(FileExistsError, match="exists and is not empty; nothing was written"):
+        atomic_write_folder(dest, broken)  # without replace=True an existing folder is never replaced
     with pytest.raises(RuntimeError, match="disk full"):
-        atomic_write_folder(dest, broken)
+        atomic_write_folder(dest, broken, replace=True)
     assert (dest / "weights").read_text() == "old" and sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
-    atomic_write_folder(dest, lambda folder: (folder / "config").write_text("new"))
+    atomic_write_folder(dest, lambda folder: (folder / "config").write_text("new"), replace=True)
     assert sorted(p.name for p in dest.iterdir()) == ["config"]  # the whole folder, not new files beside old ones
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter"]
 
@@ -147,13 +153,13 @@ def test_atomic_write_folder_keeps_the_old_folder_when_writing_fails(tmp_path):
 # ---------------------------------------------------------------------------------------------- resuming
 def test_resume_checks_come_before_any_model(finished_run, base_model, no_model_load):
     domain, output, _ = finished_run
-    with pytest.raises(SystemExit, match=r"checkpoint-9: folder not found; .* holds checkpoint-1, checkpoint-2"):
+    with pytest.raises(UsageError, match=r"checkpoint-9: folder not found; .* holds checkpoint-1, checkpoint-2"):
         run(flags(domain, base_model, output, "--resume_from_checkpoint", str(output / "checkpoint-9")))
-    with pytest.raises(SystemExit, match=r"LoRA layers \[0, 1\] \(this run: \[0\]\)"):
-        run(flags(domain, base_model, output, "--resume_from_checkpoint", "true", "--lora_layers", "0"))
+    with pytest.raises(UsageError, match=r"LoRA layers \[0, 1\] \(this run: \[0\]\)"):
+        run(flags(domain, base_model, output, "--resume_from_checkpoint", "true", "--lora_layers", "0", "--max_steps", "3"))
     other = domain.parent / "other_classes.json"
     other.write_text(json.dumps(["sky", "grass", "tarmac"]))
-    with pytest.raises(SystemExit, match=r"class list \['sky', 'grass', 'road'\] \(this run: \['sky', 'grass', 'tarmac'\]\)"):
+    with pytest.raises(UsageError, match=r"class list \['sky', 'grass', 'road'\] \(this run: \['sky', 'grass', 'tarmac'\]\)"):
         run(flags(domain, base_model, output, "--resume_from_checkpoint", str(output / "checkpoint-1"),
                   "--class_names_file", str(other)))
 
@@ -174,7 +180,7 @@ def test_resume_continues_the_run(finished_run, base_model, tmp_path):
 def test_a_mask_of_another_size_is_refused_before_any_model(domain, base_model, tmp_path, no_model_load):
     mask = domain / "val" / "masks" / "v1.png"
     Image.fromarray(np.zeros((16, 16), dtype=np.uint8), mode="L").save(mask)
-    with pytest.raises(SystemExit, match=rf"{mask}: mask is 16x16 but its image .*v1.png is 32x32"):
+    with pytest.raises(UsageError, match=rf"{mask}: mask is 16x16 but its image .*v1.png is 32x32"):
         run(flags(domain, base_model, tmp_path / "out"))
     # and the evaluation transform itself never scores a mismatched pair
     from vocalign_hf.data import make_eval_transform
@@ -190,7 +196,7 @@ def test_each_bad_file_is_named_before_any_model(domain, base_model, tmp_path, n
     Image.fromarray(COLOURS[np.zeros((32, 32), dtype=np.uint8)]).save(rgb_mask)
     out_of_range = domain / "val" / "masks" / "v1.png"
     Image.fromarray(np.full((32, 32), 7, dtype=np.uint8), mode="L").save(out_of_range)
-    with pytest.raises(SystemExit) as error:
+    with pytest.raises(UsageError) as error:
         run(flags(domain, base_model, tmp_path / "out"))
     message = str(error.value)
     assert f"{truncated}: unreadable image" in message and "training split" in message
@@ -212,7 +218,7 @@ def test_a_missing_file_is_named(tmp_path):
 def test_all_ignore_masks_are_refused(domain, base_model, tmp_path, no_model_load):
     for mask in (domain / "val" / "masks").glob("*.png"):
         Image.fromarray(np.full((32, 32), 255, dtype=np.uint8), mode="L").save(mask)
-    with pytest.raises(SystemExit, match="entirely the ignore value 255: there is no pixel to score"):
+    with pytest.raises(UsageError, match="entirely the ignore value 255: there is no pixel to score"):
         run(flags(domain, base_model, tmp_path / "out"))
 
 
@@ -231,7 +237,7 @@ def test_metrics_without_a_valid_pixel_are_absent_not_nan():
 # --------------------------------------------------------------------------------------------- arguments
 def test_lora_layers_must_exist_in_both_towers(domain, base_model, tmp_path, no_model_load):
     for layers in (["0", "99"], ["99"], ["0", "2"]):  # the tiny text tower has 2 layers, the image tower 3
-        with pytest.raises(SystemExit, match=rf"names \[{layers[-1]}\], which the model does not have: .* text tower "
+        with pytest.raises(UsageError, match=rf"names \[{layers[-1]}\], which the model does not have: .* text tower "
                            r"has 2 layers and its image tower 3 \(valid indices 0-1\)"):
             run(flags(domain, base_model, tmp_path / "out", "--lora_layers", *layers))
 
@@ -275,7 +281,7 @@ def test_the_default_config_follows_the_dataset():
 def test_a_broken_config_file_is_named(tmp_path):
     config = tmp_path / "broken.yaml"
     config.write_text("top_k: 3\nlora_layers: [0, 1\nmax_steps: 5\n")
-    with pytest.raises(SystemExit, match=rf"{config}: not valid YAML .* at line \d+, column \d+"):
+    with pytest.raises(UsageError, match=rf"{config}: not valid YAML .* at line \d+, column \d+"):
         parse_recipe_args(["--config", str(config)])
 
 
@@ -283,20 +289,20 @@ def test_a_broken_config_file_is_named(tmp_path):
 def test_base_model_problems_are_named_before_loading(domain, base_model, finished_run, tmp_path, no_model_load,
                                                       monkeypatch):
     missing = tmp_path / "models" / "catseg-vitb-38"
-    with pytest.raises(SystemExit, match=rf"--base_model: folder not found: {missing}"):
+    with pytest.raises(UsageError, match=rf"--base_model: folder not found: {missing}"):
         run(flags(domain, missing, tmp_path / "out"))
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(SystemExit, match=rf"--base_model {empty} has no config.json"):
+    with pytest.raises(UsageError, match=rf"--base_model {empty} has no config.json"):
         run(flags(domain, empty, tmp_path / "out"))
     adapter = finished_run[1] / "adapter"
-    with pytest.raises(SystemExit, match=rf"is a LoRA adapter folder, not a base model: pass it as --adapter {adapter}"):
+    with pytest.raises(UsageError, match=rf"is a LoRA adapter folder, not a base model: pass it as --adapter {adapter}"):
         run(flags(domain, adapter, tmp_path / "out"))
     import huggingface_hub.constants
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path / "empty_cache"))
-    with pytest.raises(SystemExit, match="HF_HUB_OFFLINE is set and the Hub cache has no copy"):
+    with pytest.raises(UsageError, match="HF_HUB_OFFLINE is set and the Hub cache has no copy"):
         run(flags(domain, "no-such-org/catseg", tmp_path / "out"))
 
 
@@ -324,7 +330,7 @@ def test_subfolder_hint_names_the_recipe_flag(domain, tmp_path):
     (domain / "images").rename(nested / "part1")
     argv = ["--dataset", "folder", "--data_root", str(nested), "--eval_data_root", str(domain / "val" / "images"),
             "--eval_mask_root", str(domain / "val" / "masks"), "--class_names_file", str(domain / "classes.json")]
-    with pytest.raises(SystemExit, match=r"4 in its sub-folders, e.g. part1/t0.png: pass recursive=True, or --recursive"):
+    with pytest.raises(UsageError, match=r"4 in its sub-folders, e.g. part1/t0.png: pass recursive=True, or --recursive"):
         load_target_data(*_recipe_and_dir(argv))
     recipe, output = _recipe_and_dir(argv + ["--recursive", "true"])
     assert len(load_target_data(recipe, output).train) == 4
@@ -342,7 +348,7 @@ def test_evaluate_recipe_checks_the_adapter_before_loading(domain, base_model, f
     evaluate_recipe = importlib.util.module_from_spec(spec)  # not `import evaluate`: that is the HF library
     spec.loader.exec_module(evaluate_recipe)
     argv = flags(domain, base_model, tmp_path / "out")
-    with pytest.raises(SystemExit, match=rf"--adapter: folder not found: {tmp_path / 'run' / 'adaptr'}"):
+    with pytest.raises(UsageError, match=rf"--adapter: folder not found: {tmp_path / 'run' / 'adaptr'}"):
         evaluate_recipe.main(argv + ["--adapter", str(tmp_path / "run" / "adaptr")])
-    with pytest.raises(SystemExit, match=r"has no adapter_config.json: .* \(it is a base model folder: pass it as --base_model\)"):
+    with pytest.raises(UsageError, match=r"has no adapter_config.json: .* \(it is a base model folder: pass it as --base_model\)"):
         evaluate_recipe.main(argv + ["--adapter", str(base_model)])

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 
+from vocalign_hf.errors import UsageError
 from vocalign_hf.recipes import parse_recipe_args, run_adaptation
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,7 +30,7 @@ def test_config_file_values_are_defaults_and_flags_override(tmp_path):
 def test_unknown_config_keys_are_named(tmp_path):
     config = tmp_path / "bad.yaml"
     config.write_text("top_kk: 3\n")
-    with pytest.raises(SystemExit, match="top_kk"):
+    with pytest.raises(UsageError, match="top_kk"):
         parse_recipe_args(["--config", str(config), "--output_dir", str(tmp_path)])
 
 

@@ -8,6 +8,7 @@ import torch
 from conftest import RandomImages
 
 from vocalign_hf import CATSegForSemanticSegmentation
+from vocalign_hf.errors import UsageError
 from vocalign_hf.adaptation import (
     ABLATIONS,
     VocAlignArguments,
@@ -389,7 +390,7 @@ def test_resuming_without_the_teacher_file_is_refused(tmp_path, tiny_model, tiny
     make_trainer(tiny_model, tiny_processor, args).train()
     (tmp_path / "checkpoint-1" / "teacher_lora.safetensors").unlink()
     resumed = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2))
-    with pytest.raises(FileNotFoundError, match="teacher_lora.safetensors"):
+    with pytest.raises(UsageError, match="not a complete VocAlign checkpoint: teacher_lora.safetensors missing"):
         resumed.train(resume_from_checkpoint=True)  # True: the last checkpoint of output_dir
 
 

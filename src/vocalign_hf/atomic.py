@@ -67,17 +67,29 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any, *, indent: int | 
     return atomic_write_text(path, text)
 
 
-def atomic_write_folder(destination: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+def atomic_write_folder(
+    destination: str | os.PathLike[str], write: Callable[[Path], Any], *, replace: bool = False
+) -> Path:
     """Write a folder as a whole: ``write(tmp)`` fills a new sibling folder, which then takes ``destination``'s place.
 
     Readers see the old complete folder or the new complete one, never new files beside old ones (peft's and
     transformers' ``save_pretrained`` write file by file). If ``write`` fails, ``destination`` is untouched and the
     temporary folder is removed. The new folder gets the usual permissions (``mkdtemp`` makes it private).
 
+    An existing non-empty ``destination`` is replaced only with ``replace=True``: the caller has checked that it is
+    a previous output of its own (:func:`vocalign_hf.outputs.write_output_folder`), never a user's folder.
+
+    Raises:
+        FileExistsError: ``destination`` is a file, or a non-empty folder and ``replace`` is False.
+
     Returns:
         The destination path.
     """
     destination = Path(destination)
+    if destination.exists() and not destination.is_dir():
+        raise FileExistsError(f"{destination} is a file, not a folder; nothing was written")
+    if not replace and destination.is_dir() and any(destination.iterdir()):
+        raise FileExistsError(f"{destination} exists and is not empty; nothing was written")
     destination.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=destination.parent, prefix=f".{destination.name}.", suffix=".tmp"))
     try:

@@ -1,15 +1,18 @@
 """Checks the recipes run before any model is loaded or any evaluation starts, and the writes that must never
 destroy a previous run.
 
-Everything here fails with a `SystemExit` whose message names the problem, the offending value or file, and what
+Everything here fails with a [`~vocalign_hf.errors.UsageError`] whose message names the problem, the offending value or file, and what
 to pass instead: the recipes are command-line programs, and a user should read one line, not a traceback.
 
 * the output folder: a previous run is kept unless `--overwrite_output_dir` or `--resume_from_checkpoint` says
-  otherwise (:func:`check_output_dir`), and the adapter folder is replaced as a whole (:func:`vocalign_hf.atomic.atomic_write_folder`, in :func:`save_adapter`);
+  otherwise, and a non-empty folder that holds no run is refused (:func:`check_output_dir`); an overwritten run is
+  only set aside until the new one has finished (:func:`set_aside_previous_run`, :func:`finish_replacing`); the
+  disk must hold the checkpoints the run will write (:func:`check_free_space`);
 * the base model: a local folder with a `config.json`, an adapter folder given by mistake, or a Hub id tried once
   and honouring `HF_HUB_OFFLINE` (:func:`resolve_base_model`);
 * the LoRA layers exist in the model's CLIP towers (:func:`check_lora_layers`);
-* a resume checkpoint exists and matches this run's LoRA layout and class list (:func:`check_resume_checkpoint`);
+* a resume checkpoint is complete, before `max_steps`, and matches this run's LoRA layout, class list, concepts and
+  settings (:func:`check_resume_checkpoint`).
 """
 
 from __future__ import annotations
@@ -24,32 +27,45 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from .adaptation.checkpoints import (
+    checkpoint_differences,
+    checkpoint_folders,
+    is_complete,
+    last_complete_checkpoint,
+)
+from .errors import UsageError
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "PREVIOUS_RUN",
     "RUN_ARTIFACTS",
+    "RUN_MARK",
+    "check_free_space",
     "check_lora_layers",
     "check_output_dir",
     "check_resume_checkpoint",
+    "finish_replacing",
+    "set_aside_previous_run",
     "find_run_artifacts",
     "resolve_adapter",
     "resolve_base_model",
     "resolve_resume_checkpoint",
 ]
 
+#: Written by the recipe into its output folder once every input is checked: the folder holds a vocalign run.
+RUN_MARK = "vocalign_run.json"
 #: What a finished or interrupted run leaves in its output folder (besides `checkpoint-*` folders).
-RUN_ARTIFACTS: tuple[str, ...] = ("results.json", "adapter", "overlays.png")
-_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+RUN_ARTIFACTS: tuple[str, ...] = (RUN_MARK, "results.json", "adapter", "overlays.png")
+#: Where `--overwrite_output_dir` keeps the previous run until the new one has written its results.
+PREVIOUS_RUN = ".previous-run"
+#: Shared between runs, never a run output: the world's cached source model, TensorBoard's logs.
+_SHARED = ("source_model", "runs")
 
 
 # ------------------------------------------------------------------------------------------------- output folder
-def _checkpoints(folder: Path) -> list[Path]:
-    found = [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if folder.is_dir() else []
-    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
-
-
 def find_run_artifacts(output_dir: str | os.PathLike) -> list[str]:
-    """Names of a previous run's outputs in `output_dir` (results, adapter, overlays, `checkpoint-*`), in order.
+    """Names of a previous run's outputs in `output_dir` (its mark, results, adapter, overlays, `checkpoint-*`).
 
     The world's cached source model (`source_model/`) is not a run output: runs share and reuse it.
     """
@@ -57,33 +73,102 @@ def find_run_artifacts(output_dir: str | os.PathLike) -> list[str]:
     if not folder.is_dir():
         return []
     found = [name for name in RUN_ARTIFACTS if (folder / name).exists()]
-    return found + [p.name for p in _checkpoints(folder)]
+    return found + [p.name for p in checkpoint_folders(folder)]
 
 
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a folder that holds a previous run, unless told to replace it or to resume it.
-
-    With `overwrite`, the previous run's `checkpoint-*` folders are deleted first, so that checkpoint rotation and
-    "resume from the last checkpoint" never mix two runs; its adapter, results and overlays are replaced when the
-    new run writes its own.
+    """Refuse to write into a folder that holds a previous run, unless told to replace it or to resume it, and into
+    a non-empty folder that is not a run folder at all. Changes nothing: a replaced run is only set aside, later,
+    by [`set_aside_previous_run`], once every input has been checked.
 
     Raises:
-        SystemExit: `output_dir` holds a previous run and neither `overwrite` nor `resuming` is set.
+        UsageError: `output_dir` is a file; holds a previous run and neither `overwrite` nor `resuming` is set; holds
+            a run set aside by an interrupted overwrite; or holds files of its own that no run wrote.
     """
-    folder = Path(output_dir)
+    folder = Path(output_dir).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"--output_dir {folder} is a file; give a folder (new, or a previous run's)")
+    if (folder / PREVIOUS_RUN).exists() and not resuming:
+        raise UsageError(
+            f"{folder / PREVIOUS_RUN} holds a run that an interrupted --overwrite_output_dir set aside; nothing was "
+            "changed. Move it back or delete it yourself, or pass --output_dir <a new folder>"
+        )
     found = find_run_artifacts(folder)
-    if not found or resuming:
+    if not found:
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _SHARED) if folder.is_dir() else []
+        if foreign:
+            raise UsageError(
+                f"--output_dir {folder} is not empty and holds no vocalign run ({', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}); nothing was changed. Give a new or empty folder"
+            )
+        return
+    if resuming:
         return
     if not overwrite:
         checkpoints = [name for name in found if name.startswith("checkpoint-")]
         resume = f", --resume_from_checkpoint {folder / checkpoints[-1]} to continue it" if checkpoints else ""
-        raise SystemExit(
+        raise UsageError(
             f"{folder} already holds a run ({', '.join(found)}); nothing was changed. Pass --output_dir <a new "
             f"folder> to keep it{resume}, or --overwrite_output_dir true to replace it."
         )
-    for checkpoint in _checkpoints(folder):
-        logger.warning("--overwrite_output_dir: deleting the previous run's %s", checkpoint)
-        shutil.rmtree(checkpoint)
+
+
+def set_aside_previous_run(output_dir: str | os.PathLike) -> Path | None:
+    """Move a previous run's outputs into `<output_dir>/.previous-run` (renames: nothing is copied or deleted), so
+    that the new run's checkpoints never mix with the old ones. [`finish_replacing`] deletes them once the new run
+    has written its results, or puts them back if it failed before writing a checkpoint of its own."""
+    folder = Path(output_dir)
+    found = find_run_artifacts(folder)
+    if not found:
+        return None
+    aside = folder / PREVIOUS_RUN
+    aside.mkdir()
+    for name in found:
+        os.replace(folder / name, aside / name)
+    logger.warning("--overwrite_output_dir: the previous run (%s) is kept in %s until this one has finished",
+                   ", ".join(found), aside)
+    return aside
+
+
+def finish_replacing(output_dir: str | os.PathLike, *, succeeded: bool) -> None:
+    """End an overwrite: delete the set-aside run once the new one succeeded; after a failure put it back, unless
+    the new run already wrote checkpoints (then both stay, and the warning says where)."""
+    folder = Path(output_dir)
+    aside = folder / PREVIOUS_RUN
+    if not aside.is_dir():
+        return
+    if succeeded:
+        shutil.rmtree(aside)
+        return
+    if checkpoint_folders(folder):
+        logger.warning("this run failed after writing checkpoints; the run it was replacing is still in %s", aside)
+        return
+    for entry in sorted(aside.iterdir()):
+        target = folder / entry.name
+        if target.is_dir():  # the failed run's own partial output of the same name
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
+        os.replace(entry, target)
+    aside.rmdir()
+    logger.warning("this run failed: the previous run in %s was put back as it was", folder)
+
+
+def check_free_space(folder: str | os.PathLike, needed: int, what: str) -> None:
+    """Refuse to start when the file system of `folder` has less than `needed` bytes free.
+
+    Raises:
+        UsageError: naming the free and the needed space.
+    """
+    probe = Path(folder).expanduser().resolve()
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise UsageError(
+            f"{probe} has {free / 2**20:.1f} MiB free, and {what} need about {needed / 2**20:.1f} MiB: free some "
+            "space, pass --output_dir on another disk, or keep fewer checkpoints (--save_total_limit, --save_steps)"
+        )
 
 
 # --------------------------------------------------------------------------------------------------- base model
@@ -102,11 +187,11 @@ def _check_model_folder(folder: Path, flag: str) -> None:
     if (folder / "config.json").is_file():
         return
     if (folder / "adapter_config.json").is_file():
-        raise SystemExit(
+        raise UsageError(
             f"{flag} {folder} is a LoRA adapter folder, not a base model: pass it as --adapter {folder} and the "
             f"CAT-Seg it was trained on as {flag} (its adapter_config.json names it)"
         )
-    raise SystemExit(
+    raise UsageError(
         f"{flag} {folder} has no config.json: give a folder written by save_pretrained / convert-catseg-checkpoint"
     )
 
@@ -115,7 +200,7 @@ def _check_adapter_folder(folder: Path, flag: str) -> None:
     if (folder / "adapter_config.json").is_file():
         return
     hint = " (it is a base model folder: pass it as --base_model)" if (folder / "config.json").is_file() else ""
-    raise SystemExit(f"{flag} {folder} has no adapter_config.json: give an adapter folder written by adapt.py{hint}")
+    raise UsageError(f"{flag} {folder} has no adapter_config.json: give an adapter folder written by adapt.py{hint}")
 
 
 def resolve_base_model(name: str, flag: str = "--base_model") -> str:
@@ -128,7 +213,7 @@ def resolve_base_model(name: str, flag: str = "--base_model") -> str:
     says what was tried.
 
     Raises:
-        SystemExit: the folder or repo cannot be used.
+        UsageError: the folder or repo cannot be used.
     """
     return _resolve(name, flag, _check_model_folder, "config.json")
 
@@ -142,26 +227,26 @@ def _resolve(name: str, flag: str, check_folder: Callable[[Path, str], None], hu
     path = Path(name).expanduser()
     if path.exists():
         if not path.is_dir():
-            raise SystemExit(f"{flag} {name} is a file; give a folder (save_pretrained output) or a Hub id")
+            raise UsageError(f"{flag} {name} is a file; give a folder (save_pretrained output) or a Hub id")
         check_folder(path, flag)
         return name
     path_like = name.startswith((".", "/", "~")) or name.endswith("/") or name.count("/") > 1 or "\\" in name
     first = name.split("/", 1)[0]
     if path_like or not _REPO_ID.match(name) or Path(first).is_dir():
-        raise SystemExit(f"{flag}: folder not found: {name} (resolved to {path.resolve()}){_folder_hint(path)}")
+        raise UsageError(f"{flag}: folder not found: {name} (resolved to {path.resolve()}){_folder_hint(path)}")
     from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, hub_file), str):
         return name
     if constants.HF_HUB_OFFLINE:
-        raise SystemExit(
+        raise UsageError(
             f"{flag} {name}: no local folder {path.resolve()}, and HF_HUB_OFFLINE is set and the Hub cache has no "
             "copy of this repo; download it once with network, or give a local folder"
         )
     try:
         hf_hub_download(name, hub_file)
     except Exception as exc:  # any Hub failure: say what was tried, once, instead of retrying every file
-        raise SystemExit(
+        raise UsageError(
             f"{flag} {name}: no local folder {path.resolve()}, and the Hub repo {name!r} could not be read "
             f"({type(exc).__name__}: {str(exc).splitlines()[0][:200]}). Check the path, or set HF_HUB_OFFLINE=1 "
             "to use the Hub cache only"
@@ -179,7 +264,7 @@ def check_lora_layers(layers: Sequence[int], config: Any) -> None:
     """Every LoRA layer index must exist in both CLIP towers of the model whose `CATSegConfig` is `config`.
 
     Raises:
-        SystemExit: an index is negative, repeated or beyond the smaller tower (the message gives the counts).
+        UsageError: an index is negative, repeated or beyond the smaller tower (the message gives the counts).
     """
     counts = _clip_layer_counts(config)
     top = min(counts.values())
@@ -191,7 +276,7 @@ def check_lora_layers(layers: Sequence[int], config: Any) -> None:
             "is empty" if not layers else f"repeats {repeated}" if repeated and not bad
             else f"names {bad}, which the model does not have"
         )
-        raise SystemExit(
+        raise UsageError(
             f"--lora_layers {' '.join(map(str, layers))} {problem}: LoRA goes into both CLIP towers, and this "
             f"model's text tower has {counts['text']} layers and its image tower {counts['vision']} (valid indices "
             f"0-{top - 1})"
@@ -200,30 +285,30 @@ def check_lora_layers(layers: Sequence[int], config: Any) -> None:
 
 # ------------------------------------------------------------------------------------------ resume checkpoints
 def resolve_resume_checkpoint(value: str | None, output_dir: str | os.PathLike) -> str | None:
-    """The checkpoint folder `--resume_from_checkpoint` names: a path, or `true` / `last` for the newest
-    `checkpoint-*` in `output_dir`.
+    """The checkpoint folder `--resume_from_checkpoint` names: a path, or `true` / `last` for the newest complete
+    `checkpoint-*` in `output_dir` (an interrupted save is passed over, with a warning).
 
     Raises:
-        SystemExit: the folder does not exist, or `true` finds no checkpoint.
+        UsageError: the folder does not exist or was interrupted while saving, or `true` finds no checkpoint.
     """
     if value is None or str(value).lower() in ("", "false", "none", "null"):
         return None
     if str(value).lower() in ("true", "last"):
-        checkpoints = _checkpoints(Path(output_dir))
-        if not checkpoints:
-            raise SystemExit(f"--resume_from_checkpoint {value}: no checkpoint-* folder in {output_dir}")
-        return str(checkpoints[-1])
+        checkpoint = last_complete_checkpoint(output_dir)
+        if checkpoint is None:
+            raise UsageError(f"--resume_from_checkpoint {value}: no complete checkpoint-* folder in {output_dir}")
+        return str(checkpoint)
     folder = Path(value).expanduser()
     if not folder.is_dir():
-        found = [p.name for p in _checkpoints(folder.parent)]
+        found = [p.name for p in checkpoint_folders(folder.parent)]
         known = f"; {folder.parent} holds {', '.join(found)}" if found else ""
-        raise SystemExit(f"--resume_from_checkpoint {value}: folder not found{known}")
+        raise UsageError(f"--resume_from_checkpoint {value}: folder not found{known}")
+    if not is_complete(folder):
+        last = last_complete_checkpoint(folder.parent)
+        hint = f"; {last} is the last complete one" if last else ""
+        raise UsageError(f"--resume_from_checkpoint {value} was interrupted while saving (it has no "
+                         f"checkpoint_complete.json){hint}")
     return str(folder)
-
-
-def _layers_of(target_modules: Any) -> list[int] | None:
-    match = re.search(r"layers\\\.\(\?:([\d|]+)\)", str(target_modules))
-    return [int(i) for i in match.group(1).split("|")] if match else None
 
 
 def check_resume_checkpoint(
@@ -232,42 +317,25 @@ def check_resume_checkpoint(
     expected_lora: Mapping[str, Any],
     class_names: Sequence[str],
     needs_teacher: bool,
-    teacher_file: str = "teacher_lora.safetensors",
-    state_file: str = "vocalign.json",
+    settings: Mapping[str, Any] | None = None,
+    concepts: Mapping[str, Sequence[str]] | None = None,
+    allow_other_settings: bool = False,
 ) -> None:
-    """A `checkpoint-*` folder must hold a complete Trainer checkpoint whose LoRA layout (`adapter_config.json`)
-    and class list (`vocalign.json`) are this run's.
-
-    Args:
-        checkpoint: the folder.
-        expected_lora: `r`, `lora_alpha`, `target_modules` (and optionally `use_rslora`) of this run's LoRA.
-        class_names: this run's classes, in order.
-        needs_teacher: the method keeps an EMA teacher, whose weights the checkpoint must hold.
+    """A `checkpoint-*` folder must hold a complete checkpoint of this run: its LoRA layout, class list, concepts
+    and settings (see [`~vocalign_hf.adaptation.checkpoints.checkpoint_differences`]), at a step before
+    `max_steps`. With `allow_other_settings` differing settings are let through (the trainer warns and records).
 
     Raises:
-        SystemExit: naming the missing file or each setting that differs.
+        UsageError: naming the missing file, the step, or each setting that differs.
     """
     folder = Path(checkpoint)
-    required = ["trainer_state.json", "adapter_config.json", state_file] + ([teacher_file] if needs_teacher else [])
-    missing = [name for name in required if not (folder / name).is_file()]
-    if missing:
-        raise SystemExit(
-            f"--resume_from_checkpoint {folder} is not a complete VocAlign checkpoint: {', '.join(missing)} missing"
-        )
-    saved = json.loads((folder / "adapter_config.json").read_text())
-    diffs = []
-    for key, value in expected_lora.items():
-        if key == "target_modules":
-            have, want = _layers_of(saved.get(key)), _layers_of(value)
-            if saved.get(key) != value:
-                diffs.append(f"LoRA layers {have if have is not None else saved.get(key)} (this run: {want})")
-        elif saved.get(key) != value:
-            diffs.append(f"{key} {saved.get(key)} (this run: {value})")
-    state = json.loads((folder / state_file).read_text())
-    if list(state.get("class_names", [])) != list(class_names):
-        diffs.append(f"class list {state.get('class_names')} (this run: {list(class_names)})")
-    if diffs:
-        raise SystemExit(
+    diffs, _ = checkpoint_differences(
+        folder, class_names=class_names, settings=settings or {}, concepts=concepts, expected_lora=expected_lora,
+        needs_teacher=needs_teacher,
+    )
+    if diffs and not allow_other_settings:
+        raise UsageError(
             f"--resume_from_checkpoint {folder} was trained with {'; '.join(diffs)}: resume with that run's "
-            "settings (--lora_layers, --lora_rank, --lora_alpha, class list), or start a new run"
+            "settings (--lora_layers, --lora_rank, --lora_alpha, class list, ...), start a new run, or pass "
+            "--resume_with_other_settings true to continue it anyway"
         )

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import sys
 import typing
@@ -17,14 +18,20 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .atomic import atomic_write_text
+from .atomic import atomic_write_json, atomic_write_text
+from .errors import UsageError
 from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
+from .outputs import check_not_overlapping
 from .recipe_checks import (
+    RUN_MARK,
+    check_free_space,
     check_lora_layers,
     check_output_dir,
     check_resume_checkpoint,
+    finish_replacing,
     resolve_base_model,
     resolve_resume_checkpoint,
+    set_aside_previous_run,
 )
 from .metrics import split_absent_metrics
 from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
@@ -76,7 +83,9 @@ class RecipeArguments:
     )
     train_split: str = "train"
     eval_split: str = "validation"
-    class_names_file: str | None = field(default=None, metadata={"help": "JSON class list (custom datasets)"})
+    class_names_file: str | None = field(
+        default=None, metadata={"help": "class list file, .json / .yaml / .txt (custom datasets)"}
+    )
     concepts: str | None = field(
         default=None, metadata={"help": "shipped concept set (cityscapes, ade20k_150, pascal_context_59) or JSON path"}
     )
@@ -132,12 +141,17 @@ def parse_recipe_args(
         known = {action.dest for action in parser._actions} - {"config"}
         unknown = sorted(set(values) - known)
         if unknown:
-            raise SystemExit(f"Unknown keys in {config_path}: {unknown}")
+            raise UsageError(f"Unknown keys in {config_path}: {unknown}")
         parser.set_defaults(**values)
         for action in parser._actions:  # a value from the file satisfies a required argument
             if action.dest in values:
                 action.required = False
-    recipe, training = parser.parse_args_into_dataclasses(args=argv)
+    try:
+        recipe, training = parser.parse_args_into_dataclasses(args=argv)
+    except UsageError:
+        raise
+    except (ValueError, TypeError) as error:  # TrainingArguments' own checks: a bad flag value, not a bug
+        raise UsageError(str(error).strip().splitlines()[0]) from error
     recipe.config = None if config_path is None else str(config_path)
     return recipe, training
 
@@ -159,7 +173,7 @@ def _pop_flag(argv: list[str], flag: str) -> str | None:
     for at, item in enumerate(argv):
         if item == flag:
             if at + 1 >= len(argv):
-                raise SystemExit(f"{flag} needs a value")
+                raise UsageError(f"{flag} needs a value")
             value = argv[at + 1]
             del argv[at : at + 2]
             return value
@@ -198,21 +212,21 @@ def _nullable(convert):
 def load_config_file(path: Path) -> dict[str, Any]:
     """Read a YAML or JSON config file; errors name the file (and the line, for a syntax error)."""
     if not path.is_file():
-        raise SystemExit(f"Config file not found: {path}")
+        raise UsageError(f"Config file not found: {path}")
     text = path.read_text()
     try:
         data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
     except json.JSONDecodeError as exc:
-        raise SystemExit(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+        raise UsageError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
         problem = getattr(exc, "problem", None) or str(exc)
-        raise SystemExit(f"{path}: not valid YAML ({problem}{where})") from None
+        raise UsageError(f"{path}: not valid YAML ({problem}{where})") from None
     if not isinstance(data, dict):
-        raise SystemExit(f"{path} must hold a mapping of argument names to values, got {type(data).__name__}")
+        raise UsageError(f"{path} must hold a mapping of argument names to values, got {type(data).__name__}")
     if "config" in data:
-        raise SystemExit(f"{path}: a config file cannot name another config (key 'config')")
+        raise UsageError(f"{path}: a config file cannot name another config (key 'config')")
     return data
 
 
@@ -229,30 +243,33 @@ class TargetData:
 
 
 def load_target_data(
-    recipe: RecipeArguments, output_dir: str, seed: int = 0, *, check_files: bool = True, progress: bool | None = None
+    recipe: RecipeArguments, output_dir: str, seed: int = 0, *, check_files: bool = True, progress: bool | None = None,
+    with_train: bool = True,
 ) -> TargetData:
     """Assemble the target data of a recipe (the built-in world pretrains its own base model if none is given).
 
     With `check_files`, every image and mask is checked before anything else happens
     (:func:`~vocalign_hf.data.validation.validate_segmentation_dataset`): a bad file stops the recipe here, with
     its name, and not in the middle of training. The training augmentation is seeded with `seed` (and the process
-    rank, see `SegmentationTrainTransform`).
+    rank, see `SegmentationTrainTransform`). Without `with_train` (evaluation only) a folder dataset needs no
+    `--data_root` and `train` is None.
     """
     if recipe.dataset == "world":
         return _world_data(recipe, output_dir, seed, check_files, progress)
     from concept_generation import load_concepts
 
     if recipe.dataset == "folder":
-        if not recipe.data_root or not recipe.class_names_file:
-            raise SystemExit("dataset=folder needs --data_root (images) and --class_names_file")
+        if (with_train and not recipe.data_root) or not recipe.class_names_file:
+            needs = "--data_root (images) and --class_names_file" if with_train else "--class_names_file"
+            raise UsageError(f"dataset=folder needs {needs}")
         class_names = load_class_names(recipe.class_names_file)
         if not recipe.eval_data_root or not recipe.eval_mask_root:
-            raise SystemExit("dataset=folder needs --eval_data_root and --eval_mask_root to measure mIoU")
+            raise UsageError("dataset=folder needs --eval_data_root and --eval_mask_root to measure mIoU")
         try:
-            train = load_image_folder(recipe.data_root, recursive=recipe.recursive)
+            train = load_image_folder(recipe.data_root, recursive=recipe.recursive) if with_train else None
             evaluation = load_image_folder(recipe.eval_data_root, recipe.eval_mask_root, recursive=recipe.recursive)
         except (FileNotFoundError, ValueError) as exc:
-            raise SystemExit(str(exc)) from None
+            raise UsageError(str(exc)) from None
         palette = list(make_palette(len(class_names)))
         name = None
     else:
@@ -260,16 +277,19 @@ def load_target_data(
         name, class_names, palette = info.name, list(info.class_names), list(info.palette)
         if recipe.hub_source or recipe.data_root is None:
             source = recipe.hub_source or recipe.dataset
-            train = load_hub_dataset(source, recipe.train_split, with_labels=False)
+            train = load_hub_dataset(source, recipe.train_split, with_labels=False) if with_train else None
             evaluation = load_hub_dataset(source, recipe.eval_split)
         elif name == "cityscapes":
-            train = load_cityscapes(recipe.data_root, recipe.train_split, with_labels=False)
+            train = load_cityscapes(recipe.data_root, recipe.train_split, with_labels=False) if with_train else None
             evaluation = load_cityscapes(recipe.data_root, "val" if recipe.eval_split == "validation" else recipe.eval_split)
         else:
-            raise SystemExit(f"Local files for {recipe.dataset}: use dataset=folder with its images and masks")
-    concepts = load_concepts(recipe.concepts, class_names=class_names) if recipe.concepts else {}
+            raise UsageError(f"Local files for {recipe.dataset}: use dataset=folder with its images and masks")
+    try:
+        concepts = load_concepts(recipe.concepts, class_names=class_names) if recipe.concepts else {}
+    except ValueError as error:  # a missing or malformed concept file, or concepts of other classes
+        raise UsageError(str(error)) from None
     concepts = {k: v for k, v in concepts.items() if v}
-    train = _limit(train, recipe.max_train_images)
+    train = _limit(train, recipe.max_train_images) if train is not None else None
     evaluation = _limit(evaluation, recipe.max_eval_images)
     train_kwargs = dict(train_transform_preset(name or "ade20k_150", recipe.augmentation), seed=seed)
     if recipe.crop_size:
@@ -280,19 +300,20 @@ def load_target_data(
     if check_files:
         where = f" ({recipe.data_root})" if recipe.data_root else ""
         eval_where = f" ({recipe.eval_data_root}, masks {recipe.eval_mask_root})" if recipe.eval_data_root else where
-        report = _check_splits(
-            (train, f"training split{where}", None), (evaluation, f"evaluation split{eval_where}", len(class_names)),
-            progress=progress,
-        )
-        _warn_small_images(report.min_size, train_kwargs)
-    train = train.with_transform(make_train_transform(**train_kwargs))
+        splits = [(train, f"training split{where}", None)] if train is not None else []
+        reports = _check_splits(*splits, (evaluation, f"evaluation split{eval_where}", len(class_names)),
+                                progress=progress)
+        if train is not None:
+            _warn_small_images(reports[0].min_size, train_kwargs)
+    if train is not None:
+        train = train.with_transform(make_train_transform(**train_kwargs))
     evaluation = evaluation.with_transform(make_eval_transform(name))
     return TargetData(train, evaluation, class_names, concepts, palette, recipe.base_model)
 
 
 def _check_splits(*splits: tuple[Any, str, int | None], progress: bool | None):
-    """Check every file of each `(dataset, name, num_classes)`; one SystemExit lists the problems of all splits.
-    Returns the first split's report."""
+    """Check every file of each `(dataset, name, num_classes)`; one UsageError lists the problems of all splits.
+    Returns the reports, in order."""
     reports, problems = [], []
     for dataset, split, num_classes in splits:
         try:
@@ -300,8 +321,8 @@ def _check_splits(*splits: tuple[Any, str, int | None], progress: bool | None):
         except DatasetValidationError as exc:
             problems.append(str(exc))
     if problems:
-        raise SystemExit("\n".join(problems))
-    return reports[0]
+        raise UsageError("\n".join(problems))
+    return reports
 
 
 def _warn_small_images(min_size: tuple[int, int] | None, train_kwargs: dict[str, Any]) -> None:
@@ -316,9 +337,11 @@ def _warn_small_images(min_size: tuple[int, int] | None, train_kwargs: dict[str,
         what = "they are upscaled to cover each crop (no padding)"
     else:
         what = "after the preset's rescale, crops of smaller images are padded with black (ignored by the loss)"
+    fix = (f"--crop_size {min(min_size)} trains at their own size" if min(min_size) >= MIN_CROP_SIZE
+           else f"they are under the smallest crop ({MIN_CROP_SIZE} px) and are upscaled whatever the crop size")
     logger.warning(
-        "training images are smaller than the %sx%s crop (smallest %sx%s): %s; --crop_size %s trains at their own "
-        "size", crop_h, crop_w, min_size[0], min_size[1], what, min(min_size),
+        "training images are smaller than the %sx%s crop (smallest %sx%s): %s; %s", crop_h, crop_w, min_size[0],
+        min_size[1], what, fix,
     )
 
 
@@ -410,24 +433,95 @@ def save_overlays(
     return path
 
 
+#: The smallest training crop: two ViT-B/16 patches a side, and one 16-pixel mask block.
+MIN_CROP_SIZE = 16
+
+
+def check_recipe_args(recipe: RecipeArguments) -> None:
+    """The recipe's own numeric options, before anything is read or loaded.
+
+    Raises:
+        UsageError: naming the option, its value and the valid range.
+    """
+    checks = [
+        ("crop_size", recipe.crop_size is None or recipe.crop_size >= MIN_CROP_SIZE, f">= {MIN_CROP_SIZE} pixels"),
+        ("num_overlays", recipe.num_overlays >= 0, ">= 0"),
+        ("max_train_images", recipe.max_train_images is None or recipe.max_train_images >= 1, ">= 1 (or null)"),
+        ("max_eval_images", recipe.max_eval_images is None or recipe.max_eval_images >= 1, ">= 1 (or null)"),
+        ("world_image_size", recipe.world_image_size >= MIN_CROP_SIZE, f">= {MIN_CROP_SIZE} pixels"),
+        ("world_pretrain_steps", recipe.world_pretrain_steps >= 1, ">= 1"),
+        ("world_pretrain_batch_size", recipe.world_pretrain_batch_size >= 1, ">= 1"),
+        ("world_pretrain_threads", recipe.world_pretrain_threads >= 1, ">= 1"),
+    ] + [(name, getattr(recipe, name) >= 1, ">= 1") for name in (
+        "world_num_source_train", "world_num_target_train", "world_num_target_eval")]
+    for name, ok, wanted in checks:
+        if not ok:
+            raise UsageError(f"--{name} must be {wanted}, got {getattr(recipe, name)}")
+
+
 def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | None = None) -> None:
     """The model-side checks of a run, before any weights are loaded: the base model folder or Hub id, the LoRA
-    layers against its CLIP towers, and a resume checkpoint against this run's LoRA layout and class list."""
+    layers against its CLIP towers, concepts for vocabulary alignment, and a resume checkpoint against this run."""
     from .adaptation.lora import LoRASettings, lora_config_for_clip
 
     if data.base_model is None:
-        raise SystemExit("--base_model is required (a converted CAT-Seg folder or Hub id)")
+        raise UsageError("--base_model is required (a converted CAT-Seg folder or Hub id)")
     data.base_model = resolve_base_model(data.base_model)
     if args.method == "zero_shot":
         return
     check_lora_layers(args.lora_layers, CATSegConfig.from_pretrained(data.base_model))
+    if args.use_concepts and not data.concepts and args.method in ("vocalign", "teacher_student"):
+        raise UsageError(
+            f"--method {args.method} aligns the teacher's vocabulary with concepts, and this run has none: pass "
+            "--concepts <shipped set or JSON file> (vocalign-concepts writes one), or --use_concepts false to "
+            "adapt without vocabulary alignment"
+        )
     if resume is not None:
         lora = lora_config_for_clip(LoRASettings(
             rank=args.lora_rank, alpha=args.lora_alpha, layers=tuple(args.lora_layers), use_rslora=args.lora_use_rslora))
         expected = {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": lora.target_modules,
                     "use_rslora": lora.use_rslora}
+        settings = {key: getattr(args, key) for key in VocAlignTrainer.RUN_SETTINGS}
         check_resume_checkpoint(resume, expected_lora=expected, class_names=data.class_names,
-                                needs_teacher=args.method in ("vocalign", "teacher_student"))
+                                needs_teacher=args.method in ("vocalign", "teacher_student"), settings=settings,
+                                concepts=data.concepts, allow_other_settings=args.resume_with_other_settings)
+
+
+def check_run_folders(recipe: RecipeArguments, args: VocAlignArguments) -> str | None:
+    """The output folder and the resume checkpoint, before anything else is read: returns the checkpoint to resume.
+
+    The output may neither be, contain nor lie inside an input folder (the next run would train on its overlays),
+    nor lie inside the base model's folder."""
+    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
+    inputs = [("--data_root", recipe.data_root), ("--eval_data_root", recipe.eval_data_root),
+              ("--eval_mask_root", recipe.eval_mask_root)]
+    check_not_overlapping(args.output_dir, inputs, "--output_dir")
+    if recipe.base_model and Path(recipe.base_model).expanduser().is_dir():
+        base, output = Path(recipe.base_model).expanduser().resolve(), Path(args.output_dir).expanduser().resolve()
+        if output == base or output.is_relative_to(base):
+            raise UsageError(f"--output_dir {args.output_dir} lies in the --base_model folder {recipe.base_model}: "
+                             "give a folder outside it")
+    if args.method != "zero_shot":  # the zero-shot evaluation writes nothing
+        resuming = resume is not None and Path(resume).resolve().parent == Path(args.output_dir).resolve()
+        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+    return resume
+
+
+def checkpoint_space_needed(model: torch.nn.Module, args: VocAlignArguments) -> tuple[int, str]:
+    """Bytes the run's checkpoints and adapter will take at their peak, and a description for the message: per
+    checkpoint the trainable (LoRA) weights, AdamW's two moments, the teacher's copy and the processor's files; as
+    many checkpoints as are kept at once (rotation deletes the oldest only after writing the newest)."""
+    trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    checkpoint = 4 * trainable + (8 << 20)
+    count = 0
+    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" and args.max_steps > 0:
+        count = max(1, args.max_steps // max(int(args.save_steps), 1))
+    elif str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
+        count = max(1, int(math.ceil(args.num_train_epochs)))
+    if args.save_total_limit:
+        count = min(count, args.save_total_limit + 1)
+    needed = int(1.2 * (count * checkpoint + trainable + (2 << 20))) + (16 << 20)
+    return needed, f"{count} checkpoint(s) of {checkpoint / 2**20:.1f} MiB and the adapter"
 
 
 def summary_line(results: dict[str, Any]) -> str:
@@ -449,15 +543,16 @@ def summary_line(results: dict[str, Any]) -> str:
 
 def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str, float]:
     """The main job: zero-shot evaluation, VocAlign adaptation, evaluation of the adapted student, a per-class
-    report, overlays, and the adapter (with class list, concepts and model card) in `<output_dir>/adapter`.
+    report, the adapter (with class list, concepts and model card) in `<output_dir>/adapter`, then overlays.
 
     Returns `{"zero_shot_miou": ..., "adapted_miou": ...}` plus per-class IoUs (`adapted_iou_<class>`, percent),
     also written to `<output_dir>/results.json`. A metric without a value (no valid pixel) is left out and listed
     under `"absent"` with the reason, never written as NaN.
 
-    Every input is checked first (output folder, resume checkpoint, base model, every image and mask, LoRA layers):
-    a problem stops the run with a `SystemExit` naming it before any model is loaded. A previous run in
-    `output_dir` is kept unless `--overwrite_output_dir` or a resume from one of its checkpoints says otherwise.
+    Every input is checked first (output folder, resume checkpoint, base model, every image and mask, LoRA layers,
+    free space): a problem raises a `UsageError` naming it before any model is loaded or anything is written. A
+    previous run in `output_dir` is kept unless `--overwrite_output_dir` (it is then set aside, and deleted only
+    once this run has written its results) or a resume from one of its checkpoints says otherwise.
     """
     from dataclasses import replace
 
@@ -470,12 +565,8 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     if args.push_to_hub:
         args = replace(args, push_to_hub=False)
     set_seed(args.seed)
-    # Everything that can be wrong is checked before a model is loaded or an evaluation runs.
-    resume = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir)
-    if args.method != "zero_shot":  # the zero-shot evaluation writes nothing
-        resuming = resume is not None and Path(resume).resolve().parent == Path(args.output_dir).resolve()
-        with args.main_process_first(desc="checking the output folder"):  # one process deletes, if anything
-            check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+    check_recipe_args(recipe)
+    resume = check_run_folders(recipe, args)
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)
     # Several processes: the (local) main process builds the data first -- renders and caches the world, pretrains
@@ -492,15 +583,12 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
             train_dataset=data.train, eval_dataset=data.eval,
         )
 
-    results: dict[str, float] = {}
+    results: dict[str, Any] = {}
     tables: dict[str, str] = {}
     zero_shot_model = CATSegForSemanticSegmentation.from_pretrained(data.base_model)
     if recipe.eval_zero_shot or args.method == "zero_shot":
         zero_shot = trainer_for(zero_shot_model, "zero_shot")
-        metrics = zero_shot.evaluate(metric_key_prefix="zero_shot")
-        results["zero_shot_miou"] = metrics["zero_shot_mean_iou"]
-        results.update({k: v for k, v in metrics.items() if k.startswith("zero_shot_iou_")})
-        tables["zero-shot"] = zero_shot.last_eval_table
+        tables["zero-shot"] = _evaluate_into(results, zero_shot, "zero_shot")
     if args.method == "zero_shot":
         results, absent = split_absent_metrics(results)
         if zero_shot.is_world_process_zero():
@@ -509,29 +597,45 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
 
     set_seed(args.seed)
     student = add_lora(CATSegForSemanticSegmentation.from_pretrained(data.base_model), args)
+    needed, what = checkpoint_space_needed(student, args)
+    check_free_space(args.output_dir, needed, what)
     trainer = trainer_for(student, args.method)
-    trainer.train(resume_from_checkpoint=resume)
-    metrics = trainer.evaluate(metric_key_prefix="adapted")
-    results["adapted_miou"] = metrics["adapted_mean_iou"]
-    results.update({k: v for k, v in metrics.items() if k.startswith("adapted_iou_")})
-    tables["adapted"] = trainer.last_eval_table
-    results, absent = split_absent_metrics(results)  # NaN (no valid pixel) is reported as absent, with the reason
-    if absent:
-        results["absent"] = absent
-    if not trainer.is_world_process_zero():
-        return results
+    with args.main_process_first(local=False, desc="setting the previous run aside"):
+        if trainer.is_world_process_zero():
+            if args.overwrite_output_dir and resume is None:
+                set_aside_previous_run(args.output_dir)
+            atomic_write_json(Path(args.output_dir) / RUN_MARK, {"status": "training", **trainer.run_settings()})
+    try:
+        trainer.train(resume_from_checkpoint=resume)
+        tables["adapted"] = _evaluate_into(results, trainer, "adapted")
+        results, absent = split_absent_metrics(results)  # NaN (no valid pixel) is reported as absent, with the reason
+        if absent:
+            results["absent"] = absent
+        if trainer.is_world_process_zero():
+            _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push)
+    except BaseException:
+        if trainer.is_world_process_zero():
+            finish_replacing(args.output_dir, succeeded=False)
+        raise
+    return results
 
+
+def _evaluate_into(results: dict[str, Any], trainer: VocAlignTrainer, prefix: str) -> str:
+    """Evaluate, put `<prefix>_miou` and the per-class IoUs into `results`, and return the per-class table."""
+    metrics = trainer.evaluate(metric_key_prefix=prefix)
+    results[f"{prefix}_miou"] = metrics[f"{prefix}_mean_iou"]
+    results.update({k: v for k, v in metrics.items() if k.startswith(f"{prefix}_iou_")})
+    return trainer.last_eval_table
+
+
+def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push) -> None:
+    """Print the tables, then write what matters first: the adapter and `results.json`; then the overlays; then
+    mark the run finished, delete a run this one replaced, and push."""
+    args = trainer.args
     for name, table in tables.items():
         print(f"\n=== target split, {name} ===\n{table}")
     print("\n" + summary_line(results))
     output = Path(args.output_dir)
-    tokens = processor.tokenize_classes(data.class_names)["input_ids"]
-    overlays = save_overlays(
-        [zero_shot_model.eval(), trainer.model.eval()], tokens, trainer.data_collator, data.eval, data.class_names,
-        data.palette, output / "overlays.png", recipe.num_overlays,
-    )
-    if overlays:
-        print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
     settings = trainer.adaptation_settings()
     metrics = {title: results[key] for key, title in (
         ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)")) if key in results}
@@ -540,7 +644,15 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
                           dataset=recipe.hub_source or recipe.dataset)
     atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
+    tokens = processor.tokenize_classes(data.class_names)["input_ids"]
+    overlays = save_overlays(
+        [zero_shot_model.eval(), trainer.model.eval()], tokens, trainer.data_collator, data.eval, data.class_names,
+        data.palette, output / "overlays.png", recipe.num_overlays,
+    )
+    if overlays:
+        print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
+    atomic_write_json(output / RUN_MARK, {"status": "finished", **settings})
+    finish_replacing(output, succeeded=True)
     if push is not None:
         sha = push_adapter_to_hub(folder, **push)
         print(f"adapter pushed to {push['repo_id']} (commit {sha})")
-    return results

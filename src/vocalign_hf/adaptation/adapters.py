@@ -14,7 +14,8 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
-from ..atomic import atomic_write_folder, atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text
+from ..outputs import write_output_folder
 from ..data.hub import hub_dataset_id
 from ..models.catseg import CATSegForSemanticSegmentation
 
@@ -167,8 +168,10 @@ def save_adapter(
     (class list, concepts, settings, metrics, the base model's Hub id and commit) and a model card `README.md`.
 
     When the base model came from the Hub, its commit goes into peft's `revision` field too, so
-    `AutoPeftModel`-style loading picks the same base weights. The folder is replaced as a whole (an existing one
-    included), so readers never see new weights beside an old class list.
+    `AutoPeftModel`-style loading picks the same base weights. The folder is written whole and renamed into place,
+    so readers never see new weights beside an old class list. An existing `output_dir` is replaced only if it is
+    empty or an adapter written here before; any other folder, or the base model's own, is refused
+    ([`~vocalign_hf.outputs.write_output_folder`]).
     """
     peft_config = model.peft_config[model.active_adapter]
     base_model = peft_config.base_model_name_or_path or "catseg"
@@ -176,6 +179,7 @@ def save_adapter(
     if commit is not None:
         peft_config.revision = commit
     info = {
+        "written_as": "adapter",
         "base_model": base_model,
         "base_model_repo_id": repo_id,
         "base_model_revision": commit,
@@ -193,8 +197,9 @@ def save_adapter(
         atomic_write_json(folder / VOCALIGN_FILE, info)
         atomic_write_text(folder / CARD_FILE, str(card))
 
-    # Written whole, then renamed into place: a crash never leaves new weights beside an old class list.
-    return atomic_write_folder(output_dir, write)
+    # Written whole, then renamed into place: a crash never leaves new weights beside an old class list. Only an
+    # earlier adapter is replaced, never a folder of the user's or the base model's own.
+    return write_output_folder(output_dir, "adapter", write, inputs=[("base model", base_model)])
 
 
 class AdapterLoadError(OSError):

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..errors import UsageError
+
 METHODS = ("vocalign", "teacher_student", "min_entropy", "zero_shot")
 
 # The rows of Table 2 (left) of the paper, as switches of one trainer. Each adapting row sets the switches of this
@@ -150,33 +152,64 @@ class VocAlignArguments(TrainingArguments):
         },
     )
 
+    resume_with_other_settings: bool = field(
+        default=False,
+        metadata={
+            "help": "continue a checkpoint whose class list, concepts or settings differ from this run's (refused "
+            "by default, with the differences named); a warning names them and the adapter's record lists them"
+        },
+    )
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+            raise UsageError(f"method must be one of {METHODS}, got {self.method!r}")
         if not 0.0 <= self.ema_alpha <= 1.0:
-            raise ValueError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
+            raise UsageError(f"ema_alpha must be in [0, 1], got {self.ema_alpha}")
         if self.pseudo_threshold is not None and not 0.0 <= self.pseudo_threshold <= 1.0:
-            raise ValueError(f"pseudo_threshold must be in [0, 1] or None, got {self.pseudo_threshold}")
+            raise UsageError(f"pseudo_threshold must be in [0, 1] or None, got {self.pseudo_threshold}")
         if not 0.0 <= self.mask_ratio < 1.0:
-            raise ValueError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
+            raise UsageError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.concept_reduce not in ("sum", "max"):
-            raise ValueError(f"concept_reduce must be 'sum' or 'max', got {self.concept_reduce!r}")
+            raise UsageError(f"concept_reduce must be 'sum' or 'max', got {self.concept_reduce!r}")
         if self.mask_space not in ("clip", "input"):
-            raise ValueError(f"mask_space must be 'clip' or 'input', got {self.mask_space!r}")
+            raise UsageError(f"mask_space must be 'clip' or 'input', got {self.mask_space!r}")
         if self.lora_lr_multiplier <= 0:
-            raise ValueError(f"lora_lr_multiplier must be > 0, got {self.lora_lr_multiplier}")
+            raise UsageError(f"lora_lr_multiplier must be > 0, got {self.lora_lr_multiplier}")
         if self.top_k_mass is not None and not 0.0 < self.top_k_mass <= 1.0:
-            raise ValueError(f"top_k_mass must be in (0, 1] or None, got {self.top_k_mass}")
+            raise UsageError(f"top_k_mass must be in (0, 1] or None, got {self.top_k_mass}")
         if self.top_k is not None and self.top_k < 1:
-            raise ValueError(f"top_k must be >= 1 or None, got {self.top_k}")
+            raise UsageError(f"top_k must be >= 1 or None, got {self.top_k}")
         for name in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
             if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+                raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
+        self._check_ranges()
         if self.max_steps == 0 and self.method != "zero_shot":
-            raise ValueError(
+            raise UsageError(
                 "max_steps 0 adapts nothing: give max_steps >= 1 (or -1 to train num_train_epochs), or "
                 "method='zero_shot' to only evaluate"
             )
         # Images arrive as dict batches the trainer builds itself; keep every column.
         self.remove_unused_columns = False
+
+    def _check_ranges(self) -> None:
+        """The numeric options the paper's method needs in a range, checked here so that a bad value stops a run
+        before any model loads (not at its first step)."""
+        if isinstance(self.lora_layers, int) or not all(isinstance(i, int) for i in self.lora_layers):
+            raise UsageError(
+                f"lora_layers must be a list of layer indices, got {self.lora_layers!r} (in YAML: lora_layers: [0, 1])"
+            )
+        checks = [
+            ("mask_block_size", self.mask_block_size >= 1, ">= 1 pixel"),
+            ("lora_rank", self.lora_rank >= 1, ">= 1"),
+            ("lora_alpha", self.lora_alpha > 0, "> 0"),
+            ("max_steps", self.max_steps == -1 or self.max_steps >= 0, ">= 1, or -1 to train num_train_epochs"),
+            ("warmup_start_factor", 0.0 <= self.warmup_start_factor <= 1.0, "in [0, 1]"),
+        ]
+        if self.method != "zero_shot":
+            checks.append(("learning_rate", self.learning_rate > 0, "> 0 (the paper: 5e-5)"))
+            if self.max_steps == -1:
+                checks.append(("num_train_epochs", self.num_train_epochs > 0, "> 0 when max_steps is -1"))
+        for name, ok, wanted in checks:
+            if not ok:
+                raise UsageError(f"{name} must be {wanted}, got {getattr(self, name)}")

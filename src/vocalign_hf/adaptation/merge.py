@@ -19,9 +19,11 @@ from typing import Any
 
 from peft import PeftModel
 
-from ..atomic import atomic_write_folder, atomic_write_json
+from ..atomic import atomic_write_json
+from ..errors import run_program
+from ..outputs import check_not_overlapping, check_replaceable, write_output_folder
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
-from .adapters import VOCALIGN_FILE, load_adapted_model
+from .adapters import VOCALIGN_FILE, AdapterLoadError, load_adapted_model
 
 
 def merge_lora(model: PeftModel) -> CATSegForSemanticSegmentation:
@@ -40,8 +42,13 @@ def save_merged(
     processor: CATSegProcessor | None = None,
     class_names: Sequence[str] | None = None,
     info: dict[str, Any] | None = None,
+    inputs: Sequence[tuple[str, Any]] = (),
 ) -> Path:
-    """Write a merged (or already plain) CAT-Seg model as a `save_pretrained` folder, replacing `output_dir` whole.
+    """Write a merged (or already plain) CAT-Seg model as a `save_pretrained` folder, written whole.
+
+    An existing `output_dir` is replaced only if it is empty or a merged model written here before; a folder of the
+    user's, or one that is, holds or lies inside one of `inputs` (`(name, path)` pairs), is refused
+    ([`~vocalign_hf.outputs.write_output_folder`]).
 
     Args:
         model: a `PeftModel` (merged here) or a plain [`CATSegForSemanticSegmentation`].
@@ -59,10 +66,9 @@ def save_merged(
     def write(folder: Path) -> None:
         merged.save_pretrained(folder)
         processor.save_pretrained(folder)
-        if info:
-            atomic_write_json(folder / VOCALIGN_FILE, info)
+        atomic_write_json(folder / VOCALIGN_FILE, {**(info or {}), "written_as": "merged_model"})
 
-    return atomic_write_folder(output_dir, write)
+    return write_output_folder(output_dir, "merged_model", write, inputs=inputs)
 
 
 def merge_adapter(
@@ -76,12 +82,17 @@ def merge_adapter(
     The processor comes from the base model's folder when it has one, and the adapter's class names become the
     default vocabulary. Returns `output_dir`.
     """
+    inputs = [("base model", base_model), ("adapter", adapter)]
+    check_not_overlapping(output_dir, inputs, "output folder")  # before anything is loaded
+    check_replaceable(output_dir, "merged_model")
     model, info = load_adapted_model(base_model, adapter, **from_pretrained_kwargs)
     try:
         processor = CATSegProcessor.from_pretrained(base_model)
     except (OSError, ValueError):  # a weights-only base: rebuild the processor from the config
         processor = None
-    return save_merged(model, output_dir, processor=processor, class_names=info.get("class_names"), info=info)
+    info = {k: v for k, v in info.items() if k != "written_as"}
+    return save_merged(model, output_dir, processor=processor, class_names=info.get("class_names"), info=info,
+                       inputs=inputs)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
@@ -93,7 +104,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument("base_model", help="base CAT-Seg model: folder or Hub id")
     parser.add_argument("adapter", help="adapter folder or Hub id (written by save_adapter / recipes/adapt.py)")
-    parser.add_argument("output_dir", help="folder for the merged checkpoint (replaced if it exists)")
+    parser.add_argument(
+        "output_dir", help="folder for the merged checkpoint: new, empty, or an earlier vocalign-merge output (then "
+        "replaced once the new one is complete); never one of the inputs or a folder of yours")
     args = parser.parse_args(argv)
     output = merge_adapter(args.base_model, args.adapter, args.output_dir)
     info_file = output / VOCALIGN_FILE
@@ -101,5 +114,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"merged checkpoint written to {output} ({len(classes)} classes in its default vocabulary)")
 
 
+def cli() -> None:
+    """The `vocalign-merge` console script: a bad input is one line and exit status 2 (`-v`: the traceback)."""
+    run_program(main, extra_errors=(AdapterLoadError,))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -15,12 +15,17 @@ Only the LoRA weights (peft, q/k/v of the first CLIP layers of both towers) are 
 evaluated and saved, as in the reference.
 
 Randomness: block masks and the student's augmentation come from a generator seeded per optimisation step from
-`(args.seed, process index, global step, micro-batch)`, so they differ between ranks, are reproducible per rank,
-and a resumed run draws what the uninterrupted run drew.
+`(args.seed, process index, global step, micro-batch)`; the training data's order and each example's crop, flip
+and colours come from `(data seed, epoch, position)` ([`~vocalign_hf.data.sampling.ResumableSampler`]). So ranks
+differ, every run of a command is reproducible, and a resumed run draws exactly what the uninterrupted run drew.
 
-Checkpoints hold what the Trainer saves (adapter, processor, optimiser, RNG and trainer state) plus the teacher's
-LoRA weights (`teacher_lora.safetensors`, written by a callback's `on_save`); `train(resume_from_checkpoint=...)`
-restores the teacher too. Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under
+Checkpoints hold what the Trainer saves (adapter, processor, optimiser, RNG and trainer state), `vocalign.json`
+(class list, concepts, the run's settings) and the teacher's LoRA weights (`teacher_lora.safetensors`), then,
+last, `checkpoint_complete.json` (written by a callback's `on_save`, which runs once the Trainer has written the
+whole folder). transformers writes a checkpoint file by file in its final folder; a folder without that last file
+is an interrupted save, which `resume_from_checkpoint=True` passes over for the last complete one.
+`train(resume_from_checkpoint=...)` refuses a checkpoint of another run (other settings, or already at
+`max_steps`) with the differences named, and restores the teacher too. Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under
 `accelerator.autocast()`, as the student's forward does once Accelerate prepared it.
 """
 
@@ -45,11 +50,20 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoin
 from transformers.utils import logging
 
 from ..atomic import atomic_write_json, atomic_write_text
+from ..errors import UsageError
 from ..data import collate_fn
+from ..data.sampling import KeyedDataset, ResumableSampler
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
 from .adapters import CARD_FILE, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
+from .checkpoints import (
+    CHECKPOINT_COMPLETE,
+    TEACHER_WEIGHTS,
+    VOCALIGN_STATE,
+    checkpoint_differences,
+    last_complete_checkpoint,
+)
 from .ema import ema_alpha, update_ema_
 from .lora import LoRASettings, lora_config_for_clip, lora_parameter_names
 from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
@@ -60,8 +74,6 @@ from .vocabulary import ConceptVocabulary
 
 logger = logging.get_logger(__name__)
 
-TEACHER_WEIGHTS = "teacher_lora.safetensors"
-VOCALIGN_STATE = "vocalign.json"
 
 
 def step_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
@@ -104,9 +116,9 @@ class _TeacherEMACallback(TrainerCallback):
         self.trainer.update_teacher(state.global_step)
 
 
-class _TeacherCheckpointCallback(TrainerCallback):
-    """Writes the teacher's LoRA weights into every checkpoint folder the Trainer saves (`on_save` runs right after
-    `checkpoint-<step>` was written), so that a run resumed from it continues with the same teacher."""
+class _CheckpointCompletionCallback(TrainerCallback):
+    """Finishes every checkpoint folder the Trainer saves (`on_save` runs once `checkpoint-<step>` is written): the
+    teacher's LoRA weights, so that a resumed run continues with the same teacher, then the completion mark."""
 
     def __init__(self, trainer: "VocAlignTrainer") -> None:
         self.trainer = trainer
@@ -115,10 +127,12 @@ class _TeacherCheckpointCallback(TrainerCallback):
         if not args.should_save:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
-        if folder.is_dir():
-            self.trainer.save_teacher(folder / TEACHER_WEIGHTS)
-        else:  # e.g. a hyper-parameter search trial's run folder
+        if not folder.is_dir():  # e.g. a hyper-parameter search trial's run folder
             logger.warning(f"{folder} does not exist: the teacher's weights are not saved with this checkpoint")
+            return
+        if self.trainer.teacher is not None:
+            self.trainer.save_teacher(folder / TEACHER_WEIGHTS)
+        atomic_write_json(folder / CHECKPOINT_COMPLETE, {"global_step": state.global_step})
 
 
 class VocAlignTrainer(Trainer):
@@ -158,6 +172,12 @@ class VocAlignTrainer(Trainer):
         # The processor is the Trainer's `processing_class`: every checkpoint carries it (as `save_pretrained` does).
         kwargs.setdefault("processing_class", processor)
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
+        if args.use_concepts and not self.concepts and args.method in ("vocalign", "teacher_student"):
+            raise UsageError(
+                f"method={args.method!r} with use_concepts aligns the teacher's vocabulary, but no concepts were "
+                "given: pass concepts (vocalign-concepts writes them; the recipes take --concepts) or set "
+                "use_concepts=False (--use_concepts false) to adapt without vocabulary alignment"
+            )
         self.vocabulary = (
             ConceptVocabulary(self.class_names, self.concepts, include_class_names=args.include_class_names)
             if args.use_concepts and self.concepts
@@ -179,7 +199,8 @@ class VocAlignTrainer(Trainer):
             self.teacher = copy.deepcopy(self.model).eval()
             self.teacher.requires_grad_(False)
             self.add_callback(_TeacherEMACallback(self))
-            self.add_callback(_TeacherCheckpointCallback(self))
+        self.add_callback(_CheckpointCompletionCallback(self))
+        self.resumed_from: dict[str, Any] | None = None
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self._place_tensorboard_logs()
@@ -344,73 +365,102 @@ class VocAlignTrainer(Trainer):
         return self.lr_scheduler
 
     # ------------------------------------------------------------------------------------- checkpoints
+    def get_train_dataloader(self):
+        """[`Trainer.get_train_dataloader`] over a [`ResumableSampler`]: the order and each example's augmentation
+        are functions of `(data seed, epoch, position)`, so a resumed run draws what the uninterrupted run drew
+        (the Trainer's own sampler and a transform's own random stream would restart on resume)."""
+        dataset = self.train_dataset
+        strategy = str(getattr(self.args.train_sampling_strategy, "value", self.args.train_sampling_strategy))
+        if dataset is None or isinstance(dataset, torch.utils.data.IterableDataset) or strategy not in (
+            "random", "sequential"
+        ):  # length-grouped or rebalanced batches: the Trainer's own samplers
+            return super().get_train_dataloader()
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        shuffle = strategy != "sequential"
+        # `_get_dataloader` is the Trainer's own builder (collator, workers, pinning, Accelerate); only the sampler
+        # and the dataset's indexing differ.
+        return self._get_dataloader(
+            dataset=KeyedDataset(dataset), description="Training", batch_size=self._train_batch_size,
+            sampler_fn=lambda data: ResumableSampler(len(data), seed, shuffle=shuffle), is_training=True,
+        )
+
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
-        """[`Trainer.train`]; resuming also restores the teacher from `teacher_lora.safetensors` in the checkpoint
-        (no Trainer callback sees the checkpoint path, so it is read here, before the Trainer's own loading)."""
+        """[`Trainer.train`]. `resume_from_checkpoint=True` takes the last *complete* checkpoint of `output_dir`; a
+        checkpoint of another run (other classes, concepts, LoRA layout or settings, see
+        [`~vocalign_hf.adaptation.checkpoints.checkpoint_differences`]) or one already at `max_steps` is refused
+        (`resume_with_other_settings=True`: continued with a warning, and the record says so). Resuming restores the
+        teacher from `teacher_lora.safetensors` (no Trainer callback sees the checkpoint path, so it is read here)."""
         if resume_from_checkpoint is True:
-            resume_from_checkpoint = get_last_checkpoint(self.args.output_dir)
+            resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
-                raise ValueError(f"No valid checkpoint found in output directory ({self.args.output_dir})")
+                raise UsageError(f"resume_from_checkpoint=True: no complete checkpoint-* in {self.args.output_dir}")
+        if resume_from_checkpoint:
+            self.resumed_from = self._check_resume(Path(resume_from_checkpoint))
         if resume_from_checkpoint and self.teacher is not None:
-            teacher_file = Path(resume_from_checkpoint) / TEACHER_WEIGHTS
-            if not teacher_file.is_file():
-                raise FileNotFoundError(f"{teacher_file} is missing: cannot resume VocAlign without the teacher's weights")
-            self.load_teacher(teacher_file)
+            self.load_teacher(Path(resume_from_checkpoint) / TEACHER_WEIGHTS)
         return super().train(
-            resume_from_checkpoint=resume_from_checkpoint or None, trial=trial,
+            resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None, trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs,
         )
 
+    def _check_resume(self, checkpoint: Path) -> dict[str, Any]:
+        diffs, step = checkpoint_differences(
+            checkpoint, class_names=self.class_names, concepts=self.concepts, settings=self.run_settings(),
+            needs_teacher=self.teacher is not None,
+        )
+        if diffs and not self.args.resume_with_other_settings:
+            raise UsageError(
+                f"{checkpoint} belongs to a run with other settings: {'; '.join(diffs)}. Resume with that run's "
+                "settings, start a new run, or pass --resume_with_other_settings true to continue it anyway "
+                "(the adapter's record then lists the differences)"
+            )
+        if diffs:
+            logger.warning(f"resuming {checkpoint} with other settings: {'; '.join(diffs)}")
+        return {"checkpoint": str(checkpoint), "step": step, "other_settings": diffs}
+
+    RUN_SETTINGS = (
+        "method", "top_k", "top_k_mass", "use_masking", "mask_ratio", "mask_block_size", "mask_space",
+        "student_augmentation", "use_concepts", "concept_reduce", "include_class_names", "pseudo_threshold",
+        "confident_pixels_only", "ema_alpha", "teacher_text_ema", "lora_rank", "lora_alpha", "lora_layers",
+        "lora_use_rslora", "learning_rate", "lora_lr_multiplier", "lr_scheduler_type", "warmup_steps",
+        "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
+        "gradient_accumulation_steps", "max_steps", "seed", "data_seed",
+    )
+
+    def run_settings(self) -> dict[str, Any]:
+        """The settings that make this run what it is: a checkpoint's must equal them to be resumed."""
+        values = {key: getattr(self.args, key) for key in self.RUN_SETTINGS}
+        values["lr_scheduler_type"] = str(getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"]))
+        values["lora_layers"] = list(values["lora_layers"])
+        return values
+
+    def run_record(self) -> dict[str, Any]:
+        """What this run really did, for `vocalign.json` and the model card: steps trained, where it resumed from,
+        whether the teacher's vocabulary had concepts."""
+        record = {
+            "steps_trained": self.state.global_step,
+            "concepts_used": list(self.vocabulary.entries) != list(self.class_names),
+        }
+        if self.resumed_from is not None:
+            record["resumed_from"] = self.resumed_from
+        return record
+
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """[`Trainer.save_model`] (model, processor, training arguments), plus `vocalign.json`: the class list,
-        concepts and the main settings of the run."""
+        concepts, the run's settings and what it did so far."""
         super().save_model(output_dir, _internal_call=_internal_call)
         if self.args.should_save:
             info = {
                 "class_names": self.class_names,
                 "concepts": self.concepts,
-                "method": self.args.method,
-                "top_k": self.args.top_k,
-                "use_masking": self.args.use_masking,
-                "use_concepts": self.args.use_concepts,
-                "pseudo_threshold": self.args.pseudo_threshold,
-                "ema_alpha": self.args.ema_alpha,
+                "settings": self.run_settings(),
+                **self.run_record(),
             }
             atomic_write_json(Path(output_dir or self.args.output_dir) / VOCALIGN_STATE, info)
 
-    CARD_SETTINGS = (
-        "method", "top_k", "use_masking", "mask_ratio", "mask_block_size", "use_concepts", "pseudo_threshold",
-        "ema_alpha", "lora_rank", "lora_alpha", "lora_layers", "learning_rate", "max_steps", "seed",
-    )
-
     def adaptation_settings(self) -> dict[str, Any]:
-        """The settings of this run that an adapter's model card and `vocalign.json` record."""
-        return {key: getattr(self.args, key) for key in self.CARD_SETTINGS}
-
-    def create_model_card(self, model_name: str | None = None, dataset: str | list[str] | None = None, **kwargs) -> None:
-        """Write the adapter's own card ([`build_model_card`]: base model, target classes and concepts, the mIoUs
-        this trainer measured, the settings, a usage snippet) as `README.md` in `output_dir`, so that
-        `trainer.push_to_hub()` publishes the same card as the recipes. A model without LoRA (every weight trained)
-        keeps the Trainer's own card; extra arguments of the Trainer's card (tags, language, ...) are ignored."""
-        model = self.accelerator.unwrap_model(self.model)
-        if not isinstance(model, PeftModel):
-            return super().create_model_card(model_name=model_name, dataset=dataset, **kwargs)
-        if not self.is_world_process_zero():
-            return None
-        peft_config = model.peft_config[model.active_adapter]
-        base_model = peft_config.base_model_name_or_path or "catseg"
-        _, commit = base_model_reference(base_model, peft_config.revision)
-        metrics: dict[str, float] = {}
-        for entry in self.state.log_history:  # the latest mIoU of each evaluation prefix ("eval", "adapted", ...)
-            for key, value in entry.items():
-                if key.endswith("_mean_iou"):
-                    metrics[f"target mIoU ({key[: -len('_mean_iou')].replace('_', '-')})"] = value
-        card = build_model_card(
-            base_model, self.class_names, self.concepts, metrics, dataset if isinstance(dataset, str) else None,
-            self.adaptation_settings(), repo_id=self.hub_model_id, base_model_revision=commit,
-        )
-        atomic_write_text(Path(self.args.output_dir) / CARD_FILE, str(card))
-        return None
+        """The settings of this run that an adapter's model card and `vocalign.json` record, and what it did."""
+        return {**self.run_settings(), **self.run_record()}
 
     def save_teacher(self, path: str | Path) -> None:
         """Write the teacher's LoRA weights atomically (tmp file + rename)."""

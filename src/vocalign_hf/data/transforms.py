@@ -21,7 +21,9 @@ channel are **alpha-composited over black** (see :func:`~vocalign_hf.data._image
 
 Randomness comes from a ``numpy.random.Generator``: pass ``seed`` (or ``rng``) for reproducible runs. Inside
 ``torch.utils.data.DataLoader`` workers each worker derives its own generator from ``seed`` and the worker's torch
-seed, so workers do not repeat each other and runs are reproducible when torch is seeded.
+seed, so workers do not repeat each other and runs are reproducible when torch is seeded. An example loaded through
+:class:`~vocalign_hf.data.sampling.KeyedDataset` (as the trainer does) draws from ``(seed, its draw key)`` instead,
+so that a resumed run augments every example as the uninterrupted run did.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from PIL import Image
 
 from ._image_utils import array_to_mask_image, load_pil, mask_to_array, to_rgb
 from .dataset_info import IGNORE_INDEX, get_dataset_info
+from .sampling import current_draw_key
 
 __all__ = [
     "ColorJitter",
@@ -370,6 +373,9 @@ class _RngMixin:
             self._base_seed = int(np.random.SeedSequence().entropy % (2**62))  # type: ignore[operator]
 
     def _generator(self) -> np.random.Generator:
+        key = current_draw_key()
+        if key is not None:  # loaded by a resumable sampler: this example's draws depend on its position only
+            return np.random.default_rng([self._base_seed, key])
         info = torch.utils.data.get_worker_info()
         key = (os.getpid(), None if info is None else info.id)
         if key != self._owner:

@@ -1,0 +1,146 @@
+"""What a VocAlign checkpoint folder holds, which one a resume takes, and whether it belongs to this run.
+
+A `checkpoint-<step>` folder holds what the Trainer writes (adapter, optimiser, scheduler, RNG and trainer state),
+`vocalign.json` (class list, concepts and the run's settings, written by `VocAlignTrainer.save_model`), the
+teacher's LoRA weights, and, written last, `checkpoint_complete.json`. A folder without that last file was cut off
+while saving (a kill, a full disk): "resume from the last checkpoint" passes over it, with a warning.
+
+Resuming continues *the same run*. A checkpoint is refused, with each difference named, when its LoRA layout,
+class list, concepts or training settings differ from this run's, or when its step is already at or past
+`max_steps` (there is nothing left to train: the "result" would be the other run's weights). `max_steps` itself may
+grow: the run is extended, and the record says from where.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from ..errors import UsageError
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CHECKPOINT_COMPLETE",
+    "TEACHER_WEIGHTS",
+    "VOCALIGN_STATE",
+    "checkpoint_differences",
+    "checkpoint_folders",
+    "is_complete",
+    "last_complete_checkpoint",
+]
+
+TEACHER_WEIGHTS = "teacher_lora.safetensors"
+VOCALIGN_STATE = "vocalign.json"
+CHECKPOINT_COMPLETE = "checkpoint_complete.json"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+def checkpoint_folders(folder: str | Path) -> list[Path]:
+    """The `checkpoint-<step>` folders of a run folder, by step."""
+    folder = Path(folder)
+    found = [p for p in folder.iterdir() if p.is_dir() and _CHECKPOINT.match(p.name)] if folder.is_dir() else []
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def is_complete(checkpoint: str | Path) -> bool:
+    """The checkpoint was written to the end: its completion mark exists, or, for a checkpoint written before the
+    mark existed (its `vocalign.json` has no `settings`), the Trainer's state, which it wrote last."""
+    folder = Path(checkpoint)
+    if (folder / CHECKPOINT_COMPLETE).is_file():
+        return True
+    try:
+        legacy = "settings" not in json.loads((folder / VOCALIGN_STATE).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return legacy and (folder / "trainer_state.json").is_file()
+
+
+def last_complete_checkpoint(folder: str | Path) -> Path | None:
+    """The newest complete checkpoint of a run folder; newer interrupted ones are named in a warning."""
+    checkpoints = checkpoint_folders(folder)
+    for checkpoint in reversed(checkpoints):
+        if is_complete(checkpoint):
+            return checkpoint
+        logger.warning("%s was interrupted while saving (no %s): passed over", checkpoint, CHECKPOINT_COMPLETE)
+    return None
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{path} cannot be read as JSON ({error}); the checkpoint is damaged: resume from another")
+    if not isinstance(data, dict):
+        raise UsageError(f"{path} does not hold a JSON object; the checkpoint is damaged: resume from another")
+    return data
+
+
+def _layers_of(target_modules: Any) -> list[int] | None:
+    match = re.search(r"layers\\\.\(\?:([\d|]+)\)", str(target_modules))
+    return [int(i) for i in match.group(1).split("|")] if match else None
+
+
+def checkpoint_differences(
+    checkpoint: str | Path,
+    *,
+    class_names: Sequence[str],
+    settings: Mapping[str, Any],
+    concepts: Mapping[str, Sequence[str]] | None = None,
+    expected_lora: Mapping[str, Any] | None = None,
+    needs_teacher: bool = False,
+) -> tuple[list[str], int]:
+    """How `checkpoint` differs from this run, and its step.
+
+    Args:
+        class_names / concepts / settings: this run's (settings as `VocAlignTrainer.run_settings()`; `max_steps`
+            in it is compared with the checkpoint's step, not with the checkpoint's own `max_steps`).
+        expected_lora: `r`, `lora_alpha`, `target_modules` (and optionally `use_rslora`) of this run's LoRA.
+        needs_teacher: the method keeps an EMA teacher, whose weights the checkpoint must hold.
+
+    Raises:
+        UsageError: the folder lacks a file a checkpoint must hold, or the step is at or past `max_steps`.
+
+    Returns:
+        One line per difference (empty: the same run), and the checkpoint's global step.
+    """
+    folder = Path(checkpoint)
+    required = ["trainer_state.json", "adapter_config.json", VOCALIGN_STATE] + ([TEACHER_WEIGHTS] if needs_teacher else [])
+    missing = [name for name in required if not (folder / name).is_file()]
+    if missing:
+        raise UsageError(
+            f"--resume_from_checkpoint {folder} is not a complete VocAlign checkpoint: {', '.join(missing)} missing"
+        )
+    step = int(_read_json(folder / "trainer_state.json").get("global_step", 0))
+    max_steps = settings.get("max_steps")
+    if max_steps is not None and max_steps > 0 and step >= max_steps:
+        raise UsageError(
+            f"--resume_from_checkpoint {folder} is at step {step}, and this run stops at max_steps {max_steps}: "
+            f"nothing would be trained. Pass --max_steps above {step} to extend that run, or start a new run"
+        )
+    diffs = []
+    saved = _read_json(folder / "adapter_config.json")
+    for key, value in (expected_lora or {}).items():
+        if key == "target_modules" and saved.get(key) != value:
+            have, want = _layers_of(saved.get(key)), _layers_of(value)
+            diffs.append(f"LoRA layers {have if have is not None else saved.get(key)} (this run: {want})")
+        elif key != "target_modules" and saved.get(key) != value:
+            diffs.append(f"{key} {saved.get(key)} (this run: {value})")
+    state = _read_json(folder / VOCALIGN_STATE)
+    if list(state.get("class_names", [])) != list(class_names):
+        diffs.append(f"class list {state.get('class_names')} (this run: {list(class_names)})")
+    if concepts is not None and "concepts" in state and state["concepts"] != {k: list(v) for k, v in concepts.items()}:
+        diffs.append("concepts (the checkpoint's vocalign.json lists other concepts than this run's)")
+    recorded = state.get("settings", state)  # checkpoints written before `settings` kept a few keys at the top
+    for key, value in settings.items():
+        if key != "max_steps" and key in recorded and _normal(recorded[key]) != _normal(value):
+            diffs.append(f"{key} {recorded[key]!r} (this run: {value!r})")
+    return diffs, step
+
+
+def _normal(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple) else value

@@ -1,0 +1,48 @@
+"""The errors a user can cause, and how the programs show them.
+
+The library raises; only programs exit. [`UsageError`] is a problem with what the user passed (a flag, a file, a
+folder): its message is one line that names the problem and the fix. The recipes and console scripts run their
+`main` through [`run_program`], which prints that line and exits with status 2 (argparse's status for bad usage);
+`-v` / `--verbose` on the command line, or `VOCALIGN_TRACEBACK=1`, shows the traceback instead. Any other exception
+is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable
+from typing import Any
+
+__all__ = ["UsageError", "run_program", "USER_ERRORS"]
+
+
+class UsageError(ValueError):
+    """Something the user passed cannot be used; the message says what and what to pass instead."""
+
+
+#: What a user can cause: their inputs, and the files and folders they name.
+USER_ERRORS: tuple[type[BaseException], ...] = (
+    UsageError, FileNotFoundError, FileExistsError, NotADirectoryError, IsADirectoryError, PermissionError,
+)
+
+
+def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extra_errors: tuple = ()) -> Any:
+    """Run a program's `main(argv)`: a user error becomes one line on stderr and exit status 2.
+
+    `-v` / `--verbose` are taken out of `argv` (default `sys.argv[1:]`) and, like `VOCALIGN_TRACEBACK=1`, let the
+    traceback through. `extra_errors` are further exception types the program's users can cause.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    verbose = bool(os.environ.get("VOCALIGN_TRACEBACK")) or any(flag in argv for flag in ("-v", "--verbose"))
+    argv = [item for item in argv if item not in ("-v", "--verbose")]
+    try:
+        return main(argv)
+    except USER_ERRORS + tuple(extra_errors) as error:
+        if verbose:
+            raise
+        message = str(error).strip() or type(error).__name__
+        if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
+            message = f"{message}: {error.filename}"
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
