@@ -1,0 +1,245 @@
+"""Issue 23: no command deletes what it did not create, and no run reports numbers it did not earn.
+
+On the small custom domain of test_recipe_robustness: output folders that are not this library's, or that overlap
+an input, are refused; an overwrite keeps the previous run until the new one has finished; a resumed run (after a
+SIGKILL in the middle of a checkpoint) is bitwise the uninterrupted run; another run's checkpoint is refused;
+option ranges and free space are checked before any model loads; the programs print one line, not a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from test_recipe_robustness import (  # noqa: F401  (fixtures)
+    CONFIG_DIR,
+    ROOT,
+    base_model,
+    domain,
+    finished_run,
+    flags,
+    no_model_load,
+    run,
+)
+
+from vocalign_hf.adaptation import merge_adapter
+from vocalign_hf.errors import UsageError
+
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "tests")}
+
+
+def snapshot(folder: Path) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ merge / adapters
+def test_merge_never_deletes_a_folder_it_did_not_write(finished_run, base_model, tmp_path):
+    _, output, _ = finished_run
+    folder = tmp_path / "d"
+    shutil.copytree(base_model, folder / "b")
+    shutil.copytree(output / "adapter", folder / "a")
+    (folder / "notes.txt").write_text("mine")
+    before = snapshot(folder)
+    for target, relation in ((folder, "contains the base model"), (folder / "b", "is the base model"),
+                             (folder / "a", "is the adapter"), (folder / "a" / "sub", "lies inside the adapter")):
+        with pytest.raises(UsageError, match=relation):
+            merge_adapter(folder / "b", folder / "a", target)
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "thesis.tex").write_text("years of work")
+    with pytest.raises(UsageError, match=r"not written by vocalign as merged_model \(it holds thesis.tex\)"):
+        merge_adapter(folder / "b", folder / "a", user)
+    assert snapshot(folder) == before and (user / "thesis.tex").read_text() == "years of work"
+    merged = merge_adapter(folder / "b", folder / "a", tmp_path / "merged")  # new: written
+    first = snapshot(merged)
+    merge_adapter(folder / "b", folder / "a", merged)  # its own earlier output: replaced whole, same content
+    assert {p.name for p in snapshot(merged)} == {p.name for p in first}
+
+
+def test_merge_cli_says_no_in_one_line(finished_run, base_model, tmp_path):
+    _, output, _ = finished_run
+    folder = tmp_path / "d"
+    shutil.copytree(base_model, folder / "b")
+    shutil.copytree(output / "adapter", folder / "a")
+    command = [sys.executable, "-m", "vocalign_hf.adaptation.merge", str(folder / "b"), str(folder / "a"), str(folder)]
+    done = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1].startswith(f"error: output folder {folder} contains the base model")
+    verbose = subprocess.run(command + ["-v"], capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert verbose.returncode == 1 and "Traceback" in verbose.stderr and "UsageError" in verbose.stderr
+    assert (folder / "b" / "config.json").is_file() and (folder / "a" / "adapter_config.json").is_file()
+
+
+def test_save_adapter_refuses_a_foreign_folder(finished_run, tmp_path):
+    from vocalign_hf.adaptation import load_adapted_model, save_adapter
+
+    _, output, _ = finished_run
+    info = json.loads((output / "adapter" / "vocalign.json").read_text())
+    model, _ = load_adapted_model(info["base_model"], output / "adapter")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "data.csv").write_text("1,2")
+    with pytest.raises(UsageError, match=r"not written by vocalign as adapter \(it holds data.csv\)"):
+        save_adapter(model, mine, info["class_names"])
+    assert sorted(p.name for p in mine.iterdir()) == ["data.csv"]
+    copy = tmp_path / "adapter"
+    shutil.copytree(output / "adapter", copy)
+    save_adapter(model, copy, info["class_names"])  # an adapter written here before: replaced
+    assert json.loads((copy / "vocalign.json").read_text())["written_as"] == "adapter"
+
+
+# ---------------------------------------------------------------------------------------------- run folders
+def test_overwrite_with_a_bad_option_keeps_the_previous_run(finished_run, base_model, tmp_path, no_model_load):
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    before = snapshot(copy)
+    with pytest.raises(UsageError, match="learning_rate must be > 0"):
+        run(flags(domain, base_model, copy, "--overwrite_output_dir", "true", "--learning_rate", "-1"))
+    assert snapshot(copy) == before
+
+
+def test_a_failed_overwrite_puts_the_previous_run_back(finished_run, base_model, tmp_path, monkeypatch):
+    from vocalign_hf.adaptation import VocAlignTrainer
+
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    before = snapshot(copy)
+
+    def fail(self, *args, **kwargs):  # training dies before its first checkpoint (a crash, a Ctrl-C)
+        assert (copy / ".previous-run" / "results.json").is_file()  # the old run is set aside, not deleted
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(VocAlignTrainer, "train", fail)
+    with pytest.raises(KeyboardInterrupt):
+        run(flags(domain, base_model, copy, "--overwrite_output_dir", "true", "--eval_zero_shot", "false"))
+    assert snapshot(copy) == before and not (copy / ".previous-run").exists()
+
+
+def test_output_folders_that_overlap_inputs_or_hold_other_files_are_refused(domain, base_model, tmp_path, no_model_load):
+    for output, match in ((domain / "images", "is the --data_root"), (domain / "images" / "run", "lies inside the --data_root"),
+                          (domain / "val", "contains the --eval_data_root"), (base_model / "run", "lies in the --base_model")):
+        with pytest.raises(UsageError, match=match):
+            run(flags(domain, base_model, output))
+    foreign = tmp_path / "home"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("mine")
+    with pytest.raises(UsageError, match=r"is not empty and holds no vocalign run \(notes.txt\)"):
+        run(flags(domain, base_model, foreign))
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    with pytest.raises(UsageError, match="is a file"):
+        run(flags(domain, base_model, blocked))
+    assert not (domain / "images" / "run").exists() and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (["--mask_block_size", "0"], "mask_block_size must be >= 1 pixel, got 0"),
+    (["--crop_size", "1"], "--crop_size must be >= 16 pixels, got 1"),
+    (["--crop_size", "7"], "--crop_size must be >= 16 pixels, got 7"),
+    (["--learning_rate", "-1"], r"learning_rate must be > 0 \(the paper: 5e-5\), got -1.0"),
+    (["--lora_rank", "0"], "lora_rank must be >= 1, got 0"),
+    (["--max_steps", "-3"], "max_steps must be >= 1, or -1 to train num_train_epochs, got -3"),
+    (["--use_concepts", "true", "--concepts", ""], "--method vocalign aligns the teacher's vocabulary with concepts"),
+])
+def test_every_option_is_checked_before_any_model(domain, base_model, tmp_path, no_model_load, extra, match):
+    with pytest.raises(UsageError, match=match):
+        run(flags(domain, base_model, tmp_path / "out", *extra))
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_yaml_lora_layers_that_is_not_a_list_is_one_line(domain, base_model, tmp_path):
+    config = tmp_path / "config.yaml"
+    config.write_text("lora_layers: 0\n")
+    argv = flags(domain, base_model, tmp_path / "out")
+    at = argv.index("--lora_layers")
+    del argv[at : at + 3]  # the flag would override the file
+    with pytest.raises(UsageError, match=r"lora_layers must be a list of layer indices, got 0 \(in YAML: lora_layers: \[0, 1\]\)"):
+        run(["--config", str(config), *argv])
+
+
+def test_a_full_disk_is_refused_before_training(domain, base_model, tmp_path, monkeypatch):
+    from collections import namedtuple
+
+    usage = namedtuple("usage", "total used free")
+    real = shutil.disk_usage
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(real(path).total, real(path).total, 3 << 20))
+    with pytest.raises(UsageError, match=r"has 3.0 MiB free, and 2 checkpoint\(s\) of .* MiB and the adapter need"):
+        run(flags(domain, base_model, tmp_path / "out"))
+    assert not list((tmp_path / "out").glob("checkpoint-*"))
+
+
+def test_adapter_and_results_are_written_before_the_overlays(domain, base_model, tmp_path, monkeypatch):
+    import vocalign_hf.recipes as recipes
+
+    def disk_full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(recipes, "save_overlays", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        run(flags(domain, base_model, tmp_path / "out", "--max_steps", "1", "--num_overlays", "2"))
+    assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
+
+
+# -------------------------------------------------------------------------------------------------- resuming
+def test_a_resumed_run_is_the_uninterrupted_run(domain, base_model, tmp_path):
+    """Killed (SIGKILL) while writing checkpoint-4, two steps after checkpoint-2: `--resume_from_checkpoint true`
+    passes over the partial checkpoint-4, resumes checkpoint-2 and ends bitwise where the straight run ended (data
+    order, crops and flips, colour augmentation, masks, optimiser, teacher); the record says where it resumed."""
+    common = ("--max_steps", "5", "--save_steps", "2", "--learning_rate", "1e-3", "--num_overlays", "0", "--pseudo_threshold", "null")
+    straight = run(flags(domain, base_model, tmp_path / "straight", *common))
+    killed = tmp_path / "killed"
+    argv = [sys.executable, str(ROOT / "tests" / "kill_probe.py"), "4", *flags(domain, base_model, killed, *common)]
+    done = subprocess.run(argv, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=600)
+    assert done.returncode == -9, done.stderr[-3000:]
+    assert (killed / "checkpoint-2" / "checkpoint_complete.json").is_file()
+    assert (killed / "checkpoint-4").is_dir() and not (killed / "checkpoint-4" / "trainer_state.json").exists()
+    resumed = run(flags(domain, base_model, killed, *common, "--resume_from_checkpoint", "true"))
+    assert resumed == straight
+    a = load_file(tmp_path / "straight" / "adapter" / "adapter_model.safetensors")
+    b = load_file(killed / "adapter" / "adapter_model.safetensors")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    teacher_a = load_file(tmp_path / "straight" / "checkpoint-4" / "teacher_lora.safetensors")
+    teacher_b = load_file(killed / "checkpoint-4" / "teacher_lora.safetensors")
+    assert all(torch.equal(teacher_a[k], teacher_b[k]) for k in teacher_a)
+    settings = json.loads((killed / "adapter" / "vocalign.json").read_text())["settings"]
+    assert settings["resumed_from"] == {"checkpoint": str(killed / "checkpoint-2"), "step": 2, "other_settings": []}
+    assert settings["steps_trained"] == 5 and settings["concepts_used"] is True
+
+
+def test_another_runs_checkpoint_is_refused_with_the_differences(finished_run, base_model, tmp_path, no_model_load):
+    domain, output, _ = finished_run  # 2 steps, checkpoints 1 and 2
+    with pytest.raises(UsageError, match=r"checkpoint-2 is at step 2, and this run stops at max_steps 1: nothing "
+                                          r"would be trained"):
+        run(flags(domain, base_model, tmp_path / "new", "--max_steps", "1",
+                  "--resume_from_checkpoint", str(output / "checkpoint-2")))
+    with pytest.raises(UsageError, match=r"mask_ratio 0.5 \(this run: 0.3\); .*learning_rate 3e-05 \(this run: 0.001\)"):
+        run(flags(domain, base_model, tmp_path / "new", "--max_steps", "3", "--learning_rate", "1e-3",
+                  "--mask_ratio", "0.3", "--resume_from_checkpoint", str(output / "checkpoint-2")))
+    assert not (tmp_path / "new").exists()
+
+
+def test_resuming_with_other_settings_on_request_is_recorded(finished_run, base_model, tmp_path):
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    run(flags(domain, base_model, copy, "--max_steps", "3", "--learning_rate", "1e-3", "--eval_zero_shot", "false",
+              "--resume_from_checkpoint", "true", "--resume_with_other_settings", "true"))
+    info = json.loads((copy / "adapter" / "vocalign.json").read_text())
+    assert info["settings"]["resumed_from"]["other_settings"] == ["learning_rate 3e-05 (this run: 0.001)"]
+    assert "resumed_from" in (copy / "adapter" / "README.md").read_text()
+
+
+def test_recipes_print_one_line_for_a_bad_input(domain, base_model, tmp_path):
+    argv = [sys.executable, str(ROOT / "recipes" / "adapt.py"), *flags(domain, base_model, tmp_path / "out", "--lora_rank", "0")]
+    done = subprocess.run(argv, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "error: lora_rank must be >= 1, got 0"
