@@ -15,6 +15,7 @@ from pathlib import Path
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model
+from vocalign_hf.adaptation.adapters import AdapterLoadError
 from vocalign_hf.errors import UsageError, run_program
 from vocalign_hf.metrics import split_absent_metrics
 from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model
@@ -56,4 +57,4 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run_program(main)
+    run_program(main, extra_errors=(AdapterLoadError,))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -243,3 +244,143 @@ def test_recipes_print_one_line_for_a_bad_input(domain, base_model, tmp_path):
     done = subprocess.run(argv, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert done.stderr.strip().splitlines()[-1] == "error: lora_rank must be >= 1, got 0"
+
+
+# ------------------------------------------------------------------------------------------------- converter
+def _convert(argv: list[str]) -> subprocess.CompletedProcess:
+    command = [sys.executable, "-m", "vocalign_hf.models.catseg.convert_catseg_checkpoint", *argv]
+    return subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+
+
+def test_converter_names_what_is_wrong_with_a_file(tmp_path):
+    from test_hub import CONVERT_FLAGS, tiny_pth
+
+    from vocalign_hf.models.catseg.convert_catseg_checkpoint import CheckpointConversionError, load_reference_state_dict
+
+    good = tiny_pth(tmp_path / "model.pth")
+    (tmp_path / "zero.pth").write_bytes(b"")
+    (tmp_path / "page.pth").write_text("<html>404 Not Found</html>")
+    (tmp_path / "cut.pth").write_bytes(good.read_bytes()[: good.stat().st_size // 2])
+    cases = {"zero.pth": r"is empty \(0 bytes\)", "page.pth": r"is not a PyTorch checkpoint \(it starts with b'<htm'",
+             "cut.pth": "is damaged or truncated"}
+    for name, match in cases.items():
+        with pytest.raises(CheckpointConversionError, match=match) as error:
+            load_reference_state_dict(tmp_path / name)
+        assert "--allow-unsafe-pickle" not in str(error.value)
+    torch.save({"model": {"some.weight": torch.zeros(2)}}, tmp_path / "other.pth")
+    done = _convert([str(tmp_path / "other.pth"), str(tmp_path / "out"), *CONVERT_FLAGS])
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "not a CAT-Seg checkpoint: it lacks" in done.stderr and "some.weight" in done.stderr
+
+
+def test_converter_checks_its_output_folder_first(tmp_path):
+    from test_hub import CONVERT_FLAGS, tiny_pth
+
+    checkpoint = tiny_pth(tmp_path / "model.pth")
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("mine")
+    for output, match in ((blocked, "is a file"), (mine, r"not written by vocalign as converted_model \(it holds notes.txt\)"),
+                          (tmp_path, "contains the checkpoint")):
+        done = _convert([str(checkpoint), str(output), *CONVERT_FLAGS])
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+        assert re.search(match, done.stderr.strip().splitlines()[-1]), done.stderr
+    assert blocked.read_text() == "x" and sorted(p.name for p in mine.iterdir()) == ["notes.txt"]
+    assert _convert([str(checkpoint), str(tmp_path / "out"), *CONVERT_FLAGS]).returncode == 0
+    assert _convert([str(checkpoint), str(tmp_path / "out"), *CONVERT_FLAGS]).returncode == 0  # its own: replaced
+    assert json.loads((tmp_path / "out" / "vocalign.json").read_text())["written_as"] == "converted_model"
+
+
+# ------------------------------------------------------------------------------------ one-line messages
+def test_model_and_adapter_folders_are_checked_with_a_clear_message(finished_run, base_model, tmp_path, no_model_load):
+    from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model
+
+    other = tmp_path / "bert"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    with pytest.raises(UsageError, match=r"holds a bert model, not CAT-Seg: give a folder written by convert-catseg"):
+        resolve_base_model(str(other))
+    broken = tmp_path / "adapter"
+    broken.mkdir()
+    (broken / "adapter_config.json").write_text("{not json")
+    with pytest.raises(UsageError, match=rf"--adapter: {broken / 'adapter_config.json'} is not valid JSON"):
+        resolve_adapter(str(broken))
+
+
+def test_an_adapter_on_a_base_of_another_size_is_one_line(finished_run, tmp_path):
+    from conftest import tiny_catseg_config
+
+    from vocalign_hf import CATSegForSemanticSegmentation
+    from vocalign_hf.adaptation import load_adapted_model
+    from vocalign_hf.adaptation.adapters import AdapterLoadError
+
+    _, output, _ = finished_run
+    config = tiny_catseg_config()
+    config.clip_config.text_config.hidden_size = config.clip_config.vision_config.hidden_size = 48
+    config.clip_config.text_config.intermediate_size = config.clip_config.vision_config.intermediate_size = 96
+    wider = CATSegForSemanticSegmentation(config)
+    with pytest.raises(AdapterLoadError, match=r"was trained on a CAT-Seg of another size .*lora_A.default.weight: \[2, 32\] in the adapter, \[2, 48\] here") as error:
+        load_adapted_model(wider, output / "adapter")
+    assert len(str(error.value).splitlines()) == 1
+
+
+def test_an_unreachable_hub_is_tried_once(monkeypatch):
+    import time
+
+    from huggingface_hub import constants
+
+    from vocalign_hf.recipe_checks import resolve_base_model
+
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: connection refused
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    start = time.perf_counter()
+    with pytest.raises(UsageError, match=r"the Hub repo 'someone/catseg' could not be read \(ConnectError"):
+        resolve_base_model("someone/catseg")
+    assert time.perf_counter() - start < 5  # huggingface_hub's own retries take 23 s
+
+
+def test_the_demo_names_a_missing_base_folder(tmp_path):
+    from vocalign_hf.demo import DemoSetupError
+    from vocalign_hf.demo.segmenter import DemoSegmenter
+
+    with pytest.raises(DemoSetupError, match=rf"base model: folder not found: {tmp_path / 'nope'}"):
+        DemoSegmenter.from_pretrained(str(tmp_path / "nope"))
+
+
+def test_long_class_names_are_named_when_clip_cuts_them(tiny_processor, caplog):
+    name = "a very long class name " * 16
+    with caplog.at_level("WARNING"):
+        tokens = tiny_processor.tokenize_classes(["road", name])["input_ids"]
+    assert tokens.shape[-1] == 77
+    assert "1 class name(s) make prompts longer than CLIP's 77 tokens" in caplog.text and name[:40] in caplog.text
+
+
+def test_class_lists_are_read_the_same_way_everywhere(domain, base_model, tmp_path, no_model_load):
+    from concept_generation.classes import read_class_list
+
+    from vocalign_hf.recipes import load_target_data
+
+    (domain / "classes.txt").write_text("# my classes\nsky\ngrass\n\nroad\n")
+    (domain / "classes.yaml").write_text("classes: [sky, grass, road]\n")
+    for name in ("classes.txt", "classes.yaml", "classes.json"):
+        argv = flags(domain, base_model, tmp_path / "out")
+        argv[argv.index("--class_names_file") + 1] = str(domain / name)
+        recipe, args = __import__("vocalign_hf.recipes", fromlist=["x"]).parse_recipe_args(argv, config_dir=CONFIG_DIR)
+        assert load_target_data(recipe, args.output_dir, check_files=False).class_names == ["sky", "grass", "road"]
+        assert read_class_list(str(domain / name)) == ["sky", "grass", "road"]
+
+
+def test_evaluate_needs_no_training_images(finished_run, base_model, tmp_path):
+    import importlib.util
+
+    domain, output, _ = finished_run
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
+    evaluate_recipe = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(evaluate_recipe)
+    argv = flags(domain, base_model, tmp_path / "eval", "--adapter", str(output / "adapter"))
+    at = argv.index("--data_root")
+    del argv[at : at + 2]
+    metrics = evaluate_recipe.main(argv)
+    assert 0 <= metrics["eval_mean_iou"] <= 100

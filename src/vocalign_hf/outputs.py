@@ -21,14 +21,16 @@ from .errors import UsageError
 __all__ = ["OUTPUT_INFO_FILE", "KNOWN_LAYOUTS", "check_not_overlapping", "check_replaceable", "write_output_folder"]
 
 OUTPUT_INFO_FILE = "vocalign.json"
+_MODEL_FILES = frozenset({
+    "config.json", "model.safetensors", "vocalign.json", "preprocessor_config.json", "processor_config.json",
+    "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
+    "generation_config.json", "configuration_catseg.py", "modeling_catseg.py",
+})
 #: The files each kind of output folder holds (how a folder written before `written_as` existed is recognised).
 KNOWN_LAYOUTS: dict[str, frozenset[str]] = {
     "adapter": frozenset({"adapter_config.json", "adapter_model.safetensors", "vocalign.json", "README.md"}),
-    "merged_model": frozenset({
-        "config.json", "model.safetensors", "vocalign.json", "preprocessor_config.json", "processor_config.json",
-        "tokenizer_config.json", "tokenizer.json", "vocab.json", "merges.txt", "special_tokens_map.json",
-        "generation_config.json",
-    }),
+    "merged_model": _MODEL_FILES,
+    "converted_model": _MODEL_FILES | {"README.md"},
 }
 
 

@@ -185,6 +185,13 @@ def _folder_hint(path: Path) -> str:
 
 def _check_model_folder(folder: Path, flag: str) -> None:
     if (folder / "config.json").is_file():
+        _check_json(folder / "config.json", flag)
+        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        if model_type != "catseg":
+            raise UsageError(
+                f"{flag} {folder} holds a {model_type or 'model without a model_type'} model, not CAT-Seg: give a "
+                "folder written by convert-catseg-checkpoint or CATSegForSemanticSegmentation.save_pretrained"
+            )
         return
     if (folder / "adapter_config.json").is_file():
         raise UsageError(
@@ -196,8 +203,18 @@ def _check_model_folder(folder: Path, flag: str) -> None:
     )
 
 
+def _check_json(path: Path, flag: str) -> None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise UsageError(f"{flag}: {path} is not valid JSON ({error}); the folder is damaged") from None
+    if not isinstance(data, dict):
+        raise UsageError(f"{flag}: {path} does not hold a JSON object; the folder is damaged")
+
+
 def _check_adapter_folder(folder: Path, flag: str) -> None:
     if (folder / "adapter_config.json").is_file():
+        _check_json(folder / "adapter_config.json", flag)
         return
     hint = " (it is a base model folder: pass it as --base_model)" if (folder / "config.json").is_file() else ""
     raise UsageError(f"{flag} {folder} has no adapter_config.json: give an adapter folder written by adapt.py{hint}")
@@ -234,7 +251,7 @@ def _resolve(name: str, flag: str, check_folder: Callable[[Path, str], None], hu
     first = name.split("/", 1)[0]
     if path_like or not _REPO_ID.match(name) or Path(first).is_dir():
         raise UsageError(f"{flag}: folder not found: {name} (resolved to {path.resolve()}){_folder_hint(path)}")
-    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
 
     if isinstance(try_to_load_from_cache(name, hub_file), str):
         return name
@@ -243,8 +260,8 @@ def _resolve(name: str, flag: str, check_folder: Callable[[Path, str], None], hu
             f"{flag} {name}: no local folder {path.resolve()}, and HF_HUB_OFFLINE is set and the Hub cache has no "
             "copy of this repo; download it once with network, or give a local folder"
         )
-    try:
-        hf_hub_download(name, hub_file)
+    try:  # one request, without huggingface_hub's retries (five, over 23 s, on a machine without network)
+        get_hf_file_metadata(hf_hub_url(name, hub_file), timeout=10)
     except Exception as exc:  # any Hub failure: say what was tried, once, instead of retrying every file
         raise UsageError(
             f"{flag} {name}: no local folder {path.resolve()}, and the Hub repo {name!r} could not be read "

@@ -242,7 +242,7 @@ def _read_adapter_info(adapter: str | os.PathLike, revision: str | None, **hub_k
     than as peft's generic "Can't find adapter_config.json"."""
     local = Path(adapter) / VOCALIGN_FILE
     if local.is_file():
-        return json.loads(local.read_text())
+        return _read_json_file(local)
     if Path(adapter).exists():
         return {}
     from huggingface_hub import hf_hub_download
@@ -256,7 +256,17 @@ def _read_adapter_info(adapter: str | os.PathLike, revision: str | None, **hub_k
             return {}
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:
         raise _hub_failure(str(adapter), revision, error) from error
-    return json.loads(Path(path).read_text())
+    return _read_json_file(Path(path))
+
+
+def _read_json_file(path: Path) -> dict[str, Any]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise AdapterLoadError(f"{path} is not valid JSON ({error}); the adapter folder is damaged") from None
+    if not isinstance(data, dict):
+        raise AdapterLoadError(f"{path} does not hold a JSON object; the adapter folder is damaged")
+    return data
 
 
 def _warn_if_other_base(
@@ -311,6 +321,18 @@ def load_adapted_model(
         model = PeftModel.from_pretrained(base_model, str(adapter), revision=adapter_revision, **hub_kwargs)
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:  # e.g. the weights' download failed
         raise _hub_failure(str(adapter), adapter_revision, error) from error
+    except RuntimeError as error:
+        if "size mismatch" not in str(error):
+            raise
+        # peft's message lists every mismatching tensor; one is enough to say what is wrong.
+        found = re.search(r"size mismatch for (\S+): copying a param with shape torch.Size\((\[[\d, ]*\])\) from "
+                          r"checkpoint, the shape in current model is torch.Size\((\[[\d, ]*\])\)", str(error))
+        detail = f"{found.group(1)}: {found.group(2)} in the adapter, {found.group(3)} here" if found else "size mismatch"
+        raise AdapterLoadError(
+            f"the adapter {str(adapter)!r} was trained on a CAT-Seg of another size than "
+            f"{getattr(base_model.config, '_name_or_path', None) or 'this base model'!r} ({detail}); load it onto "
+            f"the base its vocalign.json names ({info.get('base_model', 'unknown')})"
+        ) from None
     return model.eval(), info
 
 

@@ -25,6 +25,8 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..class_names import name_key, validate_class_names
 from ..data import make_palette
+from ..errors import UsageError
+from ..recipe_checks import resolve_base_model
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
 from ..visualization import colorize
 
@@ -235,6 +237,10 @@ class DemoSegmenter:
             DemoSetupError: the base model or the adapter cannot be loaded (the message names it and says why).
         """
         base_name = str(base_model)
+        try:  # a missing folder is named as one, not as a malformed Hub id
+            resolve_base_model(base_name, flag="base model")
+        except UsageError as error:
+            raise DemoSetupError(str(error)) from None
         try:
             model = CATSegForSemanticSegmentation.from_pretrained(base_name)
             processor = CATSegProcessor.from_pretrained(base_name)

@@ -38,7 +38,9 @@ from typing import Any
 
 import torch
 
-from ...atomic import atomic_write_text
+from ...atomic import atomic_write_json, atomic_write_text
+from ...errors import run_program
+from ...outputs import OUTPUT_INFO_FILE, check_not_overlapping, check_replaceable, write_output_folder
 from .configuration_catseg import CATSegConfig
 from .modeling_catseg import CATSegForSemanticSegmentation
 
@@ -77,16 +79,22 @@ def load_reference_state_dict(path: str | Path, allow_unsafe_pickle: bool = Fals
         from safetensors.torch import load_file
 
         return load_file(str(path))
+    _check_readable(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=not allow_unsafe_pickle)
     except pickle.UnpicklingError as error:
-        found = re.search(r"Unsupported global: GLOBAL (\S+)", str(error))
-        detail = f"found {found.group(1)}" if found else str(error).strip().splitlines()[0][:200]
+        found = re.search(r"Unsupported global: GLOBAL ([A-Za-z_][\w.]*\w) ", str(error))
+        if found is None:  # a broken pickle stream, not a foreign object: the unsafe flag would not help
+            raise CheckpointConversionError(f"{path} is damaged or truncated (its pickle cannot be read); download "
+                                            "it again") from None
         raise CheckpointConversionError(
             f"{path} cannot be read with torch.load(weights_only=True): it pickles objects other than tensors "
-            f"({detail}). Loading it runs code from the file; only if you trust its source, pass "
+            f"(found {found.group(1)}). Loading it runs code from the file; only if you trust its source, pass "
             "--allow-unsafe-pickle (load_reference_state_dict(..., allow_unsafe_pickle=True))."
         ) from None
+    except (RuntimeError, EOFError, KeyError, ValueError) as error:
+        detail = str(error).strip().splitlines()[0][:120] if str(error).strip() else type(error).__name__
+        raise CheckpointConversionError(f"{path} is damaged or truncated ({detail}); download it again") from None
     if isinstance(blob, Mapping):  # detectron2 keeps weights under "model", mmengine under "state_dict"
         state = blob.get("model", blob.get("state_dict", blob))
     else:
@@ -94,6 +102,20 @@ def load_reference_state_dict(path: str | Path, allow_unsafe_pickle: bool = Fals
     if not isinstance(state, Mapping):
         raise CheckpointConversionError(f"{path} holds no state dict (found {type(state).__name__})")
     return {key: value for key, value in state.items() if isinstance(value, torch.Tensor)}
+
+
+def _check_readable(path: Path) -> None:
+    """An empty file, or one that is neither a torch zip archive nor a pickle, is named as such, not sent to the
+    unpickler (whose errors would suggest the unsafe flag)."""
+    with path.open("rb") as handle:
+        head = handle.read(4)
+    if not head:
+        raise CheckpointConversionError(f"{path} is empty (0 bytes): the download or copy did not finish")
+    if head != b"PK\x03\x04" and head[:1] != b"\x80":
+        raise CheckpointConversionError(
+            f"{path} is not a PyTorch checkpoint (it starts with {head!r}, e.g. a text or HTML page saved under that "
+            "name); download the .pth file itself"
+        )
 
 
 def _convert_block(prefix_in: str, prefix_out: str, state: dict, out: dict, used: set) -> None:
@@ -489,7 +511,14 @@ def convert_checkpoint(
     state: Mapping[str, torch.Tensor], **config_overrides: Any
 ) -> CATSegForSemanticSegmentation:
     """Build a port model holding the reference weights; every parameter must come from the checkpoint."""
-    config = infer_config(state, **config_overrides)
+    try:
+        config = infer_config(state, **config_overrides)
+    except KeyError as error:  # a key the architecture's shapes are read from
+        sample = ", ".join(sorted(state)[:3]) or "no tensors"
+        raise CheckpointConversionError(
+            f"not a CAT-Seg checkpoint: it lacks {error.args[0]!r}, which every CAT-Seg checkpoint holds (it holds "
+            f"{len(state)} tensors, e.g. {sample})"
+        ) from None
     model = CATSegForSemanticSegmentation(config)
     converted = convert_state_dict(state, num_templates=config.num_templates)
     expected = set(model.state_dict())
@@ -612,7 +641,8 @@ def push_folder_to_hub(
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2 CVPR'24 or v1, mmseg v1) or a state-dict file")
-    parser.add_argument("output_dir", help="folder for save_pretrained (model + processor)")
+    parser.add_argument("output_dir", help="folder for save_pretrained (model + processor): new, empty, or an earlier "
+                        "output of this command (replaced once the new one is complete)")
     parser.add_argument(
         "--prompt-templates", default=None,
         help="template set name (default: single, or imagenet for 80 channels; v1: vocalign_select_clip)",
@@ -649,17 +679,26 @@ def main(argv: list[str] | None = None) -> None:
         overrides["guidance_layers"] = args.guidance_layers
     if args.clip_resolution:
         overrides["clip_resolution"] = args.clip_resolution
+    check_not_overlapping(args.output_dir, [("checkpoint", args.checkpoint)], "output folder")
+    check_replaceable(args.output_dir, "converted_model", "output folder")  # before the (long) conversion
     state = load_reference_state_dict(args.checkpoint, allow_unsafe_pickle=args.allow_unsafe_pickle)
     model = convert_checkpoint(state, **overrides)
     processor = CATSegProcessor.from_config(model.config)
-    # Model, processor, the modeling code (auto_map) and the card in one folder: what gets pushed, as one commit.
-    model.save_pretrained(args.output_dir)
-    processor.save_pretrained(args.output_dir)
     card = build_converted_model_card(
         model.config, Path(args.checkpoint).name, file_sha256(args.checkpoint),
         args.push_to_hub or str(args.output_dir), base_model=args.base_model,
     )
-    atomic_write_text(Path(args.output_dir) / "README.md", str(card))
+    info = {"written_as": "converted_model", "checkpoint": Path(args.checkpoint).name,
+            "sha256": file_sha256(args.checkpoint)}
+
+    def write(folder: Path) -> None:
+        # Model, processor, the modeling code (auto_map) and the card in one folder: what gets pushed, as one commit.
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        atomic_write_text(folder / "README.md", str(card))
+        atomic_write_json(folder / OUTPUT_INFO_FILE, info)
+
+    write_output_folder(args.output_dir, "converted_model", write, [("checkpoint", args.checkpoint)], "output folder")
     print(f"Saved converted CAT-Seg to {args.output_dir}")
     if args.push_to_hub:
         sha = push_folder_to_hub(args.output_dir, args.push_to_hub, private=args.private,
@@ -667,5 +706,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Pushed to {args.push_to_hub} (commit {sha})")
 
 
+def cli() -> None:
+    """The `convert-catseg-checkpoint` console script: a bad file is one line and exit status 2 (`-v`: traceback)."""
+    run_program(main, extra_errors=(CheckpointConversionError,))
+
+
 if __name__ == "__main__":
-    main()
+    cli()

@@ -12,12 +12,17 @@ import torch
 from transformers import CLIPTokenizer
 from transformers.image_processing_base import BatchFeature
 from transformers.processing_utils import ProcessorMixin
+from transformers.utils import logging
 
 from .class_list import validate_class_names
 from .image_processing_catseg import CATSegImageProcessor
 from .prompt_templates import resolve_prompt_templates
 
+logger = logging.get_logger(__name__)
+
 BPE_RESOURCE = "bpe_simple_vocab_16e6.txt.gz"
+#: CLIP's text context: longer prompts are cut to it.
+CLIP_MAX_TOKENS = 77
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -93,9 +98,23 @@ class CATSegProcessor(ProcessorMixin):
     def tokenize_classes(self, class_names: Sequence[str]) -> dict[str, torch.Tensor]:
         """Token ids (num_classes, num_templates, seq_len) and attention mask of every (class, template) prompt."""
         prompts = self.prompts(class_names)
-        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=77, return_tensors="pt")
+        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt")
+        self._warn_truncated(class_names, prompts)
         shape = (len(prompts) // len(self.templates), len(self.templates), -1)
         return {"input_ids": encoded["input_ids"].view(shape), "attention_mask": encoded["attention_mask"].view(shape)}
+
+    def _warn_truncated(self, class_names: Sequence[str], prompts: Sequence[str]) -> None:
+        """CLIP reads 77 tokens; a longer prompt loses its end (and the class name may be cut): say which."""
+        lengths = [len(ids) for ids in self.tokenizer(list(prompts), truncation=False, verbose=False)["input_ids"]]
+        per_class = len(self.templates)
+        cut = {name: max(lengths[i * per_class : (i + 1) * per_class]) for i, name in enumerate(class_names)}
+        cut = {name: length for name, length in cut.items() if length > CLIP_MAX_TOKENS}
+        if cut:
+            shown = ", ".join(f"{name[:40]!r} ({length} tokens)" for name, length in list(cut.items())[:3])
+            logger.warning(
+                "%d class name(s) make prompts longer than CLIP's %d tokens and are cut at the end: %s; shorten them",
+                len(cut), CLIP_MAX_TOKENS, shown,
+            )
 
     def __call__(self, images=None, text: Sequence[str] | None = None, return_tensors: str = "pt", **kwargs):
         """Prepare images and/or a list of class names (the vocabulary shared by the whole batch).
