@@ -115,9 +115,10 @@ def _read_class_file(path: Path, spec: str) -> list[str]:
         )
         raise ClassListError(f"class list file not found: {spec}{hint}")
     try:
-        return load_class_names(path)
+        names = load_class_names(path)
     except (OSError, ValueError) as exc:
         raise ClassListError(str(exc)) from None
+    return validate_class_names(names, source=str(path))  # this package's NFC form
 
 
 def class_list_path(spec: Any) -> Path | None:

@@ -108,7 +108,7 @@ def test_teacher_vocabulary_is_encoded_once_per_ema_update(teacher_text_ema, tmp
     )
     model = add_lora(CATSegForSemanticSegmentation(tiny_catseg_config()), args)
     trainer = VocAlignTrainer(model=model, args=args, class_names=["road", "car", "sky"], processor=tiny_processor,
-                              train_dataset=_Images())
+                              concepts={"car": ["automobile"]}, train_dataset=_Images())
     encode, calls = trainer.teacher.get_text_embeddings, []
     trainer.teacher.get_text_embeddings = lambda *a, **k: calls.append(1) or encode(*a, **k)
     trainer.train()

@@ -466,7 +466,7 @@ def test_trainer_push_to_hub_publishes_the_adapter_card(hub, hub_env, published,
     model = add_lora(CATSegForSemanticSegmentation.from_pretrained("org/base"), args)
     trainer = VocAlignTrainer(
         model=model, args=args, class_names=["sky", "road", "tree"], processor=CATSegProcessor.from_pretrained("org/base"),
-        train_dataset=RandomImages(), eval_dataset=RandomImages(),
+        concepts={"sky": ["heaven"]}, train_dataset=RandomImages(), eval_dataset=RandomImages(),
     )
     trainer.train()
     metrics = trainer.evaluate(metric_key_prefix="adapted")

@@ -345,7 +345,7 @@ def test_the_demo_names_a_missing_base_folder(tmp_path):
     from vocalign_hf.demo import DemoSetupError
     from vocalign_hf.demo.segmenter import DemoSegmenter
 
-    with pytest.raises(DemoSetupError, match=rf"base model: folder not found: {tmp_path / 'nope'}"):
+    with pytest.raises(DemoSetupError, match=rf"base model: folder not found: {tmp_path / 'nope'}"):  # not "Repo id must be"
         DemoSegmenter.from_pretrained(str(tmp_path / "nope"))
 
 

@@ -452,8 +452,10 @@ def check_recipe_args(recipe: RecipeArguments) -> None:
         ("world_pretrain_steps", recipe.world_pretrain_steps >= 1, ">= 1"),
         ("world_pretrain_batch_size", recipe.world_pretrain_batch_size >= 1, ">= 1"),
         ("world_pretrain_threads", recipe.world_pretrain_threads >= 1, ">= 1"),
-    ] + [(name, getattr(recipe, name) >= 1, ">= 1") for name in (
-        "world_num_source_train", "world_num_target_train", "world_num_target_eval")]
+        ("world_num_source_train", recipe.world_num_source_train >= 0, ">= 0 (0: the base model is given)"),
+        ("world_num_target_train", recipe.world_num_target_train >= 1, ">= 1"),
+        ("world_num_target_eval", recipe.world_num_target_eval >= 1, ">= 1"),
+    ]
     for name, ok, wanted in checks:
         if not ok:
             raise UsageError(f"--{name} must be {wanted}, got {getattr(recipe, name)}")

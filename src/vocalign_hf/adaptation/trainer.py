@@ -462,6 +462,31 @@ class VocAlignTrainer(Trainer):
         """The settings of this run that an adapter's model card and `vocalign.json` record, and what it did."""
         return {**self.run_settings(), **self.run_record()}
 
+    def create_model_card(self, model_name: str | None = None, dataset: str | list[str] | None = None, **kwargs) -> None:
+        """Write the adapter's own card ([`build_model_card`]: base model, target classes and concepts, the mIoUs
+        this trainer measured, the settings, a usage snippet) as `README.md` in `output_dir`, so that
+        `trainer.push_to_hub()` publishes the same card as the recipes. A model without LoRA (every weight trained)
+        keeps the Trainer's own card; extra arguments of the Trainer's card (tags, language, ...) are ignored."""
+        model = self.accelerator.unwrap_model(self.model)
+        if not isinstance(model, PeftModel):
+            return super().create_model_card(model_name=model_name, dataset=dataset, **kwargs)
+        if not self.is_world_process_zero():
+            return None
+        peft_config = model.peft_config[model.active_adapter]
+        base_model = peft_config.base_model_name_or_path or "catseg"
+        _, commit = base_model_reference(base_model, peft_config.revision)
+        metrics: dict[str, float] = {}
+        for entry in self.state.log_history:  # the latest mIoU of each evaluation prefix ("eval", "adapted", ...)
+            for key, value in entry.items():
+                if key.endswith("_mean_iou"):
+                    metrics[f"target mIoU ({key[: -len('_mean_iou')].replace('_', '-')})"] = value
+        card = build_model_card(
+            base_model, self.class_names, self.concepts, metrics, dataset if isinstance(dataset, str) else None,
+            self.adaptation_settings(), repo_id=self.hub_model_id, base_model_revision=commit,
+        )
+        atomic_write_text(Path(self.args.output_dir) / CARD_FILE, str(card))
+        return None
+
     def save_teacher(self, path: str | Path) -> None:
         """Write the teacher's LoRA weights atomically (tmp file + rename)."""
         from safetensors.torch import save_file

@@ -240,7 +240,7 @@ class DemoSegmenter:
         try:  # a missing folder is named as one, not as a malformed Hub id
             resolve_base_model(base_name, flag="base model")
         except UsageError as error:
-            raise DemoSetupError(str(error)) from None
+            raise DemoSetupError(f"Could not load the base model {base_name!r}: {error}") from None
         try:
             model = CATSegForSemanticSegmentation.from_pretrained(base_name)
             processor = CATSegProcessor.from_pretrained(base_name)
