@@ -139,6 +139,8 @@ def test_output_folders_that_overlap_inputs_or_hold_other_files_are_refused(doma
     blocked.write_text("x")
     with pytest.raises(UsageError, match="is a file"):
         run(flags(domain, base_model, blocked))
+    with pytest.raises(UsageError, match=rf"--output_dir {blocked / 'run'} cannot be created: {blocked} is a file"):
+        run(flags(domain, base_model, blocked / "run"))
     assert not (domain / "images" / "run").exists() and sorted(p.name for p in foreign.iterdir()) == ["notes.txt"]
 
 

@@ -1,4 +1,5 @@
-"""Crash-safe file writes: temp file in the destination directory, fsync, ``os.replace``."""
+"""Crash-safe file writes (temp file in the destination directory, fsync, ``os.replace``), and the one checked reader
+of the JSON files they write."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_folder"]
+__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_folder", "read_json_object"]
 
 
 def _current_umask() -> int:
@@ -106,3 +107,22 @@ def atomic_write_folder(
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
     return destination
+
+
+def read_json_object(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a JSON file that must hold an object.
+
+    Raises:
+        FileNotFoundError: the file does not exist.
+        ValueError: it is unreadable, not JSON, or not an object; the message names the file and says it is damaged.
+    """
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (OSError, ValueError) as error:
+        raise ValueError(f"{path} is not valid JSON ({error}): the file is damaged") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{path} does not hold a JSON object: the file is damaged")
+    return data

@@ -9,13 +9,12 @@ inside one of the command's inputs is refused too: `vocalign-merge d/base d/adap
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from .atomic import atomic_write_folder
+from .atomic import atomic_write_folder, read_json_object
 from .errors import UsageError
 
 __all__ = ["OUTPUT_INFO_FILE", "KNOWN_LAYOUTS", "check_not_overlapping", "check_replaceable", "write_output_folder"]
@@ -37,10 +36,9 @@ KNOWN_LAYOUTS: dict[str, frozenset[str]] = {
 def written_as(folder: Path) -> str | None:
     """The kind a folder records in its `vocalign.json` (None: not one of ours, or written before the key)."""
     try:
-        info = json.loads((folder / OUTPUT_INFO_FILE).read_text(encoding="utf-8"))
+        return read_json_object(folder / OUTPUT_INFO_FILE).get("written_as")
     except (OSError, ValueError):
         return None
-    return info.get("written_as") if isinstance(info, dict) else None
 
 
 def check_replaceable(destination: str | os.PathLike, kind: str, flag: str = "output folder") -> bool:

@@ -18,7 +18,6 @@ to pass instead: the recipes are command-line programs, and a user should read o
 from __future__ import annotations
 
 import difflib
-import json
 import logging
 import os
 import re
@@ -33,6 +32,7 @@ from .adaptation.checkpoints import (
     is_complete,
     last_complete_checkpoint,
 )
+from .atomic import read_json_object
 from .errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -88,6 +88,11 @@ def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
         raise UsageError(f"--output_dir {folder} is a file; give a folder (new, or a previous run's)")
+    existing = next(p for p in (folder, *folder.absolute().parents) if p.exists())
+    if not existing.is_dir():
+        raise UsageError(f"--output_dir {folder} cannot be created: {existing} is a file; give another folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise UsageError(f"--output_dir {folder}: {existing} is not writable by this user; give another folder")
     if (folder / PREVIOUS_RUN).exists() and not resuming:
         raise UsageError(
             f"{folder / PREVIOUS_RUN} holds a run that an interrupted --overwrite_output_dir set aside; nothing was "
@@ -185,8 +190,7 @@ def _folder_hint(path: Path) -> str:
 
 def _check_model_folder(folder: Path, flag: str) -> None:
     if (folder / "config.json").is_file():
-        _check_json(folder / "config.json", flag)
-        model_type = json.loads((folder / "config.json").read_text(encoding="utf-8")).get("model_type")
+        model_type = _check_json(folder / "config.json", flag).get("model_type")
         if model_type != "catseg":
             raise UsageError(
                 f"{flag} {folder} holds a {model_type or 'model without a model_type'} model, not CAT-Seg: give a "
@@ -203,13 +207,11 @@ def _check_model_folder(folder: Path, flag: str) -> None:
     )
 
 
-def _check_json(path: Path, flag: str) -> None:
+def _check_json(path: Path, flag: str) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{flag}: {path} is not valid JSON ({error}); the folder is damaged") from None
-    if not isinstance(data, dict):
-        raise UsageError(f"{flag}: {path} does not hold a JSON object; the folder is damaged")
+        return read_json_object(path)
+    except ValueError as error:
+        raise UsageError(f"{flag}: {error}") from None
 
 
 def _check_adapter_folder(folder: Path, flag: str) -> None:

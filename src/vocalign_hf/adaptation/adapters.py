@@ -14,7 +14,7 @@ from typing import Any
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_json, atomic_write_text, read_json_object
 from ..outputs import write_output_folder
 from ..data.hub import hub_dataset_id
 from ..models.catseg import CATSegForSemanticSegmentation
@@ -261,12 +261,9 @@ def _read_adapter_info(adapter: str | os.PathLike, revision: str | None, **hub_k
 
 def _read_json_file(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise AdapterLoadError(f"{path} is not valid JSON ({error}); the adapter folder is damaged") from None
-    if not isinstance(data, dict):
-        raise AdapterLoadError(f"{path} does not hold a JSON object; the adapter folder is damaged")
-    return data
+        return read_json_object(path)
+    except ValueError as error:
+        raise AdapterLoadError(f"{error}; the adapter folder is damaged") from None
 
 
 def _warn_if_other_base(

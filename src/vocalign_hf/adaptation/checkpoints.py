@@ -13,13 +13,13 @@ grow: the run is extended, and the record says from where.
 
 from __future__ import annotations
 
-import json
 import logging
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..atomic import read_json_object
 from ..errors import UsageError
 
 logger = logging.getLogger(__name__)
@@ -54,7 +54,7 @@ def is_complete(checkpoint: str | Path) -> bool:
     if (folder / CHECKPOINT_COMPLETE).is_file():
         return True
     try:
-        legacy = "settings" not in json.loads((folder / VOCALIGN_STATE).read_text(encoding="utf-8"))
+        legacy = "settings" not in read_json_object(folder / VOCALIGN_STATE)
     except (OSError, ValueError):
         return False
     return legacy and (folder / "trainer_state.json").is_file()
@@ -72,12 +72,9 @@ def last_complete_checkpoint(folder: str | Path) -> Path | None:
 
 def _read_json(path: Path) -> dict[str, Any]:
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as error:
-        raise UsageError(f"{path} cannot be read as JSON ({error}); the checkpoint is damaged: resume from another")
-    if not isinstance(data, dict):
-        raise UsageError(f"{path} does not hold a JSON object; the checkpoint is damaged: resume from another")
-    return data
+        return read_json_object(path)
+    except ValueError as error:
+        raise UsageError(f"{error}: resume from another checkpoint") from None
 
 
 def _layers_of(target_modules: Any) -> list[int] | None:

@@ -46,7 +46,7 @@ from peft import PeftModel, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
 from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint, speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 from transformers.utils import logging
 
 from ..atomic import atomic_write_json, atomic_write_text
