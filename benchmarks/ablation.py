@@ -62,6 +62,30 @@ def run_row(seed: int, row: str, options, source_model: Path) -> dict[str, float
     return numbers
 
 
+def source_quality(seed: int, options, source_model: Path) -> dict[str, float]:
+    """The source model's own per-class IoU on its **source** domain (source names, source evaluation split), kept in
+    `<output_dir>/seed<s>/source.json`: a class the source never learnt is told apart from one adaptation lost."""
+    done = Path(options.output_dir) / f"seed{seed}" / "source.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+    from vocalign_hf.recipes import world_config
+    from vocalign_hf.world import build_world, evaluate_segmenter
+
+    recipe, _ = parse_recipe_args(["--config", str(ROOT / "recipes" / "configs" / "world.yaml"), "--world_seed",
+                                   str(seed), *(REDUCED if options.reduced else []), *options.extra])
+    world = build_world(world_config(recipe))
+    model = CATSegForSemanticSegmentation.from_pretrained(source_model)
+    result = evaluate_segmenter(model, CATSegProcessor.from_pretrained(source_model), world.source_eval,
+                                world.source_class_names)
+    # Reported under the target names of the same classes, so that the rows line up with the target tables.
+    by_source = {name: 100 * iou for name, iou in result["per_category_iou"].items()}
+    numbers = {"miou": 100 * result["mean_iou"],
+               **{t: by_source[world.source_class_names[s]] for t, s in zip(CLASSES, world.target_to_source)}}
+    atomic_write_json(done, numbers)
+    return numbers
+
+
 def summarize(table: dict[str, dict[int, dict[str, float]]], seeds: list[int]) -> str:
     """Mean, std and per-seed mIoU of each row (over the seeds it ran on), its gain over zero-shot on those seeds,
     and the worst per-class IoU change against zero-shot."""
@@ -100,24 +124,31 @@ def main() -> None:
     cache = cache / ("reduced" if options.reduced else "default")
 
     table: dict[str, dict[int, dict[str, float]]] = {row: {} for row in options.rows}
+    sources: dict[int, dict[str, float]] = {}
     for seed in options.seeds:
         for row in options.rows:
             if options.only_done and not (Path(options.output_dir) / f"seed{seed}" / f"{row}.json").is_file():
                 continue
             table[row][seed] = run_row(seed, row, options, cache / f"seed{seed}")
             print(f"[seed {seed}] {row}: mIoU {table[row][seed]['miou']:.2f}", flush=True)
+        if (cache / f"seed{seed}" / "config.json").is_file() and not options.only_done:
+            sources[seed] = source_quality(seed, options, cache / f"seed{seed}")
 
     world = "reduced" if options.reduced else "default"
     print(f"\nTarget mIoU over world seeds {options.seeds} ({world} world)\n{summarize(table, options.seeds)}")
-    print("\nPer-class IoU, mean over seeds:")
+    print("\nPer-class IoU, mean over seeds (source model = on its own source domain, under the target names):")
     print(f"{'row':<18}" + "".join(f"{c[:10]:>11}" for c in CLASSES))
+    if sources:
+        print(f"{'source model':<18}" + "".join(f"{statistics.mean(r[c] for r in sources.values()):>11.2f}"
+                                              for c in CLASSES))
     for row, runs in table.items():
         if not runs:
             continue
         print(f"{row:<18}" + "".join(f"{statistics.mean(r[c] for r in runs.values()):>11.2f}" for c in CLASSES))
     out = Path(options.output_dir) / "ablation.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({"seeds": options.seeds, "world": world, "rows": table}, indent=2))
+    out.write_text(json.dumps({"seeds": options.seeds, "world": world, "rows": table, "source_models": sources},
+                              indent=2))
     print(f"\nper-run numbers: {out}")
 
 

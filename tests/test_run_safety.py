@@ -386,3 +386,13 @@ def test_evaluate_needs_no_training_images(finished_run, base_model, tmp_path):
     del argv[at : at + 2]
     metrics = evaluate_recipe.main(argv)
     assert 0 <= metrics["eval_mean_iou"] <= 100
+
+
+def test_a_damaged_checkpoint_file_is_named(finished_run, base_model, tmp_path, no_model_load):
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    (copy / "checkpoint-2" / "adapter_config.json").write_text("{cut off")
+    with pytest.raises(UsageError, match=rf"{copy / 'checkpoint-2' / 'adapter_config.json'} is not valid JSON .*: "
+                                          "the file is damaged: resume from another checkpoint"):
+        run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true"))
