@@ -12,7 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from vocalign_hf.adaptation import (
-    BlockMasking,
     ConceptVocabulary,
     LoRASettings,
     apply_block_mask,
@@ -20,16 +19,13 @@ from vocalign_hf.adaptation import (
     ema_alpha,
     entropy_loss,
     gather_class_probs,
-    gather_text_embeddings,
     lora_config_for_clip,
     lora_parameter_names,
     lora_parameters,
     lora_target_regex,
     pseudo_labels_from_probs,
-    remap_to_selected,
     sample_block_mask,
     sample_clip_aligned_block_mask,
-    scatter_to_full,
     select_topk_classes,
     topk_pseudo_labels,
     update_ema_,
@@ -194,13 +190,6 @@ def test_apply_block_mask_and_callable():
     assert out_fill.tolist() == [[[[1.0, -1.0], [-1.0, 4.0]], [[5.0, -2.0], [-2.0, 8.0]]]]
     with pytest.raises(ValueError):
         apply_block_mask(x, torch.ones(1, 1, 3, 3))
-    masker = BlockMasking(block_size=2, ratio=0.5)
-    imgs = torch.ones(2, 3, 6, 6)
-    masked = masker(imgs, generator=torch.Generator().manual_seed(1))
-    expected_mask = sample_block_mask(2, 6, 6, 2, 0.5, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(masked, imgs * expected_mask)
-    with pytest.raises(ValueError):
-        BlockMasking(block_size=16, ratio=-0.1)
 
 
 # --------------------------------------------------------------------------- Eq. 7 concept aggregation
@@ -320,31 +309,6 @@ def test_topk_pseudo_labels_argmax_over_gathered():
     assert weight.item() == pytest.approx(0.75)
     full_labels, full_w = pseudo_labels_from_probs(probs[:1], 0.4)
     assert full_labels.tolist() == [[[1, 1], [2, 0]]] and full_w.item() == 1.0
-    # remap the full labels: class1 -> 0, class2 -> 1, class0 (pruned) -> ignore, ignore stays ignore
-    full = full_labels.clone()
-    full[0, 0, 0] = 255
-    assert remap_to_selected(full, idx, num_classes=4).tolist() == [[[255, 0], [1, 255]]]
-    assert remap_to_selected(full, idx).tolist() == [[[255, 0], [1, 255]]]
-
-
-def test_gather_text_embeddings_and_scatter_to_full():
-    text = torch.arange(4 * 2 * 3, dtype=torch.float32).view(4, 2, 3)  # (Nc, P, D)
-    idx = torch.tensor([[1, 2], [0, 3]])
-    out = gather_text_embeddings(text, idx)
-    assert out.shape == (2, 2, 2, 3)
-    torch.testing.assert_close(out[0, 0], text[1])
-    torch.testing.assert_close(out[1, 1], text[3])
-    per_img = torch.stack([text, -text])  # (B, Nc, P, D)
-    out_b = gather_text_embeddings(per_img, idx)
-    torch.testing.assert_close(out_b[1, 0], -text[0])
-    torch.testing.assert_close(out_b[0, 1], text[2])
-
-    logits = torch.tensor([[1.0, 2.0], [3.0, 4.0]]).view(2, 2, 1, 1).requires_grad_()
-    full = scatter_to_full(logits, idx, num_classes=4)
-    assert full.flatten(1).tolist() == [[-100.0, 1.0, 2.0, -100.0], [3.0, -100.0, -100.0, 4.0]]
-    full.sum().backward()
-    assert logits.grad.tolist() == torch.ones(2, 2, 1, 1).tolist()
-    torch.testing.assert_close(gather_class_probs(full.detach(), idx), logits.detach())
 
 
 # --------------------------------------------------------------------------- losses

@@ -144,3 +144,20 @@ def test_prompts_run_cut_after_their_eot_token_and_give_the_padded_embeddings(ti
     (grad_plain,) = torch.autograd.grad((plain.view_as(fast) * weights).sum(),
                                         model.catseg.clip.text_model.embeddings.token_embedding.weight)
     torch.testing.assert_close(grad_fast, grad_plain, rtol=1e-4, atol=1e-4 * float(grad_plain.abs().max()))
+
+
+def test_a_forward_under_inference_mode_does_not_break_training_later(tiny_processor):
+    """The window order is cached across calls: made first under `torch.inference_mode()` (the demo, a pipeline),
+    it must still index a forward that trains (it was an inference tensor, and backward refused it)."""
+    from vocalign_hf.models.catseg.aggregation_catseg import window_token_order
+
+    window_token_order.cache_clear()
+    torch.manual_seed(0)
+    model = CATSegForSemanticSegmentation(tiny_catseg_config())
+    tokens = tiny_processor.tokenize_classes(["road", "sky"])["input_ids"]
+    images = torch.rand(1, 3, 32, 32)
+    with torch.inference_mode():
+        model(pixel_values=images, input_ids=tokens)
+    model.train()
+    model(pixel_values=images, input_ids=tokens).logits.sum().backward()
+    assert any(p.grad is not None for p in model.parameters())

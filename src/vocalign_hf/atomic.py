@@ -12,13 +12,50 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-__all__ = ["atomic_write_text", "atomic_write_json", "atomic_write_folder", "read_json_object"]
+__all__ = ["atomic_write_file", "atomic_write_text", "atomic_write_json", "atomic_write_folder", "read_json_object"]
 
 
 def _current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+def atomic_write_file(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Write a file whole: ``write(tmp)`` fills a temporary file beside ``path`` (a PIL ``save``, safetensors'
+    ``save_file``, ...), which is then fsynced and moved over ``path`` with :func:`os.replace`. On failure the
+    temporary file is removed and ``path`` is untouched. Missing parent directories are created.
+
+    Returns:
+        The destination path.
+    """
+    dest = Path(path)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp_name))
+        with open(tmp_name, "rb+") as handle:
+            os.fsync(handle.fileno())
+        with contextlib.suppress(OSError):  # mkstemp creates files with mode 0600
+            os.chmod(tmp_name, 0o666 & ~_current_umask())
+        os.replace(tmp_name, dest)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp_name)
+        raise
+    _fsync_folder(dest.parent)
+    return dest
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Persist a rename in `folder` (best effort; not supported on every platform / filesystem)."""
+    with contextlib.suppress(OSError, AttributeError):
+        dir_fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
@@ -32,30 +69,7 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
     Returns:
         The destination path.
     """
-    dest = Path(path)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        # mkstemp creates files with mode 0600; give the result the usual permissions.
-        with contextlib.suppress(OSError):
-            os.chmod(tmp_name, 0o666 & ~_current_umask())
-        os.replace(tmp_name, dest)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp_name)
-        raise
-    # Persist the rename itself (best effort; not supported on every platform / filesystem).
-    with contextlib.suppress(OSError, AttributeError):
-        dir_fd = os.open(dest.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    return dest
+    return atomic_write_file(path, lambda tmp: tmp.write_text(text, encoding="utf-8", newline="\n"))
 
 
 def atomic_write_json(path: str | os.PathLike[str], data: Any, *, indent: int | None = 2) -> Path:

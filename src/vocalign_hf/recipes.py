@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -18,7 +17,7 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .atomic import atomic_write_json, atomic_write_text
+from .atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from .errors import UsageError
 from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
 from .outputs import check_not_overlapping
@@ -426,11 +425,7 @@ def save_overlays(
             row.append(colorize(logits[0].argmax(0).cpu().numpy(), palette))
         rows.append(row)
     grid = segmentation_grid(rows, ("image", "ground truth", *titles), class_names, palette)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    grid.save(tmp, format="PNG")
-    os.replace(tmp, path)
-    return path
+    return atomic_write_file(path, lambda tmp: grid.save(tmp, format="PNG"))
 
 
 #: The smallest training crop: two ViT-B/16 patches a side, and one 16-pixel mask block.

@@ -13,16 +13,9 @@ from .lora import (
     lora_parameters,
     lora_target_regex,
 )
-from .masking import BlockMasking, apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
+from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, pseudo_labels_from_probs, weighted_cross_entropy
-from .topk import (
-    gather_class_probs,
-    gather_text_embeddings,
-    remap_to_selected,
-    scatter_to_full,
-    select_topk_classes,
-    topk_pseudo_labels,
-)
+from .topk import gather_class_probs, select_topk_classes, topk_pseudo_labels
 from .student_augmentation import StudentAugmentation
 from .trainer import SegmentationCollator, VocAlignTrainer, add_lora
 from .vocabulary import ConceptVocabulary
@@ -42,7 +35,6 @@ __all__ = [
     "save_merged",
     "push_adapter_to_hub",
     "save_adapter",
-    "BlockMasking",
     "ConceptVocabulary",
     "LoRASettings",
     "apply_block_mask",
@@ -50,16 +42,13 @@ __all__ = [
     "ema_alpha",
     "entropy_loss",
     "gather_class_probs",
-    "gather_text_embeddings",
     "lora_config_for_clip",
     "lora_parameter_names",
     "lora_parameters",
     "lora_target_regex",
     "pseudo_labels_from_probs",
-    "remap_to_selected",
     "sample_block_mask",
     "sample_clip_aligned_block_mask",
-    "scatter_to_full",
     "select_topk_classes",
     "topk_pseudo_labels",
     "update_ema_",

@@ -5,8 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
+from transformers.utils import logging
 
 from ..errors import UsageError
+
+logger = logging.get_logger(__name__)
 
 METHODS = ("vocalign", "teacher_student", "min_entropy", "zero_shot")
 
@@ -152,6 +155,9 @@ class VocAlignArguments(TrainingArguments):
         },
     )
 
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "always False for VocAlign (its transforms read the datasets' columns)"}
+    )
     resume_with_other_settings: bool = field(
         default=False,
         metadata={
@@ -189,8 +195,10 @@ class VocAlignArguments(TrainingArguments):
                 "max_steps 0 adapts nothing: give max_steps >= 1 (or -1 to train num_train_epochs), or "
                 "method='zero_shot' to only evaluate"
             )
-        # Images arrive as dict batches the trainer builds itself; keep every column.
-        self.remove_unused_columns = False
+        if self.remove_unused_columns:  # the datasets' columns are read by the transforms, not by forward()
+            logger.warning("remove_unused_columns=True is ignored: VocAlignTrainer needs every column of its datasets "
+                           "(the images arrive as dict batches it builds itself)")
+            self.remove_unused_columns = False
 
     def _check_ranges(self) -> None:
         """The numeric options the paper's method needs in a range, checked here so that a bad value stops a run

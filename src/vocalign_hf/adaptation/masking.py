@@ -24,14 +24,13 @@ pass ``fill = -mean / std`` (per channel) to :func:`apply_block_mask` to reprodu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["sample_block_mask", "sample_clip_aligned_block_mask", "apply_block_mask", "BlockMasking"]
+__all__ = ["sample_block_mask", "sample_clip_aligned_block_mask", "apply_block_mask"]
 
 
 def _check_ratio_and_block(block_size: int, ratio: float) -> None:
@@ -140,32 +139,3 @@ def apply_block_mask(
             raise ValueError(f"fill has {fill_t.numel()} values but pixel_values has {c} channels")
         fill_t = fill_t.view(1, c, 1, 1)
     return out + fill_t * (1 - mask)
-
-
-@dataclass
-class BlockMasking:
-    """Callable block masker; defaults are the released Cityscapes config
-    (``mask_generator=dict(type='block', mask_ratio=0.7, mask_block_size=16)``; the paper
-    uses ``r = 0.5`` for the multi-dataset runs).
-
-    ``masking(pixel_values)`` returns the masked images; :meth:`sample` returns only the mask.
-    """
-
-    block_size: int = 16
-    ratio: float = 0.7
-    fill: Optional[Union[float, Sequence[float]]] = None
-
-    def __post_init__(self) -> None:
-        _check_ratio_and_block(self.block_size, self.ratio)
-
-    def sample(self, pixel_values: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        """Mask ``(B, 1, H, W)`` for a batch shaped like ``pixel_values``."""
-        b, _, h, w = pixel_values.shape
-        return sample_block_mask(
-            b, h, w, self.block_size, self.ratio, generator=generator,
-            device=pixel_values.device, dtype=pixel_values.dtype,
-        )
-
-    @torch.no_grad()
-    def __call__(self, pixel_values: Tensor, generator: Optional[torch.Generator] = None) -> Tensor:
-        return apply_block_mask(pixel_values, self.sample(pixel_values, generator), self.fill)

@@ -11,9 +11,9 @@ and its confidence are the max / arg-max over the *gathered* K channels (l.152-1
 every pixel gets a label in ``0..K-1`` (position in the sorted index list) even where the
 full arg-max was a pruned class. :func:`topk_pseudo_labels` does exactly that. The student
 then encodes only the selected classes' texts, per image
-(``CAT-Seg/cat_seg/models/clip_ovseg.py`` l.382-413), i.e. text features ``(B, K, P, D)``:
-:func:`gather_text_embeddings`. (The released ``randomk`` option, extra random classes,
-is not implemented here.)
+(``CAT-Seg/cat_seg/models/clip_ovseg.py`` l.382-413), i.e. text features ``(B, K, P, D)``, which
+``CATSegForSemanticSegmentation`` gathers itself from ``class_indices``. (The released ``randomk`` option, extra
+random classes, is not implemented here.)
 """
 
 from __future__ import annotations
@@ -28,9 +28,6 @@ from .pseudo_labels import pseudo_labels_from_probs
 __all__ = [
     "select_topk_classes",
     "gather_class_probs",
-    "gather_text_embeddings",
-    "remap_to_selected",
-    "scatter_to_full",
     "topk_pseudo_labels",
 ]
 
@@ -81,83 +78,6 @@ def gather_class_probs(class_probs: Tensor, indices: Tensor) -> Tensor:
     return torch.gather(class_probs, 1, _expand_index(indices.to(class_probs.device), class_probs))
 
 
-def gather_text_embeddings(text_embeds: Tensor, indices: Tensor) -> Tensor:
-    """Per-image text embeddings of the selected classes.
-
-    Args:
-        text_embeds: ``(N_c, P, D)`` shared by the batch, or ``(B, N_c, P, D)`` per image
-            (P = prompt templates, D = embedding size).
-        indices: ``LongTensor (B, K)`` from :func:`select_topk_classes`.
-
-    Returns:
-        ``(B, K, P, D)``.
-    """
-    if indices.dim() != 2:
-        raise ValueError(f"indices must be (B, K), got {tuple(indices.shape)}")
-    indices = indices.to(text_embeds.device)
-    if text_embeds.dim() == 3:
-        return text_embeds[indices]
-    if text_embeds.dim() == 4:
-        if text_embeds.shape[0] != indices.shape[0]:
-            raise ValueError(f"batch mismatch: text_embeds {text_embeds.shape[0]} vs indices {indices.shape[0]}")
-        batch = torch.arange(indices.shape[0], device=indices.device).unsqueeze(1)
-        return text_embeds[batch, indices]
-    raise ValueError(f"text_embeds must be (N_c, P, D) or (B, N_c, P, D), got {tuple(text_embeds.shape)}")
-
-
-def remap_to_selected(
-    labels: Tensor,
-    indices: Tensor,
-    num_classes: Optional[int] = None,
-    ignore_index: int = 255,
-) -> Tensor:
-    """Map full-vocabulary labels to positions among the selected classes.
-
-    Args:
-        labels: ``LongTensor (B, H, W)`` in ``0..N_c-1`` (``ignore_index`` allowed).
-        indices: ``LongTensor (B, K)`` selected classes per image.
-        num_classes: ``N_c``; inferred from the largest label / index if ``None``.
-        ignore_index: value for ignored pixels and for pixels whose class was not selected.
-
-    Returns:
-        ``LongTensor (B, H, W)``: label ``c`` -> its position ``j`` in ``indices[b]``
-        (``indices[b, j] == c``), or ``ignore_index`` if ``c`` is not selected.
-    """
-    if labels.dim() < 2 or indices.dim() != 2 or labels.shape[0] != indices.shape[0]:
-        raise ValueError(f"labels (B, ...) and indices (B, K) expected, got {tuple(labels.shape)}, {tuple(indices.shape)}")
-    b, k = indices.shape
-    labels = labels.long()
-    indices = indices.to(labels.device)
-    valid = (labels >= 0) & (labels != ignore_index)
-    if num_classes is None:
-        num_classes = int(max(indices.max().item(), labels[valid].max().item() if valid.any() else -1)) + 1
-    valid &= labels < num_classes
-    lookup = torch.full((b, num_classes), ignore_index, dtype=torch.long, device=labels.device)
-    lookup.scatter_(1, indices, torch.arange(k, device=labels.device).expand(b, k))
-    safe = torch.where(valid, labels, torch.zeros_like(labels)).flatten(1)
-    out = torch.gather(lookup, 1, safe).view_as(labels)
-    return torch.where(valid, out, torch.full_like(out, ignore_index))
-
-
-def scatter_to_full(
-    logits: Tensor,
-    indices: Tensor,
-    num_classes: int,
-    fill: float = -100.0,
-) -> Tensor:
-    """Place K selected-class logits back into an ``N_c``-channel tensor.
-
-    ``(B, K, *spatial)`` -> ``(B, N_c, *spatial)``; pruned classes get ``fill`` (a large
-    negative logit, so they never win an arg-max and get ~0 softmax probability).
-    Differentiable w.r.t. ``logits``.
-    """
-    if indices.shape != logits.shape[:2]:
-        raise ValueError(f"indices {tuple(indices.shape)} do not match logits {tuple(logits.shape[:2])}")
-    full = logits.new_full((logits.shape[0], num_classes) + tuple(logits.shape[2:]), fill)
-    return full.scatter(1, _expand_index(indices.to(logits.device), logits), logits)
-
-
-@torch.no_grad()
 def topk_pseudo_labels(
     class_probs: Tensor,
     k: Optional[int],

@@ -49,7 +49,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 from transformers.utils import logging
 
-from ..atomic import atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from ..errors import UsageError
 from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler
@@ -491,12 +491,8 @@ class VocAlignTrainer(Trainer):
         """Write the teacher's LoRA weights atomically (tmp file + rename)."""
         from safetensors.torch import save_file
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.teacher.named_parameters() if "lora_" in n}
-        tmp = path.with_suffix(".tmp")
-        save_file(tensors, str(tmp))
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def load_teacher(self, path: str | Path) -> None:
         from safetensors.torch import load_file

@@ -24,6 +24,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ..class_names import name_key, validate_class_names
+from ..atomic import atomic_write_file
 from ..data import make_palette
 from ..errors import UsageError
 from ..recipe_checks import resolve_base_model
@@ -454,11 +455,8 @@ def world_example_images(output_dir: str | os.PathLike, count: int = 4) -> list[
     if all(path.is_file() for path in paths):
         return paths
     images, _ = render_split_arrays(world_config(RecipeArguments()), "target_eval", limit=count)
-    output_dir.mkdir(parents=True, exist_ok=True)
     for array, path in zip(images, paths):
-        tmp = path.with_name(f".{path.name}.tmp")
-        Image.fromarray(array).save(tmp, format="PNG")
-        os.replace(tmp, path)
+        atomic_write_file(path, lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"))
     return paths
 
 

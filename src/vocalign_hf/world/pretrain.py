@@ -16,8 +16,6 @@ import hashlib
 import json
 import math
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -25,6 +23,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..atomic import atomic_write_folder, atomic_write_json
+from ..errors import UsageError
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .datasets import World, dataset_to_tensors
 from .generator import WorldConfig
@@ -52,6 +52,24 @@ DISTRACTOR_WORDS: tuple[str, ...] = (
     "whale", "bucket", "crown", "glove", "anchor", "drum", "feather", "basket", "tiger", "wallet",
 )
 _INFO_FILE = "pretrain_info.json"
+
+
+def check_source_model_folder(folder: str | os.PathLike) -> bool:
+    """Whether `folder` holds a source model (or nothing) that a new one may replace; a folder of other files is
+    refused, never deleted (`--world_source_model_dir` may name any folder).
+
+    Raises:
+        UsageError: `folder` is a file, or a non-empty folder without `pretrain_info.json`.
+    """
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UsageError(f"world source model folder {folder} is a file; give a folder")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / _INFO_FILE).is_file():
+        raise UsageError(
+            f"world source model folder {folder} holds other files (no {_INFO_FILE}); nothing was changed. Give a "
+            "new or empty folder (--world_source_model_dir)"
+        )
+    return folder.exists()
 
 
 def tiny_catseg_config(image_size: int = 64) -> CATSegConfig:
@@ -325,20 +343,10 @@ def _train(
         "torch_threads": torch.get_num_threads(),
     }
 
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
-    try:
-        model.save_pretrained(tmp)
-        processor.save_pretrained(tmp)
-        (tmp / _INFO_FILE).write_text(json.dumps(info, indent=2) + "\n")
-        trash = None
-        if output_dir.exists():  # os.replace cannot replace a non-empty folder: move the old one aside first
-            trash = Path(tempfile.mkdtemp(prefix=f".old-{output_dir.name}-", dir=output_dir.parent))
-            os.replace(output_dir, trash / "old")
-        os.replace(tmp, output_dir)
-        if trash is not None:
-            shutil.rmtree(trash, ignore_errors=True)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    def write(folder: Path) -> None:
+        model.save_pretrained(folder)
+        processor.save_pretrained(folder)
+        atomic_write_json(folder / _INFO_FILE, info)
+
+    atomic_write_folder(output_dir, write, replace=check_source_model_folder(output_dir))
     return info

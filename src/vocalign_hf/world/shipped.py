@@ -32,9 +32,10 @@ from pathlib import Path
 
 import torch
 
+from ..atomic import atomic_write_file, atomic_write_folder
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .datasets import World, build_world
-from .pretrain import DISTRACTOR_WORDS
+from .pretrain import DISTRACTOR_WORDS, check_source_model_folder
 
 __all__ = ["SHIPPED_SOURCE_MODEL", "export_source_model", "unpack_shipped_source_model", "world_token_ids"]
 
@@ -85,11 +86,13 @@ def export_source_model(model_dir: str | os.PathLike, archive: str | os.PathLike
         folder = Path(tmp) / "model"
         pruned.save_pretrained(folder)  # the processor is rebuilt from the config when unpacking
         shutil.copy2(model_dir / _INFO_FILE, folder / _INFO_FILE)
-        partial = Path(tmp) / "archive.zip"
-        with zipfile.ZipFile(partial, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-            for file in sorted(folder.iterdir()):
-                zf.write(file, file.name)
-        os.replace(partial, archive)
+
+        def write(path: Path) -> None:
+            with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
+                for file in sorted(folder.iterdir()):
+                    zf.write(file, file.name)
+
+        atomic_write_file(archive, write)
     return archive
 
 
@@ -110,18 +113,12 @@ def unpack_shipped_source_model(
     archive = archive or SHIPPED_SOURCE_MODEL
     if shipped_settings_hash(archive) != settings_hash:
         return False
-    output_dir = Path(output_dir)
-    output_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".tmp-{output_dir.name}-", dir=output_dir.parent))
-    try:
+    def write(folder: Path) -> None:
         with zipfile.ZipFile(archive) as zf:
-            zf.extractall(tmp)
-        CATSegProcessor.from_config(CATSegConfig.from_pretrained(tmp)).save_pretrained(tmp)
-        if output_dir.exists():
-            shutil.rmtree(output_dir)
-        os.replace(tmp, output_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+            zf.extractall(folder)
+        CATSegProcessor.from_config(CATSegConfig.from_pretrained(folder)).save_pretrained(folder)
+
+    atomic_write_folder(output_dir, write, replace=check_source_model_folder(output_dir))
     return True
 
 

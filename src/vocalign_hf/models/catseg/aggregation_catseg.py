@@ -170,11 +170,15 @@ class WindowAttention(nn.Module):
 @functools.lru_cache(maxsize=None)
 def window_token_order(resolution: int, window_size: int, shift: int) -> torch.Tensor:
     """Token permutation of a (shifted) window partition: `x[:, order]` for x (N, H*W, C) in row-major order equals
-    `window_partition(roll(x, -shift), window_size)` flattened to (N, H*W, C)."""
-    index = torch.arange(resolution * resolution).view(1, resolution, resolution, 1)
-    if shift:
-        index = torch.roll(index, shifts=(-shift, -shift), dims=(1, 2))
-    return window_partition(index, window_size).flatten()
+    `window_partition(roll(x, -shift), window_size)` flattened to (N, H*W, C).
+
+    Built outside inference mode: the cached tensor is shared by every later call, and one first made under
+    `torch.inference_mode()` (a demo, a pipeline) could not index a forward that trains."""
+    with torch.inference_mode(False):
+        index = torch.arange(resolution * resolution).view(1, resolution, resolution, 1)
+        if shift:
+            index = torch.roll(index, shifts=(-shift, -shift), dims=(1, 2))
+        return window_partition(index, window_size).flatten()
 
 
 class SwinTransformerBlock(nn.Module):
