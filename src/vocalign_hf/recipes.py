@@ -35,6 +35,8 @@ from .recipe_checks import (
 from .metrics import split_absent_metrics
 from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .visualization import colorize, segmentation_grid
+from .world import WorldConfig
+from .world.pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_STEPS, PRETRAIN_THREADS
 from .data import (
     get_dataset_info,
     load_cityscapes,
@@ -96,19 +98,20 @@ class RecipeArguments:
     num_overlays: int = field(default=6, metadata={"help": "evaluation images in the overlay grid (overlays.png)"})
     push_adapter_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id for the adapter"})
     adapter: str | None = field(default=None, metadata={"help": "evaluate.py: a VocAlign adapter (folder or Hub id)"})
-    world_seed: int = 0
-    world_image_size: int = 64
-    world_num_source_train: int = 1500
-    world_num_target_train: int = 400
-    world_num_target_eval: int = 100
-    world_pretrain_steps: int = 700
-    world_pretrain_batch_size: int = 16
+    # The built-in world's defaults are the world's own (`WorldConfig`, `world.pretrain`): the shipped source model's.
+    world_seed: int = WorldConfig.seed
+    world_image_size: int = WorldConfig.image_size
+    world_num_source_train: int = WorldConfig.num_source_train
+    world_num_target_train: int = WorldConfig.num_target_train
+    world_num_target_eval: int = WorldConfig.num_target_eval
+    world_pretrain_steps: int = PRETRAIN_STEPS
+    world_pretrain_batch_size: int = PRETRAIN_BATCH_SIZE
     world_source_model_dir: str | None = field(
         default=None,
         metadata={"help": "where the world's source model is pretrained or unpacked (default <output_dir>/source_model)"},
     )
     world_pretrain_threads: int = field(
-        default=1, metadata={"help": "torch threads for pretraining; fixed so the source model is reproducible"}
+        default=PRETRAIN_THREADS, metadata={"help": "torch threads for pretraining; fixed so the source model is reproducible"}
     )
 
 
@@ -348,10 +351,8 @@ def _limit(dataset, count: int | None):
     return dataset.select(range(min(count, len(dataset)))) if count else dataset
 
 
-def world_config(recipe: RecipeArguments):
+def world_config(recipe: RecipeArguments) -> WorldConfig:
     """The `WorldConfig` of a recipe's `world_*` arguments."""
-    from .world import WorldConfig
-
     return WorldConfig(
         seed=recipe.world_seed,
         image_size=recipe.world_image_size,

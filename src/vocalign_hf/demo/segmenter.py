@@ -412,16 +412,12 @@ def world_source_model(output_dir: str | os.PathLike | None = None) -> Path:
     Returns (as an absolute path) `runs/world/source_model` when the main job left it there, else unpacks the model shipped with the
     package into `output_dir` (default `~/.cache/vocalign_hf/demo/source_model`) once.
     """
-    from ..recipes import RecipeArguments, world_config
-    from ..world import pretrain_settings, pretrain_settings_hash, tiny_catseg_config
+    from ..world import WorldConfig, pretrain_settings, pretrain_settings_hash, tiny_catseg_config
     from ..world.datasets import default_world_cache
     from ..world.shipped import unpack_shipped_source_model
 
-    recipe = RecipeArguments()
-    config = world_config(recipe)
-    settings = pretrain_settings(
-        steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size, seed=recipe.world_seed
-    )
+    config = WorldConfig()  # the default world, the main job's
+    settings = pretrain_settings(seed=config.seed)
     settings_hash = pretrain_settings_hash(config, tiny_catseg_config(config.image_size), settings)
     target = Path(output_dir) if output_dir else default_world_cache().parent / "demo" / "source_model"
     for candidate in (Path(_MAIN_JOB_SOURCE_MODEL), target):
@@ -447,14 +443,13 @@ def _settings_hash(folder: Path) -> str | None:
 def world_example_images(output_dir: str | os.PathLike, count: int = 4) -> list[Path]:
     """The first `count` images of the default world's target evaluation split as PNG files (rendered, not
     downloaded; written once)."""
-    from ..recipes import RecipeArguments, world_config
-    from ..world import render_split_arrays
+    from ..world import WorldConfig, render_split_arrays
 
     output_dir = Path(output_dir)
     paths = [output_dir / f"world_target_{index}.png" for index in range(count)]
     if all(path.is_file() for path in paths):
         return paths
-    images, _ = render_split_arrays(world_config(RecipeArguments()), "target_eval", limit=count)
+    images, _ = render_split_arrays(WorldConfig(), "target_eval", limit=count)
     for array, path in zip(images, paths):
         atomic_write_file(path, lambda tmp, array=array: Image.fromarray(array).save(tmp, format="PNG"))
     return paths

@@ -52,6 +52,10 @@ DISTRACTOR_WORDS: tuple[str, ...] = (
     "whale", "bucket", "crown", "glove", "anchor", "drum", "feather", "basket", "tiger", "wallet",
 )
 _INFO_FILE = "pretrain_info.json"
+#: The default world's pretraining, as the shipped source model was made (the recipes' `world_pretrain_*` defaults).
+PRETRAIN_STEPS = 700
+PRETRAIN_BATCH_SIZE = 16
+PRETRAIN_THREADS = 1  # fixed, so that the source model is reproducible
 
 
 def check_source_model_folder(folder: str | os.PathLike) -> bool:
@@ -131,8 +135,8 @@ def auto_num_threads(max_threads: int = 2) -> int:
 
 
 def pretrain_settings(
-    steps: int = 700,
-    batch_size: int = 16,
+    steps: int = PRETRAIN_STEPS,
+    batch_size: int = PRETRAIN_BATCH_SIZE,
     lr: float = 1e-3,
     weight_decay: float = 0.01,
     warmup_steps: int = 50,
@@ -171,8 +175,8 @@ def _finished_info(output_dir: Path) -> dict[str, Any] | None:
 def pretrain_source_model(
     world: World,
     output_dir: str | os.PathLike,
-    steps: int = 700,
-    batch_size: int = 16,
+    steps: int = PRETRAIN_STEPS,
+    batch_size: int = PRETRAIN_BATCH_SIZE,
     lr: float = 1e-3,
     weight_decay: float = 0.01,
     warmup_steps: int = 50,

@@ -123,19 +123,17 @@ def unpack_shipped_source_model(
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Pretrain (or reuse) the default world's source model with the recipe's settings and export the archive."""
-    from ..recipes import RecipeArguments, world_config
-    from .pretrain import pretrain_source_model
+    """Pretrain (or reuse) the default world's source model with the default settings and export the archive."""
+    from .generator import WorldConfig
+    from .pretrain import PRETRAIN_THREADS, pretrain_source_model
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work_dir", default="runs/shipped_source_model", help="where the model is pretrained")
     parser.add_argument("--archive", default=str(SHIPPED_SOURCE_MODEL))
     options = parser.parse_args(argv)
-    recipe = RecipeArguments()
-    world = build_world(world_config(recipe))
+    world = build_world(WorldConfig())
     model_dir = pretrain_source_model(
-        world, options.work_dir, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
-        seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads, use_shipped=False,
+        world, options.work_dir, seed=world.config.seed, num_threads=PRETRAIN_THREADS, use_shipped=False
     )
     path = export_source_model(model_dir, options.archive, world)
     print(f"wrote {path} ({path.stat().st_size / 2**20:.1f} MiB)")
