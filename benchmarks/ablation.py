@@ -131,7 +131,8 @@ def main() -> None:
                 continue
             table[row][seed] = run_row(seed, row, options, cache / f"seed{seed}")
             print(f"[seed {seed}] {row}: mIoU {table[row][seed]['miou']:.2f}", flush=True)
-        if (cache / f"seed{seed}" / "config.json").is_file() and not options.only_done:
+        scored = (Path(options.output_dir) / f"seed{seed}" / "source.json").is_file()
+        if scored or ((cache / f"seed{seed}" / "config.json").is_file() and not options.only_done):
             sources[seed] = source_quality(seed, options, cache / f"seed{seed}")
 
     world = "reduced" if options.reduced else "default"
