@@ -306,8 +306,5 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--port", type=int, default=None, help="default 7860, or the next free port")
     parser.add_argument("--opacity", type=float, default=0.6)
     options = parser.parse_args(argv)
-    try:
-        demo = build_demo(options.base_model, options.adapter, opacity=options.opacity)
-    except DemoSetupError as error:
-        raise SystemExit(str(error)) from None
+    demo = build_demo(options.base_model, options.adapter, opacity=options.opacity)
     demo.launch(server_name=options.host, server_port=options.port)
