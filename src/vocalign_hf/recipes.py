@@ -20,6 +20,8 @@ from transformers import HfArgumentParser
 from .atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from .errors import UsageError
 from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
+from .adaptation.checkpoints import run_settings
+from .adaptation.lora import LoRASettings, lora_config_for_clip
 from .outputs import check_not_overlapping
 from .recipe_checks import (
     RUN_MARK,
@@ -460,8 +462,6 @@ def check_recipe_args(recipe: RecipeArguments) -> None:
 def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | None = None) -> None:
     """The model-side checks of a run, before any weights are loaded: the base model folder or Hub id, the LoRA
     layers against its CLIP towers, concepts for vocabulary alignment, and a resume checkpoint against this run."""
-    from .adaptation.lora import LoRASettings, lora_config_for_clip
-
     if data.base_model is None:
         raise UsageError("--base_model is required (a converted CAT-Seg folder or Hub id)")
     data.base_model = resolve_base_model(data.base_model)
@@ -479,7 +479,7 @@ def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | No
             rank=args.lora_rank, alpha=args.lora_alpha, layers=tuple(args.lora_layers), use_rslora=args.lora_use_rslora))
         expected = {"r": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": lora.target_modules,
                     "use_rslora": lora.use_rslora}
-        settings = {key: getattr(args, key) for key in VocAlignTrainer.RUN_SETTINGS}
+        settings = run_settings(args)
         check_resume_checkpoint(resume, expected_lora=expected, class_names=data.class_names,
                                 needs_teacher=args.method in ("vocalign", "teacher_student"), settings=settings,
                                 concepts=data.concepts, allow_other_settings=args.resume_with_other_settings)

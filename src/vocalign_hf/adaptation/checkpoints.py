@@ -32,12 +32,32 @@ __all__ = [
     "checkpoint_folders",
     "is_complete",
     "last_complete_checkpoint",
+    "run_settings",
 ]
 
 TEACHER_WEIGHTS = "teacher_lora.safetensors"
 VOCALIGN_STATE = "vocalign.json"
 CHECKPOINT_COMPLETE = "checkpoint_complete.json"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+#: The arguments that make a run what it is (recorded in `vocalign.json` and the card, compared on resume).
+RUN_SETTINGS = (
+    "method", "top_k", "top_k_mass", "use_masking", "mask_ratio", "mask_block_size", "mask_space",
+    "student_augmentation", "use_concepts", "concept_reduce", "include_class_names", "pseudo_threshold",
+    "confident_pixels_only", "ema_alpha", "teacher_text_ema", "lora_rank", "lora_alpha", "lora_layers",
+    "lora_use_rslora", "learning_rate", "lora_lr_multiplier", "lr_scheduler_type", "warmup_steps",
+    "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
+    "gradient_accumulation_steps", "max_steps", "seed", "data_seed",
+)
+
+
+def run_settings(args: Any) -> dict[str, Any]:
+    """The `RUN_SETTINGS` of a `VocAlignArguments`, as JSON values."""
+    values = {key: getattr(args, key) for key in RUN_SETTINGS}
+    values["lr_scheduler_type"] = str(getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"]))
+    values["lora_layers"] = list(values["lora_layers"])
+    return values
 
 
 def checkpoint_folders(folder: str | Path) -> list[Path]:
@@ -94,7 +114,7 @@ def checkpoint_differences(
     """How `checkpoint` differs from this run, and its step.
 
     Args:
-        class_names / concepts / settings: this run's (settings as `VocAlignTrainer.run_settings()`; `max_steps`
+        class_names / concepts / settings: this run's (settings as [`run_settings`]; `max_steps`
             in it is compared with the checkpoint's step, not with the checkpoint's own `max_steps`).
         expected_lora: `r`, `lora_alpha`, `target_modules` (and optionally `use_rslora`) of this run's LoRA.
         needs_teacher: the method keeps an EMA teacher, whose weights the checkpoint must hold.

@@ -63,6 +63,7 @@ from .checkpoints import (
     VOCALIGN_STATE,
     checkpoint_differences,
     last_complete_checkpoint,
+    run_settings,
 )
 from .ema import ema_alpha, update_ema_
 from .lora import LoRASettings, lora_config_for_clip, lora_parameter_names
@@ -418,21 +419,9 @@ class VocAlignTrainer(Trainer):
             logger.warning(f"resuming {checkpoint} with other settings: {'; '.join(diffs)}")
         return {"checkpoint": str(checkpoint), "step": step, "other_settings": diffs}
 
-    RUN_SETTINGS = (
-        "method", "top_k", "top_k_mass", "use_masking", "mask_ratio", "mask_block_size", "mask_space",
-        "student_augmentation", "use_concepts", "concept_reduce", "include_class_names", "pseudo_threshold",
-        "confident_pixels_only", "ema_alpha", "teacher_text_ema", "lora_rank", "lora_alpha", "lora_layers",
-        "lora_use_rslora", "learning_rate", "lora_lr_multiplier", "lr_scheduler_type", "warmup_steps",
-        "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
-        "gradient_accumulation_steps", "max_steps", "seed", "data_seed",
-    )
-
     def run_settings(self) -> dict[str, Any]:
         """The settings that make this run what it is: a checkpoint's must equal them to be resumed."""
-        values = {key: getattr(self.args, key) for key in self.RUN_SETTINGS}
-        values["lr_scheduler_type"] = str(getattr(values["lr_scheduler_type"], "value", values["lr_scheduler_type"]))
-        values["lora_layers"] = list(values["lora_layers"])
-        return values
+        return run_settings(self.args)
 
     def run_record(self) -> dict[str, Any]:
         """What this run really did, for `vocalign.json` and the model card: steps trained, where it resumed from,
