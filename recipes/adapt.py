@@ -29,4 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    run_program(main)  # a bad input: one line and exit status 2 (-v or VOCALIGN_TRACEBACK=1: the traceback)
+    # A bad input: one line and exit status 2 (-v or VOCALIGN_TRACEBACK=1: the traceback). Success returns normally,
+    # so that a caller running this file (runpy, a probe) goes on.
+    if status := run_program(main):
+        raise SystemExit(status)

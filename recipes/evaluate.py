@@ -57,4 +57,5 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    run_program(main, extra_errors=(AdapterLoadError,))
+    if status := run_program(main, extra_errors=(AdapterLoadError,)):
+        raise SystemExit(status)

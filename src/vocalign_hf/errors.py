@@ -2,9 +2,10 @@
 
 The library raises; only programs exit. [`UsageError`] is a problem with what the user passed (a flag, a file, a
 folder): its message is one line that names the problem and the fix. The recipes and console scripts run their
-`main` through [`run_program`], which prints that line and exits with status 2 (argparse's status for bad usage);
-`-v` / `--verbose` on the command line, or `VOCALIGN_TRACEBACK=1`, shows the traceback instead. Any other exception
-is a bug and keeps its traceback.
+`main` through [`run_program`], which prints that line and returns status 2 (argparse's status for bad usage) for
+the program to exit with: `raise SystemExit(run_program(main))`, or a console script's entry point, whose wrapper
+exits with what it returns. `-v` / `--verbose` on the command line, or `VOCALIGN_TRACEBACK=1`, shows the traceback
+instead. Any other exception is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -27,8 +28,8 @@ USER_ERRORS: tuple[type[BaseException], ...] = (
 )
 
 
-def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extra_errors: tuple = ()) -> Any:
-    """Run a program's `main(argv)`: a user error becomes one line on stderr and exit status 2.
+def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extra_errors: tuple = ()) -> int:
+    """Run a program's `main(argv)`; return its exit status: 0, or 2 for a user error, printed as one line on stderr.
 
     `-v` / `--verbose` are taken out of `argv` (default `sys.argv[1:]`) and, like `VOCALIGN_TRACEBACK=1`, let the
     traceback through. `extra_errors` are further exception types the program's users can cause.
@@ -37,7 +38,8 @@ def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extr
     verbose = bool(os.environ.get("VOCALIGN_TRACEBACK")) or any(flag in argv for flag in ("-v", "--verbose"))
     argv = [item for item in argv if item not in ("-v", "--verbose")]
     try:
-        return main(argv)
+        main(argv)
+        return 0
     except USER_ERRORS + tuple(extra_errors) as error:
         if verbose:
             raise
@@ -45,4 +47,4 @@ def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extr
         if isinstance(error, OSError) and error.filename and str(error.filename) not in message:
             message = f"{message}: {error.filename}"
         print(f"error: {message}", file=sys.stderr)
-        raise SystemExit(2) from None
+        return 2

@@ -1,8 +1,8 @@
 """Checks the recipes run before any model is loaded or any evaluation starts, and the writes that must never
 destroy a previous run.
 
-Everything here fails with a [`~vocalign_hf.errors.UsageError`] whose message names the problem, the offending value or file, and what
-to pass instead: the recipes are command-line programs, and a user should read one line, not a traceback.
+Everything here fails with a [`~vocalign_hf.errors.UsageError`] whose message names the problem, the offending value
+or file, and what to pass instead: the recipes show it as one line, not a traceback.
 
 * the output folder: a previous run is kept unless `--overwrite_output_dir` or `--resume_from_checkpoint` says
   otherwise, and a non-empty folder that holds no run is refused (:func:`check_output_dir`); an overwritten run is
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from .adaptation.checkpoints import (
-    checkpoint_differences,
+    check_same_run,
     checkpoint_folders,
     is_complete,
     last_complete_checkpoint,
@@ -341,20 +341,12 @@ def check_resume_checkpoint(
     allow_other_settings: bool = False,
 ) -> None:
     """A `checkpoint-*` folder must hold a complete checkpoint of this run: its LoRA layout, class list, concepts
-    and settings (see [`~vocalign_hf.adaptation.checkpoints.checkpoint_differences`]), at a step before
-    `max_steps`. With `allow_other_settings` differing settings are let through (the trainer warns and records).
+    and settings, at a step before `max_steps` ([`~vocalign_hf.adaptation.checkpoints.check_same_run`]).
 
     Raises:
         UsageError: naming the missing file, the step, or each setting that differs.
     """
-    folder = Path(checkpoint)
-    diffs, _ = checkpoint_differences(
-        folder, class_names=class_names, settings=settings or {}, concepts=concepts, expected_lora=expected_lora,
-        needs_teacher=needs_teacher,
+    check_same_run(
+        Path(checkpoint), class_names=class_names, settings=settings or {}, concepts=concepts,
+        expected_lora=expected_lora, needs_teacher=needs_teacher, allow_other_settings=allow_other_settings,
     )
-    if diffs and not allow_other_settings:
-        raise UsageError(
-            f"--resume_from_checkpoint {folder} was trained with {'; '.join(diffs)}: resume with that run's "
-            "settings (--lora_layers, --lora_rank, --lora_alpha, class list, ...), start a new run, or pass "
-            "--resume_with_other_settings true to continue it anyway"
-        )

@@ -468,12 +468,7 @@ def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | No
     if args.method == "zero_shot":
         return
     check_lora_layers(args.lora_layers, CATSegConfig.from_pretrained(data.base_model))
-    if args.use_concepts and not data.concepts and args.method in ("vocalign", "teacher_student"):
-        raise UsageError(
-            f"--method {args.method} aligns the teacher's vocabulary with concepts, and this run has none: pass "
-            "--concepts <shipped set or JSON file> (vocalign-concepts writes one), or --use_concepts false to "
-            "adapt without vocabulary alignment"
-        )
+    args.check_concepts(data.concepts)
     if resume is not None:
         lora = lora_config_for_clip(LoRASettings(
             rank=args.lora_rank, alpha=args.lora_alpha, layers=tuple(args.lora_layers), use_rslora=args.lora_use_rslora))

@@ -200,6 +200,20 @@ class VocAlignArguments(TrainingArguments):
                            "(the images arrive as dict batches it builds itself)")
             self.remove_unused_columns = False
 
+    def check_concepts(self, concepts) -> None:
+        """Vocabulary alignment needs concepts: refuse a teacher method with `use_concepts` and none (checked by
+        the recipes before any model loads, and by the trainer).
+
+        Raises:
+            UsageError: naming both ways out.
+        """
+        if self.use_concepts and not concepts and self.method in ("vocalign", "teacher_student"):
+            raise UsageError(
+                f"--method {self.method} aligns the teacher's vocabulary with concepts, and this run has none: pass "
+                "--concepts <shipped set or JSON file> (vocalign-concepts writes one; VocAlignTrainer(concepts=...)),"
+                " or --use_concepts false to adapt without vocabulary alignment"
+            )
+
     def _check_ranges(self) -> None:
         """The numeric options the paper's method needs in a range, checked here so that a bad value stops a run
         before any model loads (not at its first step)."""

@@ -28,6 +28,7 @@ __all__ = [
     "CHECKPOINT_COMPLETE",
     "TEACHER_WEIGHTS",
     "VOCALIGN_STATE",
+    "check_same_run",
     "checkpoint_differences",
     "checkpoint_folders",
     "is_complete",
@@ -126,7 +127,8 @@ def checkpoint_differences(
         One line per difference (empty: the same run), and the checkpoint's global step.
     """
     folder = Path(checkpoint)
-    required = ["trainer_state.json", "adapter_config.json", VOCALIGN_STATE] + ([TEACHER_WEIGHTS] if needs_teacher else [])
+    required = ["trainer_state.json", "adapter_config.json", VOCALIGN_STATE]
+    required += [TEACHER_WEIGHTS] if needs_teacher else []
     missing = [name for name in required if not (folder / name).is_file()]
     if missing:
         raise UsageError(
@@ -161,3 +163,27 @@ def checkpoint_differences(
 
 def _normal(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
+
+
+def check_same_run(
+    checkpoint: str | Path, *, allow_other_settings: bool = False, **expected: Any
+) -> tuple[list[str], int]:
+    """[`checkpoint_differences`] (`expected`: its keyword arguments), refused unless `allow_other_settings`, which
+    only warns. Used by the recipes before any model loads and by `VocAlignTrainer.train`.
+
+    Raises:
+        UsageError: the checkpoint is incomplete, at `max_steps`, or of another run (each difference named).
+
+    Returns:
+        The differences (empty: the same run) and the checkpoint's step.
+    """
+    diffs, step = checkpoint_differences(checkpoint, **expected)
+    if diffs and not allow_other_settings:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} was trained with {'; '.join(diffs)}: resume with that run's "
+            "settings (--lora_layers, --lora_rank, --lora_alpha, class list, ...), start a new run, or pass "
+            "--resume_with_other_settings true to continue it anyway (the adapter's record then lists the differences)"
+        )
+    if diffs:
+        logger.warning("resuming %s with other settings: %s", checkpoint, "; ".join(diffs))
+    return diffs, step

@@ -114,10 +114,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     print(f"merged checkpoint written to {output} ({len(classes)} classes in its default vocabulary)")
 
 
-def cli() -> None:
+def cli() -> int:
     """The `vocalign-merge` console script: a bad input is one line and exit status 2 (`-v`: the traceback)."""
-    run_program(main, extra_errors=(AdapterLoadError,))
+    return run_program(main, extra_errors=(AdapterLoadError,))
 
 
 if __name__ == "__main__":
-    cli()
+    raise SystemExit(cli())

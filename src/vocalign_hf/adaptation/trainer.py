@@ -25,8 +25,10 @@ last, `checkpoint_complete.json` (written by a callback's `on_save`, which runs 
 whole folder). transformers writes a checkpoint file by file in its final folder; a folder without that last file
 is an interrupted save, which `resume_from_checkpoint=True` passes over for the last complete one.
 `train(resume_from_checkpoint=...)` refuses a checkpoint of another run (other settings, or already at
-`max_steps`) with the differences named, and restores the teacher too. Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under
-`accelerator.autocast()`, as the student's forward does once Accelerate prepared it.
+`max_steps`) with the differences named, and restores the teacher too.
+
+Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under `accelerator.autocast()`, as
+the student's forward does once Accelerate prepared it.
 """
 
 from __future__ import annotations
@@ -39,7 +41,6 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
@@ -52,7 +53,7 @@ from transformers.utils import logging
 from ..atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from ..errors import UsageError
 from ..data import collate_fn
-from ..data.sampling import KeyedDataset, ResumableSampler
+from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
 from .adapters import CARD_FILE, base_model_reference, build_model_card
@@ -61,7 +62,7 @@ from .checkpoints import (
     CHECKPOINT_COMPLETE,
     TEACHER_WEIGHTS,
     VOCALIGN_STATE,
-    checkpoint_differences,
+    check_same_run,
     last_complete_checkpoint,
     run_settings,
 )
@@ -80,7 +81,7 @@ logger = logging.get_logger(__name__)
 def step_seed(seed: int, rank: int, step: int, micro_batch: int) -> int:
     """The seed of one micro-batch's random draws (masks, student augmentation): a hash of all four numbers, so
     ranks and steps get independent streams and a resumed run redraws exactly what the straight run drew."""
-    return int(np.random.SeedSequence([seed, rank, step, micro_batch]).generate_state(1, np.uint64)[0] >> 1)
+    return draw_key(seed, rank, step, micro_batch)
 
 
 class SegmentationCollator:
@@ -173,12 +174,7 @@ class VocAlignTrainer(Trainer):
         # The processor is the Trainer's `processing_class`: every checkpoint carries it (as `save_pretrained` does).
         kwargs.setdefault("processing_class", processor)
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
-        if args.use_concepts and not self.concepts and args.method in ("vocalign", "teacher_student"):
-            raise UsageError(
-                f"method={args.method!r} with use_concepts aligns the teacher's vocabulary, but no concepts were "
-                "given: pass concepts (vocalign-concepts writes them; the recipes take --concepts) or set "
-                "use_concepts=False (--use_concepts false) to adapt without vocabulary alignment"
-            )
+        args.check_concepts(self.concepts)
         self.vocabulary = (
             ConceptVocabulary(self.class_names, self.concepts, include_class_names=args.include_class_names)
             if args.use_concepts and self.concepts
@@ -405,18 +401,10 @@ class VocAlignTrainer(Trainer):
         )
 
     def _check_resume(self, checkpoint: Path) -> dict[str, Any]:
-        diffs, step = checkpoint_differences(
+        diffs, step = check_same_run(
             checkpoint, class_names=self.class_names, concepts=self.concepts, settings=self.run_settings(),
-            needs_teacher=self.teacher is not None,
+            needs_teacher=self.teacher is not None, allow_other_settings=self.args.resume_with_other_settings,
         )
-        if diffs and not self.args.resume_with_other_settings:
-            raise UsageError(
-                f"{checkpoint} belongs to a run with other settings: {'; '.join(diffs)}. Resume with that run's "
-                "settings, start a new run, or pass --resume_with_other_settings true to continue it anyway "
-                "(the adapter's record then lists the differences)"
-            )
-        if diffs:
-            logger.warning(f"resuming {checkpoint} with other settings: {'; '.join(diffs)}")
         return {"checkpoint": str(checkpoint), "step": step, "other_settings": diffs}
 
     def run_settings(self) -> dict[str, Any]:

@@ -5,4 +5,4 @@ from .segmenter import DemoSetupError
 from .ui import main
 
 if __name__ == "__main__":
-    run_program(main, extra_errors=(DemoSetupError,))  # a missing model: one line and exit status 2
+    raise SystemExit(run_program(main, extra_errors=(DemoSetupError,)))  # a missing model: one line and exit status 2

@@ -706,10 +706,10 @@ def main(argv: list[str] | None = None) -> None:
         print(f"Pushed to {args.push_to_hub} (commit {sha})")
 
 
-def cli() -> None:
+def cli() -> int:
     """The `convert-catseg-checkpoint` console script: a bad file is one line and exit status 2 (`-v`: traceback)."""
-    run_program(main, extra_errors=(CheckpointConversionError,))
+    return run_program(main, extra_errors=(CheckpointConversionError,))
 
 
 if __name__ == "__main__":
-    cli()
+    raise SystemExit(cli())
