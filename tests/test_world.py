@@ -222,7 +222,8 @@ def test_pretraining_runs_learns_saves_and_is_reused(tiny_world, tmp_path):
 def test_exported_source_model_keeps_world_logits_and_is_unpacked_only_for_its_settings(
     tiny_world, tmp_path, monkeypatch
 ):
-    from vocalign_hf.world.shipped import export_source_model, unpack_shipped_source_model, world_token_ids
+    from vocalign_hf.world.export import export_source_model, world_token_ids
+    from vocalign_hf.world.shipped import unpack_shipped_source_model
 
     settings = dict(steps=3, batch_size=4, warmup_steps=1, seed=2, num_threads=1, progress=False, use_shipped=False)
     model_dir = pretrain_source_model(tiny_world, tmp_path / "trained", **settings)
@@ -256,7 +257,7 @@ def test_exported_source_model_keeps_world_logits_and_is_unpacked_only_for_its_s
 def test_the_shipped_source_model_is_the_default_main_jobs():
     """The archive in the package carries the settings hash of the default main job's world and pretraining, so
     `accelerate launch recipes/adapt.py` unpacks it instead of pretraining. Fails when the world, the pretraining or
-    the model config change: re-create it with `python -m vocalign_hf.world.shipped`."""
+    the model config change: re-create it with `python -m vocalign_hf.world.export`."""
     from vocalign_hf.recipes import RecipeArguments, world_config
     from vocalign_hf.world import pretrain_settings, pretrain_settings_hash
     from vocalign_hf.world.shipped import shipped_settings_hash

@@ -24,11 +24,12 @@ import torch
 from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_folder, atomic_write_json
-from ..errors import UsageError
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .datasets import World, dataset_to_tensors
-from .generator import WorldConfig
 from .evaluation import evaluate_segmenter
+from .generator import WorldConfig
+from .shipped import unpack_shipped_source_model
+from .source_folder import INFO_FILE, check_source_model_folder
 
 __all__ = [
     "DISTRACTOR_WORDS",
@@ -51,29 +52,10 @@ DISTRACTOR_WORDS: tuple[str, ...] = (
     "carpet", "spoon", "helmet", "rabbit", "mirror", "cactus", "ladder", "kettle", "balloon", "sandwich",
     "whale", "bucket", "crown", "glove", "anchor", "drum", "feather", "basket", "tiger", "wallet",
 )
-_INFO_FILE = "pretrain_info.json"
 #: The default world's pretraining, as the shipped source model was made (the recipes' `world_pretrain_*` defaults).
 PRETRAIN_STEPS = 700
 PRETRAIN_BATCH_SIZE = 16
 PRETRAIN_THREADS = 1  # fixed, so that the source model is reproducible
-
-
-def check_source_model_folder(folder: str | os.PathLike) -> bool:
-    """Whether `folder` holds a source model (or nothing) that a new one may replace; a folder of other files is
-    refused, never deleted (`--world_source_model_dir` may name any folder).
-
-    Raises:
-        UsageError: `folder` is a file, or a non-empty folder without `pretrain_info.json`.
-    """
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise UsageError(f"world source model folder {folder} is a file; give a folder")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / _INFO_FILE).is_file():
-        raise UsageError(
-            f"world source model folder {folder} holds other files (no {_INFO_FILE}); nothing was changed. Give a "
-            "new or empty folder (--world_source_model_dir)"
-        )
-    return folder.exists()
 
 
 def tiny_catseg_config(image_size: int = 64) -> CATSegConfig:
@@ -167,7 +149,7 @@ def pretrain_settings_hash(world_config: WorldConfig, model_config: CATSegConfig
 
 def _finished_info(output_dir: Path) -> dict[str, Any] | None:
     try:
-        return json.loads((output_dir / _INFO_FILE).read_text())
+        return json.loads((output_dir / INFO_FILE).read_text())
     except (OSError, ValueError):
         return None
 
@@ -229,8 +211,6 @@ def pretrain_source_model(
     if not force and info is not None and info.get("settings_hash") == settings_hash:
         return output_dir
     if not force and use_shipped:
-        from .shipped import unpack_shipped_source_model
-
         if unpack_shipped_source_model(settings_hash, output_dir):
             return output_dir
 
@@ -350,7 +330,7 @@ def _train(
     def write(folder: Path) -> None:
         model.save_pretrained(folder)
         processor.save_pretrained(folder)
-        atomic_write_json(folder / _INFO_FILE, info)
+        atomic_write_json(folder / INFO_FILE, info)
 
     atomic_write_folder(output_dir, write, replace=check_source_model_folder(output_dir))
     return info
