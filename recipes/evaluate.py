@@ -15,7 +15,7 @@ from pathlib import Path
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model
-from vocalign_hf.adaptation.adapters import AdapterLoadError
+from vocalign_hf.adaptation.adapters import AdapterLoadError, adapter_scoring
 from vocalign_hf.errors import UsageError, run_program
 from vocalign_hf.metrics import split_absent_metrics
 from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model
@@ -36,15 +36,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UsageError("--base_model is required (a converted CAT-Seg folder or Hub id)")
     base_model = resolve_base_model(data.base_model)
     processor = CATSegProcessor.from_pretrained(base_model)
+    # A base model alone scores the class names; an adapter scores them as it was trained to (with its concepts
+    # when it was trained with `student_concepts`).
+    scoring, concepts = {"student_concepts": False}, {}
     if recipe.adapter:
         model, info = load_adapted_model(base_model, recipe.adapter)
         if info.get("class_names") and info["class_names"] != data.class_names:
             print(f"note: the adapter was trained for {info['class_names']}; evaluating {data.class_names}")
+        scoring, concepts = adapter_scoring(info, data.class_names)
     else:
         model = CATSegForSemanticSegmentation.from_pretrained(base_model)
     trainer = VocAlignTrainer(
-        model=model, args=replace(args, method="zero_shot"), class_names=data.class_names,
-        processor=processor, eval_dataset=data.eval,
+        model=model, args=replace(args, method="zero_shot", **scoring), class_names=data.class_names,
+        concepts=concepts, processor=processor, eval_dataset=data.eval,
     )
     metrics, absent = split_absent_metrics(trainer.evaluate(metric_key_prefix="eval"))
     if trainer.is_world_process_zero():

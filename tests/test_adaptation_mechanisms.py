@@ -241,6 +241,29 @@ def test_eq7_sum_of_entry_softmax_random():
         v.aggregate(torch.randn(1, 4, 2, 2))
 
 
+def test_entries_of_the_kept_classes_and_their_log_probabilities():
+    """Top-K over classes applied to the aligned vocabulary: each image keeps its kept classes' entries (shorter rows
+    padded, position -1), and the log-probabilities summed per kept class are Eq. 7 over those entries alone."""
+    v = _vocab()  # road: 0 1 2, car: 3 4
+    three = ConceptVocabulary(["road", "car", "sky"], {"road": ["street", "pavement"], "car": ["automobile"]})
+    entries, positions = three.entries_of(torch.tensor([[0, 1], [1, 2], [0, 2]]))
+    assert entries.tolist() == [[0, 1, 2, 3, 4], [3, 4, 5, 3, 3], [0, 1, 2, 5, 0]]
+    assert positions.tolist() == [[0, 0, 0, 1, 1], [0, 0, 1, -1, -1], [0, 0, 0, 1, -1]]
+    logits = torch.randn(3, 5, 2, 3, generator=torch.Generator().manual_seed(1), requires_grad=True)
+    log_probs = ConceptVocabulary.log_class_probs(logits, positions, 2)
+    for image in range(3):
+        valid = positions[image] >= 0
+        p = torch.softmax(logits[image, valid], dim=0)
+        owner = positions[image, valid]
+        by_hand = torch.stack([p[owner == k].sum(0) for k in range(2)])
+        torch.testing.assert_close(log_probs[image].exp(), by_hand)
+    log_probs[:, 1].sum().backward()
+    assert logits.grad[1, 3:].abs().sum() == 0  # padding takes no part
+    # Over the whole vocabulary it is `aggregate`, in log space; large logits do not overflow.
+    full = 50 * torch.randn(2, 5, 3, 3)
+    torch.testing.assert_close(v.log_class_probs(full, v.entry_to_class, 2).exp(), v.aggregate(full))
+
+
 @pytest.mark.parametrize(
     "classes, concepts, match",
     [

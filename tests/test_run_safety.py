@@ -228,6 +228,15 @@ def test_another_runs_checkpoint_is_refused_with_the_differences(finished_run, b
         run(flags(domain, base_model, tmp_path / "new", "--max_steps", "3", "--learning_rate", "1e-3",
                   "--mask_ratio", "0.3", "--resume_from_checkpoint", str(output / "checkpoint-2")))
     assert not (tmp_path / "new").exists()
+    # A checkpoint written before a setting existed ran with the old behaviour, and is compared as such.
+    older = tmp_path / "older" / "checkpoint-2"
+    shutil.copytree(output / "checkpoint-2", older)
+    state = json.loads((older / "vocalign.json").read_text())
+    del state["settings"]["student_concepts"]
+    (older / "vocalign.json").write_text(json.dumps(state))
+    with pytest.raises(UsageError, match=r"student_concepts False \(this run: True\)"):
+        run(flags(domain, base_model, tmp_path / "new", "--max_steps", "3", "--student_concepts", "true",
+                  "--resume_from_checkpoint", str(older)))
 
 
 def test_resuming_with_other_settings_on_request_is_recorded(finished_run, base_model, tmp_path):

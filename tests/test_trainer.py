@@ -47,7 +47,7 @@ def test_every_table2_row_trains_only_lora(row, tmp_path, tiny_model, tiny_proce
     args = make_args(tmp_path, **ABLATIONS[row])
     trainer = make_trainer(tiny_model, tiny_processor, args)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
-    if row == "zero_shot":
+    if ABLATIONS[row]["method"] == "zero_shot":
         with pytest.raises(RuntimeError, match="zero_shot"):
             trainer.train()
     else:
@@ -199,6 +199,45 @@ def test_top_k_and_concepts_change_what_the_student_is_trained_on(tmp_path, tiny
     assert float(loss) == pytest.approx(float(weighted_cross_entropy(logits, labels, weight)), rel=1e-5)
     _, plain_labels, _ = trainer_with(top_k=None, use_concepts=False).teacher_targets(batch["pixel_values"])
     assert not torch.equal(labels, plain_labels)
+
+
+def test_a_student_with_concepts_scores_the_kept_classes_entries(tmp_path, tiny_model, tiny_processor):
+    """student_concepts: the student's cost volume holds the entries of the classes Top-K keeps, its loss is the
+    cross-entropy of their summed probabilities (Eq. 7) against the teacher's targets, and evaluation scores the
+    classes the same way."""
+    args = make_args(tmp_path, student_augmentation=False, use_masking=False, pseudo_threshold=None, top_k=2,
+                     student_concepts=True)
+    trainer = make_trainer(tiny_model, tiny_processor, args)
+    batch = _batch(trainer)
+    student, _, loss = _student_and_teacher_calls(trainer, batch)
+    indices, labels, weight = trainer.teacher_targets(batch["pixel_values"])
+    entries, positions = trainer.vocabulary.entries_of(indices)
+    assert torch.equal(student["class_indices"], entries) and entries.shape[1] > indices.shape[1]
+    assert torch.equal(student["input_ids"], trainer._entry_tokens)
+    with torch.no_grad():
+        logits = trainer.model(pixel_values=batch["pixel_values"], input_ids=trainer._entry_tokens,
+                               class_indices=entries).logits
+    logits = torch.nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+    probs = [torch.softmax(logits[i, positions[i] >= 0], 0) for i in range(2)]
+    class_probs = torch.stack([torch.stack([p[positions[i][positions[i] >= 0] == k].sum(0) for k in range(2)])
+                               for i, p in enumerate(probs)])
+    by_hand = torch.nn.functional.nll_loss(class_probs.log(), labels)
+    assert float(loss) == pytest.approx(float(by_hand), rel=1e-4)
+    text_lora = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_B" in n and "text" in n}
+    trainer.train()
+    moved = dict(trainer.model.named_parameters())
+    assert any(not torch.equal(moved[n], before) for n, before in text_lora.items())  # the concepts' text trains
+
+    # Evaluation: the argmax of the summed entry probabilities over the whole vocabulary.
+    with torch.no_grad():
+        text = trainer.model.get_text_embeddings(trainer._entry_tokens)
+        scores = trainer.class_scores(batch["pixel_values"], text=text)
+        entry_logits = trainer.model(pixel_values=batch["pixel_values"], text_embeds=text).logits
+    assert torch.allclose(scores, trainer.vocabulary.aggregate(entry_logits), atol=1e-6)
+    plain = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, top_k=2))
+    assert torch.equal(plain._student_tokens, plain._class_tokens)
+    with pytest.raises(UsageError, match="use_concepts"):
+        make_args(tmp_path, student_concepts=True, use_concepts=False)
 
 
 def test_confident_pixels_only_ignores_the_unsure_ones(tmp_path, tiny_model, tiny_processor):

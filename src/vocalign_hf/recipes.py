@@ -399,8 +399,7 @@ def _world_data(
 
 
 def save_overlays(
-    models: list,
-    input_ids: torch.Tensor,
+    predictors: list,
     collator,
     dataset,
     class_names: list[str],
@@ -409,21 +408,21 @@ def save_overlays(
     count: int,
     titles: tuple[str, ...] = ("zero-shot", "adapted"),
 ) -> Path | None:
-    """Write one PNG grid of `count` evaluation images: image | ground truth | the prediction of each model (e.g.
-    zero-shot, adapted), panels upscaled to at least 256 px, with a legend of the class names."""
+    """Write one PNG grid of `count` evaluation images: image | ground truth | the prediction of each predictor
+    (e.g. zero-shot, adapted: a function of the pixel values giving class scores), panels upscaled to at least
+    256 px, with a legend of the class names."""
     count = min(count, len(dataset))
     if count <= 0:
         return None
-    device = next(models[0].parameters()).device
     rows = []
     for index in range(count):
         batch = collator([dataset[index]])
         labels = batch["labels"][0].numpy()
         image = (batch["pixel_values"][0] * collator.std[0] + collator.mean[0]).clamp(0, 1)
         row = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), colorize(labels, palette)]
-        for model in models:
+        for predict in predictors:
             with torch.no_grad():
-                logits = model(pixel_values=batch["pixel_values"].to(device), input_ids=input_ids.to(device)).logits
+                logits = predict(batch["pixel_values"])
             logits = torch.nn.functional.interpolate(logits, size=labels.shape, mode="bilinear", align_corners=False)
             row.append(colorize(logits[0].argmax(0).cpu().numpy(), palette))
         rows.append(row)
@@ -530,7 +529,8 @@ def summary_line(results: dict[str, Any]) -> str:
             f" ({results['adapted_miou'] - results['zero_shot_miou']:+.2f})"
             if "adapted_miou" in results and "zero_shot_miou" in results else ""
         )
-        line = f"zero-shot mIoU {value('zero_shot_miou')} -> {line}{gain}"
+        concepts = f" (with concepts {value('zero_shot_concepts_miou')})" if "zero_shot_concepts_miou" in results else ""
+        line = f"zero-shot mIoU {value('zero_shot_miou')}{concepts} -> {line}{gain}"
     return line
 
 
@@ -569,9 +569,9 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     check_run_inputs(data, args, resume)
     processor = CATSegProcessor.from_pretrained(data.base_model)
 
-    def trainer_for(model, method: str) -> VocAlignTrainer:
+    def trainer_for(model, method: str, **changes: Any) -> VocAlignTrainer:
         return VocAlignTrainer(
-            model=model, args=args if method == args.method else replace(args, method=method),
+            model=model, args=args if method == args.method else replace(args, method=method, **changes),
             class_names=data.class_names, concepts=data.concepts, processor=processor,
             train_dataset=data.train, eval_dataset=data.eval,
         )
@@ -580,8 +580,13 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     tables: dict[str, str] = {}
     zero_shot_model = CATSegForSemanticSegmentation.from_pretrained(data.base_model)
     if recipe.eval_zero_shot or args.method == "zero_shot":
-        zero_shot = trainer_for(zero_shot_model, "zero_shot")
+        # The zero-shot baseline scores the class names alone; with a student that scores concepts too, the source
+        # model with the same vocabulary is measured as well: what adaptation adds beyond the concepts.
+        zero_shot = trainer_for(zero_shot_model, "zero_shot", student_concepts=False)
         tables["zero-shot"] = _evaluate_into(results, zero_shot, "zero_shot")
+        if args.student_concepts and args.method != "zero_shot":
+            with_concepts = trainer_for(zero_shot_model, "zero_shot", student_concepts=True)
+            tables["zero-shot with concepts"] = _evaluate_into(results, with_concepts, "zero_shot_concepts")
     if args.method == "zero_shot":
         results, absent = split_absent_metrics(results)
         if zero_shot.is_world_process_zero():
@@ -631,17 +636,20 @@ def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tabl
     output = Path(args.output_dir)
     settings = trainer.adaptation_settings()
     metrics = {title: results[key] for key, title in (
-        ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)")) if key in results}
+        ("adapted_miou", "target mIoU (adapted)"), ("zero_shot_miou", "target mIoU (zero-shot)"),
+        ("zero_shot_concepts_miou", "target mIoU (zero-shot, with concepts)")) if key in results}
     # save_adapter writes the folder whole and renames it into place: never new weights beside an old class list.
     folder = save_adapter(trainer.model, output / "adapter", data.class_names, data.concepts, metrics, settings,
                           dataset=recipe.hub_source or recipe.dataset)
     atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
     tokens = processor.tokenize_classes(data.class_names)["input_ids"]
-    overlays = save_overlays(
-        [zero_shot_model.eval(), trainer.model.eval()], tokens, trainer.data_collator, data.eval, data.class_names,
-        data.palette, output / "overlays.png", recipe.num_overlays,
-    )
+    device = trainer.args.device
+    trainer.model.eval()
+    predictors = [lambda x: zero_shot_model.eval()(pixel_values=x.to(device), input_ids=tokens.to(device)).logits,
+                  lambda x: trainer.class_scores(x.to(device))]
+    overlays = save_overlays(predictors, trainer.data_collator, data.eval, data.class_names, data.palette,
+                             output / "overlays.png", recipe.num_overlays)
     if overlays:
         print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
     atomic_write_json(output / RUN_MARK, {"status": "finished", **settings})

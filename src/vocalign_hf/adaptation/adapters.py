@@ -99,6 +99,11 @@ def build_model_card(
     rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in metrics.items() if _metric_value(v) is not None)
     concept_rows = "\n".join(f"| {c} | {', '.join((concepts or {}).get(c, [])) or '-'} |" for c in class_names)
     settings_text = json.dumps(dict(settings or {}), indent=2, default=str)
+    vocabulary_note = (
+        "\nThis adapter was trained to score each class with its name **and** its concepts (`student_concepts`): "
+        "predict with every entry of the table, a softmax over all, summed per class (VocAlign's Eq. 7: "
+        "`ConceptVocabulary(info['class_names'], info['concepts']).aggregate(logits)`). The class names alone "
+        "score lower.\n" if (settings or {}).get("student_concepts") else "")
     where = repo_id or "<folder of this adapter>"
     revision_arg = f', revision="{base_model_revision}"' if base_model_revision else ""
     if hub_base:
@@ -139,7 +144,7 @@ model = PeftModel.from_pretrained(base, "{where}")
 | class | concepts (teacher vocabulary during adaptation) |
 |---|---|
 {concept_rows}
-
+{vocabulary_note}
 ## Measured mIoU
 
 | metric | value |
@@ -331,6 +336,19 @@ def load_adapted_model(
             f"the base its vocalign.json names ({info.get('base_model', 'unknown')})"
         ) from None
     return model.eval(), info
+
+
+def adapter_scoring(info: Mapping[str, Any], class_names: Sequence[str]) -> tuple[dict[str, Any], dict[str, list[str]]]:
+    """How an adapter's model scores `class_names`, from its `vocalign.json` content: the `VocAlignArguments`
+    changes and the concepts. An adapter trained with `student_concepts` scores each class with its name and its
+    concepts (those of the given classes it has); any other adapter, with the class names alone."""
+    settings = info.get("settings") or {}
+    if not settings.get("student_concepts"):
+        return {"student_concepts": False}, {}
+    concepts = {name: list(items) for name, items in (info.get("concepts") or {}).items() if name in class_names}
+    changes = {"student_concepts": bool(concepts), "use_concepts": bool(concepts),
+               "include_class_names": settings.get("include_class_names", True)}
+    return changes, concepts
 
 
 def push_adapter_to_hub(

@@ -18,16 +18,23 @@ METHODS = ("vocalign", "teacher_student", "min_entropy", "zero_shot")
 # a paper row; the last rows add the extensions one at a time on top of full VocAlign.
 _PAPER = {"teacher_text_ema": True, "top_k_mass": None}
 _VOCALIGN = {"method": "vocalign", "use_masking": True, "use_concepts": True}
-ABLATIONS: dict[str, dict] = {
+_ADAPTIVE = {**_VOCALIGN, "teacher_text_ema": False, "top_k": None, "top_k_mass": 0.99}
+_ROWS: dict[str, dict] = {
     "zero_shot": {"method": "zero_shot"},
+    # Not a paper row: the source model scored with the aligned vocabulary, no adaptation (the baseline of the
+    # student_concepts extension, and the teacher's first pseudo-labels).
+    "zero_shot_concepts": {"method": "zero_shot", "use_concepts": True, "student_concepts": True},
     "min_entropy": {"method": "min_entropy"},
     "teacher_student": {"method": "teacher_student", "use_masking": False, "use_concepts": False, "top_k": None, **_PAPER},
     "masking": {"method": "teacher_student", "use_masking": True, "use_concepts": False, "top_k": None, **_PAPER},
     "vocab_alignment": {**_VOCALIGN, "top_k": None, **_PAPER},
     "topk": {**_VOCALIGN, **_PAPER},
     "frozen_teacher_text": {**_VOCALIGN, "teacher_text_ema": False, "top_k_mass": None},
-    "adaptive_topk": {**_VOCALIGN, "teacher_text_ema": False, "top_k": None, "top_k_mass": 0.99},
+    "adaptive_topk": _ADAPTIVE,
+    "student_concepts": {**_ADAPTIVE, "student_concepts": True},
 }
+# Every row but the student_concepts ones scores the student with the class names alone, whatever the config says.
+ABLATIONS: dict[str, dict] = {row: {"student_concepts": False, **changes} for row, changes in _ROWS.items()}
 
 
 @dataclass
@@ -92,6 +99,14 @@ class VocAlignArguments(TrainingArguments):
         metadata={
             "help": "how a class's entries are combined: 'sum' of their probabilities (Eq. 7) or 'max' "
             "(extension: the best entry, renormalised over the classes)"
+        },
+    )
+    student_concepts: bool = field(
+        default=False,
+        metadata={
+            "help": "extension (False: the paper): the student, too, scores each class with its name plus its "
+            "concepts (Eq. 7), in training and evaluation; its adapter is then used with those concepts. A target "
+            "name the source model never learnt no longer has to be learnt from scratch by the text LoRA"
         },
     )
     include_class_names: bool = field(
@@ -190,6 +205,8 @@ class VocAlignArguments(TrainingArguments):
             if getattr(self, name) < 1:
                 raise UsageError(f"{name} must be >= 1, got {getattr(self, name)}")
         self._check_ranges()
+        if self.student_concepts and not self.use_concepts:
+            raise UsageError("student_concepts scores the student with the concepts too: it needs use_concepts=True")
         if self.max_steps == 0 and self.method != "zero_shot":
             raise UsageError(
                 "max_steps 0 adapts nothing: give max_steps >= 1 (or -1 to train num_train_epochs), or "

@@ -45,12 +45,15 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: The arguments that make a run what it is (recorded in `vocalign.json` and the card, compared on resume).
 RUN_SETTINGS = (
     "method", "top_k", "top_k_mass", "use_masking", "mask_ratio", "mask_block_size", "mask_space",
-    "student_augmentation", "use_concepts", "concept_reduce", "include_class_names", "pseudo_threshold",
-    "confident_pixels_only", "ema_alpha", "teacher_text_ema", "lora_rank", "lora_alpha", "lora_layers",
+    "student_augmentation", "use_concepts", "student_concepts", "concept_reduce", "include_class_names",
+    "pseudo_threshold", "confident_pixels_only", "ema_alpha", "teacher_text_ema", "lora_rank", "lora_alpha", "lora_layers",
     "lora_use_rslora", "learning_rate", "lora_lr_multiplier", "lr_scheduler_type", "warmup_steps",
     "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_steps", "seed", "data_seed",
 )
+
+#: Settings added to `RUN_SETTINGS` after checkpoints began recording them, with the value every older run had.
+SETTINGS_ADDED_LATER = {"student_concepts": False}
 
 
 def run_settings(args: Any) -> dict[str, Any]:
@@ -155,6 +158,8 @@ def checkpoint_differences(
     if concepts is not None and "concepts" in state and state["concepts"] != {k: list(v) for k, v in concepts.items()}:
         diffs.append("concepts (the checkpoint's vocalign.json lists other concepts than this run's)")
     recorded = state.get("settings", state)  # checkpoints written before `settings` kept a few keys at the top
+    if "settings" in state:  # a setting added since the checkpoint was written: it ran with the old behaviour
+        recorded = {**SETTINGS_ADDED_LATER, **recorded}
     for key, value in settings.items():
         if key != "max_steps" and key in recorded and _normal(recorded[key]) != _normal(value):
             diffs.append(f"{key} {recorded[key]!r} (this run: {value!r})")

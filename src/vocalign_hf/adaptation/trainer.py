@@ -182,6 +182,11 @@ class VocAlignTrainer(Trainer):
         )
         self._class_tokens = processor.tokenize_classes(self.class_names)["input_ids"]
         self._entry_tokens = processor.tokenize_classes(self.vocabulary.entries)["input_ids"]
+        # What the student scores its classes with: their names (the paper), or the teacher's aligned vocabulary.
+        self.student_vocabulary = (
+            self.vocabulary if args.student_concepts else ConceptVocabulary.identity(self.class_names)
+        )
+        self._student_tokens = self._entry_tokens if args.student_concepts else self._class_tokens
         # Masked pixels become black: 0 in 0..1 space is -mean/std after normalisation.
         self._mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
         self._std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
@@ -278,8 +283,16 @@ class VocAlignTrainer(Trainer):
         # student's cost volume. A v1 model's ResNet sees the unmasked image, as in the reference (only CLIP's
         # input is masked there).
         guidance = {"guidance_pixel_values": pixel_values} if self._has_guidance_backbone else {}
-        logits = model(pixel_values=student_input, input_ids=class_tokens, class_indices=indices, **guidance).logits
-        loss = weighted_cross_entropy(logits.float(), pseudo_labels, weight)
+        if not self.args.student_concepts:
+            logits = model(pixel_values=student_input, input_ids=class_tokens, class_indices=indices, **guidance).logits
+            loss = weighted_cross_entropy(logits.float(), pseudo_labels, weight)
+        else:  # the kept classes' entries enter the cost volume; their probabilities are summed per class (Eq. 7)
+            entries, positions = self.student_vocabulary.entries_of(indices)
+            logits = model(pixel_values=student_input, input_ids=self._entry_tokens.to(device), class_indices=entries,
+                           **guidance).logits
+            logits = F.interpolate(logits.float(), size=pseudo_labels.shape[-2:], mode="bilinear", align_corners=False)
+            log_probs = self.student_vocabulary.log_class_probs(logits, positions, indices.shape[1])
+            loss = weighted_cross_entropy(log_probs, pseudo_labels, weight)
         self._record(loss=loss.item(), pseudo_weight=float(weight))
         return (loss, {"logits": logits}) if return_outputs else loss
 
@@ -547,17 +560,11 @@ class VocAlignTrainer(Trainer):
         bar = tqdm(dataloader, desc="evaluate", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
         try:
             with self.accelerator.autocast():
-                text = model.get_text_embeddings(self._class_tokens.to(device))
+                text = model.get_text_embeddings(self._student_tokens.to(device))
             for batch in bar:
                 pixel_values = batch["pixel_values"].to(device)
                 labels = batch["labels"].to(device)
-                with self.accelerator.autocast():
-                    if self.args.eval_sliding_window:
-                        scores = model.predict_sliding_window(
-                            pixel_values, text_embeds=text, output_size=labels.shape[-2:]
-                        )
-                    else:
-                        scores = model(pixel_values=pixel_values, text_embeds=text).logits
+                scores = self.class_scores(pixel_values, labels.shape[-2:], text)
                 keep = self._unpadded_count(len(labels))
                 metric.update_from_scores(scores[:keep], labels[:keep])
                 num_samples += keep
@@ -565,6 +572,25 @@ class VocAlignTrainer(Trainer):
             model.train(was_training)
         total = self.accelerator.reduce(torch.tensor(num_samples, device=device), reduction="sum")
         return metric.gather(self.accelerator), int(total)
+
+    @torch.no_grad()
+    def class_scores(self, pixel_values: torch.Tensor, output_size=None, text: torch.Tensor | None = None):
+        """The student's class scores `(B, N_c, h, w)`, whose argmax is its prediction: over its vocabulary's
+        entries, summed per class (Eq. 7) when it scores with concepts; sliding windows if `eval_sliding_window`.
+        `text`: the student vocabulary's embeddings, if already encoded."""
+        model = self.accelerator.unwrap_model(self.model)
+        with self.accelerator.autocast():
+            if text is None:
+                text = model.get_text_embeddings(self._student_tokens.to(pixel_values.device))
+            if self.args.eval_sliding_window:
+                scores = model.predict_sliding_window(pixel_values, text_embeds=text, output_size=output_size)
+                if model.config.sliding_window_mode == "catseg":  # sigmoid probabilities: back to logits
+                    scores = torch.logit(scores.float().clamp(1e-6, 1 - 1e-6))
+            else:
+                scores = model(pixel_values=pixel_values, text_embeds=text).logits
+        if self.args.student_concepts:
+            scores = self.student_vocabulary.aggregate(scores.float(), from_logits=True)
+        return scores
 
     def _unpadded_count(self, batch_size: int) -> int:
         """How many images of this process's current batch are real, not padding (all but the last batch: all).

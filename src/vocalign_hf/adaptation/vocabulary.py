@@ -182,3 +182,51 @@ class ConceptVocabulary:
         index = owner.view((1, -1) + (1,) * (probs.dim() - 2)).expand_as(probs)
         best = probs.new_zeros(out_shape).scatter_reduce(1, index, probs, "amax", include_self=False)
         return best / best.sum(dim=1, keepdim=True)
+
+    def entries_of(self, class_indices: Tensor) -> tuple[Tensor, Tensor]:
+        """The entries of each image's kept classes (Top-K over classes, applied to the aligned vocabulary).
+
+        Args:
+            class_indices: ``LongTensor (B, K)`` kept classes per image.
+
+        Returns:
+            ``entry_indices (B, E)`` into :attr:`entries` and ``positions (B, E)``: each entry's class as a position
+            ``0..K-1`` among the image's kept classes, ``-1`` for padding. Images keep different numbers of entries;
+            the shorter rows are padded with their first entry, to be masked out by :meth:`log_class_probs`.
+        """
+        owner = self.entry_to_class.to(class_indices.device)
+        # (B, K, n_tot): which entries belong to which kept class; an entry belongs to at most one.
+        member = owner.view(1, 1, -1) == class_indices.unsqueeze(-1)
+        kept = member.any(dim=1)
+        width = int(kept.sum(dim=1).max())
+        # Kept entries first, in vocabulary order (a stable sort of "not kept").
+        order = torch.sort((~kept).to(torch.uint8), dim=1, stable=True).indices[:, :width]
+        valid = torch.gather(kept, 1, order)
+        entry_indices = torch.where(valid, order, order[:, :1])
+        positions = torch.gather(member.to(torch.uint8).argmax(dim=1), 1, order)
+        return entry_indices, positions.masked_fill(~valid, -1)
+
+    @staticmethod
+    def log_class_probs(logits: Tensor, positions: Tensor, num_classes: int) -> Tensor:
+        """Eq. 7 in log space, differentiable: ``log sum_{e in c} softmax(logits)_e`` per class.
+
+        Args:
+            logits: ``(B, E, *spatial)`` scores of the entries.
+            positions: ``(B, E)`` or ``(E,)`` class position of each entry (``0..num_classes-1``), ``-1`` for an
+                entry left out of the softmax (padding).
+            num_classes: classes to aggregate into.
+
+        Returns:
+            ``(B, num_classes, *spatial)`` log-probabilities. The per-pixel maximum is subtracted before ``exp``, so
+            a class is only lost to underflow (log-probability clamped, no gradient) when all of its entries trail
+            the best entry by more than ~87 nats in fp32.
+        """
+        positions = positions.expand(logits.shape[0], -1) if positions.dim() == 1 else positions
+        valid = (positions >= 0).view(positions.shape + (1,) * (logits.dim() - 2))
+        logits = logits.masked_fill(~valid, float("-inf"))
+        shifted = (logits - logits.amax(dim=1, keepdim=True)).exp()
+        index = positions.clamp_min(0).view(valid.shape).expand_as(shifted)
+        out_shape = (logits.shape[0], num_classes) + tuple(logits.shape[2:])
+        sums = shifted.new_zeros(out_shape).scatter_add(1, index, shifted)
+        return sums.clamp_min(torch.finfo(sums.dtype).tiny).log() - shifted.sum(dim=1, keepdim=True).log()
+
