@@ -15,6 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 from transformers.pipelines import base as pipeline_base
 from transformers.testing_utils import CaptureLogger
 
+from conftest import tiny_catseg_config
 from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegImageProcessor
 from vocalign_hf.data.transforms import to_pixel_values
 
@@ -152,6 +153,109 @@ def test_bad_class_indices_and_target_sizes_are_clear_errors(tiny_model, tiny_pr
     with pytest.raises(ValueError, match=r"list of \(height, width\), one per image; got \(64, 64\)"):
         processor.post_process_semantic_segmentation(kept[:1], target_sizes=(64, 64))
     assert processor.post_process_semantic_segmentation(kept[:1], target_sizes=[(64, 64)])[0].shape == (64, 64)
+
+def test_output_hidden_states_selects_layers_by_index(tiny_model, tiny_processor):
+    inputs = tiny_processor(images=[random_array(32, 32)], text=["a", "b", "c"])
+    with torch.no_grad():
+        every = tiny_model(**inputs, output_hidden_states=True).hidden_states
+        picked = tiny_model(**inputs, output_hidden_states=[0, -1]).hidden_states
+    assert len(picked) == len(every) == tiny_model.config.num_layers + 1
+    assert torch.equal(picked[0], every[0]) and torch.equal(picked[-1], every[-1])
+    assert all(state is None for state in picked[1:-1])
+
+
+def test_image_features_are_a_model_output_with_the_vision_states(tiny_model, tiny_processor):
+    pixel_values = tiny_processor(images=[random_array(32, 32)])["pixel_values"]
+    vision = tiny_model.config.clip_config.vision_config
+    with torch.no_grad():
+        features = tiny_model.catseg.get_image_features(pixel_values, output_hidden_states=True)
+        plain = tiny_model.catseg.get_image_features(pixel_values, return_dict=False)
+    grid = tiny_model.config.feature_resolution
+    assert features.last_hidden_state.shape == (1, 1 + grid * grid, vision.hidden_size)
+    assert features.pooler_output.shape == (1, tiny_model.config.clip_config.projection_dim)
+    assert len(features.hidden_states) == vision.num_hidden_layers + 1
+    assert torch.equal(features.hidden_states[-1], features.last_hidden_state)
+    assert isinstance(plain, tuple) and torch.equal(plain[0], features.last_hidden_state)
+
+
+@pytest.mark.parametrize("layers", [[0, 0], [1, 0]])
+def test_guidance_layers_are_used_in_layer_order_and_may_repeat(tiny_processor, layers):
+    # The reference hooks its guidance layers and collects their outputs in the order the layers run.
+    inputs = tiny_processor(images=[random_array(32, 32)], text=["a", "b"])
+    torch.manual_seed(0)
+    model = CATSegForSemanticSegmentation(tiny_catseg_config(guidance_layers=layers)).eval()
+    torch.manual_seed(0)
+    ordered = CATSegForSemanticSegmentation(tiny_catseg_config(guidance_layers=sorted(layers))).eval()
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, ordered(**inputs).logits)
+    with pytest.raises(StrictDataclassError, match="out of range"):
+        tiny_catseg_config(guidance_layers=[0, 2])  # the last of the 3 layers is the dense output layer
+
+
+def test_parameters_catseg_never_uses_are_frozen(tiny_model, tiny_processor):
+    frozen = {name for name, p in tiny_model.named_parameters() if not p.requires_grad}
+    last = "catseg.clip.vision_model.encoder.layers.2.self_attn"
+    assert frozen == {"catseg.clip.logit_scale", *(f"{last}.{p}_proj.{w}" for p in "qk" for w in ("weight", "bias"))}
+    inputs = tiny_processor(images=[random_array(32, 32)], text=["a", "b"])
+    tiny_model.train()
+    tiny_model(**inputs, labels=torch.zeros(1, 32, 32, dtype=torch.long)).loss.backward()
+    assert all(p.grad is not None for p in tiny_model.parameters() if p.requires_grad)
+
+
+def test_config_keys_with_std_are_not_normalisations_and_old_configs_load(tmp_path):
+    config = CATSegConfig(variant="v1", backbone_pixel_mean=[0.5, 0.5, 0.5], backbone_pixel_std=[0.2, 0.2, 0.2])
+    assert config.backbone_normalization == {"mean": [0.5, 0.5, 0.5], "std": [0.2, 0.2, 0.2]}
+    assert not any("_std" in key for key in config.to_dict())  # transformers reads *_std keys as init scales
+    config.save_pretrained(tmp_path)
+    assert CATSegConfig.from_pretrained(tmp_path).backbone_normalization == config.backbone_normalization
+    with pytest.raises(StrictDataclassError, match="backbone_normalization needs 'mean' and 'std'"):
+        CATSegConfig(backbone_normalization={"mean": [0.5, 0.5, 0.5]})
+
+
+def test_images_with_channels_first_or_last_in_any_container(tiny_processor):
+    processor = tiny_processor.image_processor
+    image = random_array(20, 30)
+    expected = processor(Image.fromarray(image))["pixel_values"]
+    chw, hwc = image.transpose(2, 0, 1), torch.from_numpy(image)
+    for form in (chw, hwc, torch.from_numpy(chw)):
+        assert torch.equal(processor(form)["pixel_values"], expected)
+    assert torch.equal(processor(chw, input_data_format="channels_first")["pixel_values"], expected)
+    tiny = random_array(4, 3)  # (4, 3, 3): both axes could be channels; the stated layout decides
+    assert processor(tiny, do_resize=False, input_data_format="channels_last")["pixel_values"].shape == (1, 3, 4, 3)
+    with pytest.raises(ValueError, match="1, 3 or 4 channels"):
+        processor(image, input_data_format="channels_first")
+
+
+def test_post_processing_returns_segmentation_scores_as_transformers_does(tiny_processor):
+    logits = torch.randn(2, 3, 8, 8)
+    processor = tiny_processor.image_processor
+    maps = processor.post_process_semantic_segmentation(logits, target_sizes=[(16, 16), (4, 8)])
+    scored = processor.post_process_semantic_segmentation(logits, target_sizes=[(16, 16), (4, 8)],
+                                                          return_segmentation_scores=True)
+    assert [tuple(s.segmentation_scores.shape) for s in scored] == [(3, 16, 16), (3, 4, 8)]
+    assert all(torch.equal(s.segmentation, m) for s, m in zip(scored, maps))
+    assert torch.equal(scored[1].segmentation_scores.argmax(0), maps[1])  # the raw (resized) logits
+    with pytest.raises(ValueError, match="3 target sizes for a batch of 2"):
+        processor.post_process_semantic_segmentation(logits, target_sizes=[(4, 4)] * 3)
+
+
+def test_processor_routes_options_like_transformers_processors(tiny_processor):
+    image = random_array(20, 30)
+    names = ["road", "traffic light"]
+    flat = tiny_processor(images=image, text=names, padding="max_length", max_length=20, do_resize=False)
+    nested = tiny_processor(images=image, text=names, text_kwargs={"padding": "max_length", "max_length": 20},
+                            images_kwargs={"do_resize": False})
+    assert flat["input_ids"].shape == (2, 20) and flat["pixel_values"].shape == (1, 3, 20, 30)
+    assert all(torch.equal(flat[key], nested[key]) for key in flat)
+    as_numpy = tiny_processor(text=names, common_kwargs={"return_tensors": "np"})
+    assert isinstance(as_numpy["input_ids"], np.ndarray)
+    structured = tiny_processor.tokenize_classes(names)["input_ids"]
+    assert torch.equal(tiny_processor(text=names)["input_ids"], structured.flatten(0, 1))
+    with pytest.raises(ValueError, match="passed two times"):
+        tiny_processor(text=names, text_kwargs={"padding": True}, padding="max_length")
+    with pytest.raises(TypeError, match=r"unexpected keyword argument\(s\) \['do_center_crop'\]"):
+        tiny_processor(images=image, do_center_crop=True)
+
 
 # ------------------------------------------------------------------------------------------------ pipelines
 def test_zero_shot_pipeline_takes_class_names_per_call(tmp_path, tiny_model, tiny_processor):

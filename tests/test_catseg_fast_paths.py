@@ -123,7 +123,7 @@ def test_prompts_run_cut_after_their_eot_token_and_give_the_padded_embeddings(ti
     model.requires_grad_(False)
     model.catseg.clip.text_model.embeddings.token_embedding.weight.requires_grad_(True)
     processor = type(tiny_processor).from_config(model.config)
-    ids = processor(text=["road", "traffic light", "a very long class name indeed"])["input_ids"]  # (3, 2, L)
+    ids = processor.tokenize_classes(["road", "traffic light", "a very long class name indeed"])["input_ids"]  # (3, 2, L)
     padded = F.pad(ids, (0, 77 - ids.shape[-1]), value=model.config.clip_config.text_config.pad_token_id)
     seen = []
     model.catseg.clip.text_model.embeddings.register_forward_hook(lambda m, args, out: seen.append(out.shape[:2]))

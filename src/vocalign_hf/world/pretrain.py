@@ -245,7 +245,7 @@ def _train(
         c.lower() for concepts in world.target_concepts.values() for c in concepts
     } | {n.lower() for n in names}
     distractors = [w for w in DISTRACTOR_WORDS if w.lower() not in forbidden]
-    all_ids = processor(text=names + distractors)["input_ids"]  # (C + D, 1, L), one common padded length
+    all_ids = processor.tokenize_classes(names + distractors)["input_ids"]  # (C + D, P, L), one padded length
 
     images_u8, labels_u8 = dataset_to_tensors(world.source_train)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)

@@ -47,13 +47,16 @@ class CATSegConfig(PreTrainedConfig):
             `clip_config.vision_config.image_size` (224 for ViT-B/16); position embeddings are resized bicubically
             to `clip_resolution` at run time, as the reference does.
         clip_resolution (`int`): side of the square image fed to CLIP (384 for B/16, 336 for L/14).
-        guidance_layers (`list[int]`): CLIP vision layers whose outputs guide the upsampling decoder ([3, 7] for
-            B/16, [7, 15] for L/14). Unused by `variant="v1"`.
+        guidance_layers (`list[int]`): the two CLIP vision layers whose outputs guide the upsampling decoder ([3, 7]
+            for B/16, [7, 15] for L/14), used in layer order as the reference does; a layer may be given twice.
+            Unused by `variant="v1"`.
         variant (`str`): `"cvpr24"` (default) or `"v1"` (see above).
         backbone_config (`ResNetConfig` or `dict`, *optional*): the v1 appearance backbone; three `out_features`
             (strides 4, 8, 16). Defaults to ResNet-101's first three stages when `variant="v1"`.
-        backbone_pixel_mean, backbone_pixel_std: normalisation the appearance backbone expects (0-1 scale;
-            ImageNet). The model derives its input from the CLIP-normalised `pixel_values`.
+        backbone_normalization (`dict`): `{"mean": [...], "std": [...]}`, the normalisation the appearance backbone
+            expects (0-1 scale; ImageNet). The model derives its input from the CLIP-normalised `pixel_values`.
+            (One field rather than `*_std`: transformers reads config keys with `_std` as initialisation scales.
+            Configs saved with the former `backbone_pixel_mean` / `backbone_pixel_std` still load.)
         prompt_templates (`str` or `list[str]`): template set name (`"single"`, `"imagenet"`, `"imagenet_select"`,
             `"imagenet_select_clip"`) or a list of templates with one `{}`; their number P is the number of input
             channels of the cost-volume embedding.
@@ -94,8 +97,7 @@ class CATSegConfig(PreTrainedConfig):
     guidance_layers: list[int] | tuple[int, ...] = (3, 7)
     variant: str = "cvpr24"
     backbone_config: dict | PreTrainedConfig | None = None
-    backbone_pixel_mean: list[float | int] | tuple[float | int, ...] = IMAGENET_PIXEL_MEAN
-    backbone_pixel_std: list[float | int] | tuple[float | int, ...] = IMAGENET_PIXEL_STD
+    backbone_normalization: dict[str, list[float | int]] | None = None
     prompt_templates: str | list[str] | tuple[str, ...] = "single"
     text_guidance_proj_dim: int = 128
     appearance_guidance_proj_dim: int = 128
@@ -120,7 +122,11 @@ class CATSegConfig(PreTrainedConfig):
     initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:
+        old_keys = {key: f"backbone_pixel_{key}" for key in ("mean", "std")}  # configs saved before this field
+        legacy = {key: kwargs.pop(name) for key, name in old_keys.items() if name in kwargs}
         super().__post_init__(**kwargs)
+        normalization = self.backbone_normalization or {"mean": IMAGENET_PIXEL_MEAN, "std": IMAGENET_PIXEL_STD} | legacy
+        self.backbone_normalization = {key: list(value) for key, value in normalization.items()}
         if isinstance(self.clip_config, dict):
             self.clip_config = CLIPConfig(**self.clip_config)
         if self.variant == "v1" and self.backbone_config is None:
@@ -130,8 +136,6 @@ class CATSegConfig(PreTrainedConfig):
             self.decoder_guidance_dims = self._backbone_channels()[1::-1]
         if self.sliding_window_mode is None:
             self.sliding_window_mode = "mmseg" if self.variant == "v1" else "catseg"
-        self.backbone_pixel_mean = list(self.backbone_pixel_mean)
-        self.backbone_pixel_std = list(self.backbone_pixel_std)
         self.guidance_layers = list(self.guidance_layers)
         self.decoder_dims = list(self.decoder_dims)
         self.decoder_guidance_dims = list(self.decoder_guidance_dims)
@@ -166,6 +170,12 @@ class CATSegConfig(PreTrainedConfig):
             raise ValueError(
                 f"guidance_layers {bad} out of range for a {vision.num_hidden_layers}-layer CLIP vision tower "
                 "(the last layer is the dense output layer)"
+            )
+        if sorted(self.backbone_normalization) != ["mean", "std"] or any(
+            len(v) != 3 for v in self.backbone_normalization.values()
+        ):
+            raise ValueError(
+                f"backbone_normalization needs 'mean' and 'std', three values each, got {self.backbone_normalization}"
             )
         if self.hidden_dim % self.num_heads:
             raise ValueError(f"hidden_dim {self.hidden_dim} is not divisible by num_heads {self.num_heads}")

@@ -5,7 +5,8 @@ It follows the `transformers` image-processor protocol (`BaseImageProcessor`): t
 `return_tensors`) are attributes saved in `preprocessor_config.json` and can be overridden per call; their types are
 checked by `validate_typed_dict` and their consistency by `validate_preprocess_arguments`. The image operations run
 in torch (bilinear resize as the model's own resize to `clip_resolution`) rather than through PIL, so that
-processing an image and letting the model resize it give the same numbers.
+processing an image and letting the model resize it give the same numbers. There is no torchvision backend: the
+torchvision wheel does not load with the CPU torch the project supports, and these torch operations need none.
 """
 
 from collections.abc import Sequence
@@ -17,7 +18,14 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers.image_processing_base import BatchFeature
 from transformers.image_processing_utils import BaseImageProcessor
-from transformers.image_utils import PILImageResampling, SizeDict, validate_preprocess_arguments
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
+from transformers.image_utils import (
+    ChannelDimension,
+    PILImageResampling,
+    SizeDict,
+    infer_channel_dimension_format,
+    validate_preprocess_arguments,
+)
 from transformers.processing_utils import ImagesKwargs
 
 from .image_conversion import composite_alpha_array, to_rgb
@@ -35,7 +43,7 @@ CATSegImageProcessorKwargs = TypedDict(
             name: _SHARED[name]
             for name in (
                 "do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                "image_mean", "image_std", "return_tensors",
+                "image_mean", "image_std", "return_tensors", "input_data_format",
             )
         },
         "size_divisibility": int | None,
@@ -52,48 +60,51 @@ _INTERPOLATION = {
 _FLOAT_RANGE_SLACK = 1e-2
 
 
-def _to_channels_first(image: ImageLike) -> torch.Tensor:
-    """A (C, H, W) tensor of an array (H, W) / (H, W, C) or a tensor (H, W) / (C, H, W); dtype unchanged."""
-    if isinstance(image, np.ndarray):
-        if image.ndim == 2:
-            image = image[..., None]
-        if image.ndim != 3 or image.shape[-1] not in (1, 3, 4):
-            raise ValueError(f"numpy images must be (H, W) or (H, W, 1|3|4); got shape {image.shape}")
-        tensor = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-    elif isinstance(image, torch.Tensor):
-        tensor = image.unsqueeze(0) if image.dim() == 2 else image
-        if tensor.dim() != 3 or tensor.shape[0] not in (1, 3, 4):
-            raise ValueError(f"tensor images must be (H, W) or (1|3|4, H, W); got shape {tuple(image.shape)}")
-    else:
+def _to_channels_first(image: ImageLike, input_data_format: ChannelDimension | str | None = None) -> torch.Tensor:
+    """A (C, H, W) tensor of an (H, W) image or a 3-d one with 1, 3 or 4 channels first or last; dtype unchanged.
+
+    The channel axis is `input_data_format` when given, else inferred (when both axes could hold the channels,
+    numpy arrays are read channels-last and tensors channels-first)."""
+    if not isinstance(image, (np.ndarray, torch.Tensor)):
         raise TypeError(f"Unsupported image type {type(image).__name__}; use a PIL image, numpy array or tensor")
+    tensor = torch.from_numpy(np.ascontiguousarray(image)) if isinstance(image, np.ndarray) else image
+    if tensor.dim() == 2:
+        return tensor.unsqueeze(0)
+    if tensor.dim() != 3 or not {tensor.shape[0], tensor.shape[-1]} & {1, 3, 4}:
+        raise ValueError(f"images must be (H, W), (1|3|4, H, W) or (H, W, 1|3|4); got shape {tuple(image.shape)}")
+    if input_data_format is None:  # numpy images are most often (H, W, C) (PIL's layout), tensors (C, H, W)
+        numpy_last = isinstance(image, np.ndarray) and tensor.shape[-1] in (1, 3, 4)
+        input_data_format = ChannelDimension.LAST if numpy_last else infer_channel_dimension_format(tensor, (1, 3, 4))
+    if ChannelDimension(input_data_format) == ChannelDimension.LAST:
+        tensor = tensor.permute(2, 0, 1)
+    if tensor.shape[0] not in (1, 3, 4):
+        raise ValueError(f"images must have 1, 3 or 4 channels; got shape {tuple(image.shape)} ({input_data_format})")
     if tensor.shape[-1] == 0 or tensor.shape[-2] == 0:
         raise ValueError(f"Empty image of shape {tuple(tensor.shape)}")
     return tensor
 
 
-def to_rgb_tensor(image: ImageLike, do_convert_rgb: bool = True) -> torch.Tensor:
+def to_rgb_tensor(
+    image: ImageLike, do_convert_rgb: bool = True, input_data_format: ChannelDimension | str | None = None
+) -> torch.Tensor:
     """Convert one image to a (3, H, W) tensor, keeping its dtype and scale (uint8 stays 0..255).
 
-    Accepted: PIL images of any mode, numpy arrays (H, W), (H, W, 1|3|4) and torch tensors (H, W), (1|3|4, H, W).
+    Accepted: PIL images of any mode, numpy arrays and torch tensors (H, W), or with 1, 3 or 4 channels first or
+    last (`input_data_format`, inferred when not given).
     With `do_convert_rgb`, images are made RGB exactly as the data pipeline does
     ([`vocalign_hf.data.transforms.to_pixel_values`]): transparency is alpha-composited over black, grayscale is
-    repeated to three channels, 16-bit and float PIL images are mapped to 8 bits. Without it, the image must already
-    have three channels.
+    repeated to three channels, 16-bit and float PIL images are mapped to 8 bits. Without it, the image keeps its
+    channels, as in every transformers image processor (the model itself takes three).
     """
     if isinstance(image, Image.Image):
         if do_convert_rgb:
-            image = to_rgb(image)
-        elif image.mode != "RGB":
-            raise ValueError(f"Got a PIL image of mode {image.mode!r} with do_convert_rgb=False; pass an RGB image "
-                             "or set do_convert_rgb=True")
-        return torch.from_numpy(np.array(image, dtype=np.uint8)).permute(2, 0, 1)
-    tensor = _to_channels_first(image)
+            return torch.from_numpy(np.array(to_rgb(image), dtype=np.uint8)).permute(2, 0, 1)
+        image = np.array(image)
+        input_data_format = ChannelDimension.LAST
+    tensor = _to_channels_first(image, input_data_format)
     channels = tensor.shape[0]
-    if channels == 3:
+    if channels == 3 or not do_convert_rgb:
         return tensor.contiguous()
-    if not do_convert_rgb:
-        raise ValueError(f"Got an image with {channels} channel(s) and do_convert_rgb=False; the model needs three "
-                         "(RGB) channels: convert the image or set do_convert_rgb=True")
     if channels == 1:
         return tensor.expand(3, -1, -1).contiguous()
     if tensor.dtype == torch.uint8:  # through PIL, as the data pipeline, so both give the same pixels
@@ -175,11 +186,6 @@ class CATSegImageProcessor(BaseImageProcessor):
             raise ValueError(f"size must give 'height' and 'width' (the model takes a fixed square input); got {size}")
         if kwargs["do_resize"] and kwargs["resample"] not in _INTERPOLATION:
             raise ValueError(f"resample must be one of NEAREST, BILINEAR, BICUBIC; got {kwargs['resample']!r}")
-        if kwargs["do_normalize"]:
-            for name in ("image_mean", "image_std"):
-                value = kwargs[name]
-                if not isinstance(value, (int, float)) and len(value) != 3:
-                    raise ValueError(f"{name} needs one value per RGB channel (or a single value); got {value}")
 
     def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[ImageLike]:
         images = self.fetch_images(images)  # paths and URLs -> PIL images
@@ -192,9 +198,11 @@ class CATSegImageProcessor(BaseImageProcessor):
             raise ValueError("No images given.")
         return images
 
-    def process_image(self, image: ImageLike, do_convert_rgb: bool = True, **kwargs: Any) -> torch.Tensor:
+    def process_image(
+        self, image: ImageLike, do_convert_rgb: bool = True, input_data_format: str | None = None, **kwargs: Any
+    ) -> torch.Tensor:
         """One image as a (3, H, W) tensor of its own dtype and scale (see [`to_rgb_tensor`])."""
-        return to_rgb_tensor(image, do_convert_rgb=do_convert_rgb)
+        return to_rgb_tensor(image, do_convert_rgb=do_convert_rgb, input_data_format=input_data_format)
 
     def _preprocess(
         self,
@@ -217,9 +225,7 @@ class CATSegImageProcessor(BaseImageProcessor):
             if do_resize:
                 image = self._resize(image, size, resample)
             if do_normalize:
-                mean = torch.tensor(image_mean, dtype=image.dtype).reshape(-1, 1, 1)
-                std = torch.tensor(image_std, dtype=image.dtype).reshape(-1, 1, 1)
-                image = (image - mean) / std
+                image = self._normalize(image, index, image_mean, image_std)
             processed.append(image)
         pixel_values = self._pad(processed, size_divisibility)
         return BatchFeature({"pixel_values": pixel_values}, tensor_type=return_tensors)
@@ -242,6 +248,18 @@ class CATSegImageProcessor(BaseImageProcessor):
         return image
 
     @staticmethod
+    def _normalize(image: torch.Tensor, index: int, image_mean, image_std) -> torch.Tensor:
+        mean = torch.tensor(image_mean, dtype=image.dtype).reshape(-1, 1, 1)
+        std = torch.tensor(image_std, dtype=image.dtype).reshape(-1, 1, 1)
+        for name, value in (("image_mean", mean), ("image_std", std)):
+            if value.numel() not in (1, image.shape[0]):
+                raise ValueError(
+                    f"{name} has {value.numel()} values but image {index} has {image.shape[0]} channels; give one value "
+                    "per channel, or keep do_convert_rgb=True to make images RGB"
+                )
+        return (image - mean) / std
+
+    @staticmethod
     def _resize(image: torch.Tensor, size: SizeDict, resample: PILImageResampling) -> torch.Tensor:
         mode = _INTERPOLATION[resample]
         align = {} if mode == "nearest" else {"align_corners": False}
@@ -254,7 +272,10 @@ class CATSegImageProcessor(BaseImageProcessor):
         if size_divisibility:
             height = -(-height // size_divisibility) * size_divisibility
             width = -(-width // size_divisibility) * size_divisibility
-        batch = images[0].new_zeros(len(images), 3, height, width)
+        channels = {image.shape[0] for image in images}
+        if len(channels) > 1:
+            raise ValueError(f"images of one batch have different channel counts {sorted(channels)}; keep do_convert_rgb=True")
+        batch = images[0].new_zeros(len(images), channels.pop(), height, width)
         for index, image in enumerate(images):
             batch[index, :, : image.shape[-2], : image.shape[-1]] = image
         return batch
@@ -263,18 +284,20 @@ class CATSegImageProcessor(BaseImageProcessor):
         self,
         outputs: Any,
         target_sizes: Sequence[tuple[int, int]] | None = None,
-        return_probabilities: bool = False,
-    ) -> list[torch.Tensor]:
+        return_segmentation_scores: bool = False,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """Per-image class-index maps from model outputs.
 
         Args:
-            outputs: a `SemanticSegmenterOutput` (or anything with `.logits` (B, C, h, w)), or a tensor of logits or
-                probabilities (B, C, h, w) such as `predict_sliding_window`'s.
-            target_sizes: (height, width) per image; logits are resized bilinearly before the argmax. None keeps
-                the logits' resolution.
-            return_probabilities: also return the per-class sigmoid scores (C, H, W) of each image.
+            outputs: a `SemanticSegmenterOutput` (or anything with `.logits` (B, C, h, w)), or a tensor of scores
+                (B, C, h, w) such as `predict_sliding_window`'s.
+            target_sizes: (height, width) per image; scores are resized bilinearly before the argmax. None keeps
+                the scores' resolution.
+            return_segmentation_scores: return, per image, a `SemanticSegmentationPostProcessorOutput` with the map
+                `segmentation` (H, W) and the scores it was taken from, `segmentation_scores` (C, H, W), as
+                transformers' segmentation processors do (the model's raw logits, resized).
         Returns:
-            a list of (H, W) long tensors, or of (segmentation, probabilities) pairs.
+            a list of (H, W) long tensors, or of `SemanticSegmentationPostProcessorOutput`.
         """
         logits = outputs if isinstance(outputs, torch.Tensor) else outputs.logits
         if target_sizes is not None and any(
@@ -292,5 +315,9 @@ class CATSegImageProcessor(BaseImageProcessor):
             if target_sizes is not None:
                 scores = F.interpolate(scores, size=tuple(target_sizes[index]), mode="bilinear", align_corners=False)
             segmentation = scores[0].argmax(dim=0)
-            results.append((segmentation, scores[0].sigmoid()) if return_probabilities else segmentation)
+            results.append(
+                SemanticSegmentationPostProcessorOutput(data={"segmentation": segmentation, "segmentation_scores": scores[0]})
+                if return_segmentation_scores
+                else segmentation
+            )
         return results

@@ -33,16 +33,18 @@ purpose:
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoBackbone, CLIPModel, PreTrainedModel
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_outputs import BaseModelOutputWithPooling, SemanticSegmenterOutput
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .aggregation_catseg import Aggregator, SwinTransformerBlock, shifted_window_mask
+from .aggregation_catseg import Aggregator, AggregatorLayer, SwinTransformerBlock, shifted_window_mask
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
 
 
@@ -60,13 +62,39 @@ def _check_class_indices(class_indices: torch.Tensor, num_classes: int, batch_si
 
 
 @dataclass
-class CATSegImageFeatures:
-    """Dense CLIP image features and the decoder guidance maps."""
+class CATSegImageFeatures(BaseModelOutputWithPooling):
+    r"""
+    The image side of CAT-Seg: CLIP's vision tower with its dense last layer, and the decoder guidance maps.
 
-    dense: torch.Tensor  # (B, D, h, w) projected dense CLIP features (the cost volume's image side)
-    # (appearance guidance, decoder guidance at 2x, decoder guidance at 4x): CVPR'24: (dense, upsampled CLIP
-    # layer a, upsampled CLIP layer b); v1: the backbone's stride-16, stride-8 and stride-4 maps.
-    guidance: tuple[torch.Tensor, ...]
+    last_hidden_state (`torch.Tensor` of shape `(batch_size, 1 + grid * grid, vision_hidden_size)`):
+        The tokens out of the dense last layer, before `post_layernorm`.
+    pooler_output (`torch.Tensor` of shape `(batch_size, projection_dim)`):
+        The projected CLS token of the dense last layer.
+    hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states=True`):
+        The vision tower's input embeddings (after `pre_layrnorm`) and each layer's output, the last one dense.
+    dense (`torch.Tensor` of shape `(batch_size, projection_dim, grid, grid)`):
+        Projected dense features of the patch tokens: the cost volume's image side.
+    guidance (`tuple(torch.Tensor)`):
+        (appearance guidance, decoder guidance at 2x, decoder guidance at 4x): CVPR'24: (dense, upsampled CLIP
+        layer a, upsampled CLIP layer b); v1: the appearance backbone's stride-16, stride-8 and stride-4 maps.
+    """
+
+    dense: torch.Tensor | None = None
+    guidance: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class CATSegModelOutput(ModelOutput):
+    r"""
+    logits (`torch.Tensor` of shape `(batch_size, num_classes, 4 * grid, 4 * grid)`):
+        Per-class logits, not upsampled to the image size.
+    hidden_states (`tuple(torch.Tensor)`, *optional*, returned with `output_hidden_states`):
+        The cost-volume embedding and the output of each aggregation layer, each `(batch_size, hidden_dim, K, grid,
+        grid)` for the K classes aggregated (the `pad_len` best ones when there are more).
+    """
+
+    logits: torch.Tensor | None = None
+    hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
 class CATSegPreTrainedModel(PreTrainedModel):
@@ -80,6 +108,8 @@ class CATSegPreTrainedModel(PreTrainedModel):
     supports_gradient_checkpointing = True
     _supports_sdpa = True
     _no_split_modules = ["CLIPEncoderLayer", "AggregatorLayer"]
+    # The cost embedding (the first layer's input), then each aggregation layer's output.
+    _can_record_outputs = {"hidden_states": OutputRecorder(AggregatorLayer, num_hidden_layers_key="num_layers")}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -130,6 +160,11 @@ class CATSegModel(CATSegPreTrainedModel):
             self.upsample1 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[0], kernel_size=2, stride=2)
             self.upsample2 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[1], kernel_size=4, stride=4)
         self.aggregator = Aggregator(config)
+        # CAT-Seg never uses CLIP's logit scale nor the queries and keys of the dense last layer: frozen, so that
+        # optimisers and gradient checks do not expect gradients for them.
+        last = self.clip.vision_model.encoder.layers[-1].self_attn
+        for unused in (self.clip.logit_scale, *last.q_proj.parameters(), *last.k_proj.parameters()):
+            unused.requires_grad_(False)
         self.post_init()
 
     def train(self, mode: bool = True):
@@ -170,8 +205,12 @@ class CATSegModel(CATSegPreTrainedModel):
         return F.normalize(embeds, dim=-1).view(-1, p, embeds.shape[-1])
 
     # --------------------------------------------------------------------------------------- image side
+    @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, guidance_pixel_values: torch.Tensor | None = None
+        self,
+        pixel_values: torch.Tensor,
+        guidance_pixel_values: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
     ) -> CATSegImageFeatures:
         """Dense CLIP features (CAT-Seg's modified last layer) and the guidance maps.
 
@@ -184,24 +223,28 @@ class CATSegModel(CATSegPreTrainedModel):
             pixel_values: (B, 3, H, W) CLIP-normalised images.
             guidance_pixel_values: v1 only: the images the appearance backbone sees (default: `pixel_values`).
                 VocAlign masks only the CLIP input of the student and passes the unmasked image here.
+            output_hidden_states: also return the vision tower's hidden states (default: `config.output_hidden_states`).
         """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        if not isinstance(output_hidden_states, bool):
+            raise TypeError(f"get_image_features takes output_hidden_states=True or False, got {output_hidden_states!r}")
         size = self.config.clip_resolution
         if pixel_values.shape[-2:] != (size, size):
             pixel_values = F.interpolate(pixel_values, size=(size, size), mode="bilinear", align_corners=False)
         v1 = self.config.variant == "v1"
         vision = self.clip.vision_model
         hidden = vision.embeddings(pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
-        hidden = vision.pre_layrnorm(hidden)
+        # The layers run one by one (not through CLIP's forward) because the last one is replaced by its value path.
+        states = [vision.pre_layrnorm(hidden)]
         layers = vision.encoder.layers
-        intermediate = []
-        for index, layer in enumerate(layers[:-1]):
-            hidden = layer(hidden, None)
-            if not v1 and index in self.config.guidance_layers:
-                intermediate.append(hidden)
-        last = layers[-1]
+        for layer in layers[:-1]:
+            states.append(layer(states[-1], None))
+        last, hidden = layers[-1], states[-1]
         values = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden)))
         hidden = values + (hidden if v1 else hidden[:, :1])
         hidden = hidden + last.mlp(last.layer_norm2(hidden))
+        states.append(hidden)
         dense = self.clip.visual_projection(vision.post_layernorm(hidden))
 
         grid = self.config.feature_resolution
@@ -216,8 +259,16 @@ class CATSegModel(CATSegPreTrainedModel):
                 )
             guidance = (maps[2], maps[1], maps[0])
         else:
-            guidance = (dense_map, self.upsample1(to_map(intermediate[0])), self.upsample2(to_map(intermediate[1])))
-        return CATSegImageFeatures(dense=dense_map, guidance=guidance)
+            # In layer order, as the reference's forward hooks append them (a layer given twice guides twice).
+            layer_a, layer_b = (states[i + 1] for i in sorted(self.config.guidance_layers))
+            guidance = (dense_map, self.upsample1(to_map(layer_a)), self.upsample2(to_map(layer_b)))
+        return CATSegImageFeatures(
+            last_hidden_state=hidden,
+            pooler_output=dense[:, 0],
+            hidden_states=tuple(states) if output_hidden_states else None,
+            dense=dense_map,
+            guidance=guidance,
+        )
 
     def _backbone_input(self, guidance_pixel_values: torch.Tensor | None, clip_input: torch.Tensor) -> torch.Tensor:
         """Re-normalise CLIP-normalised images for the v1 backbone: x * clip_std + clip_mean, then ImageNet's."""
@@ -226,11 +277,12 @@ class CATSegModel(CATSegPreTrainedModel):
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         as_tensor = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # noqa: E731
-        mean, std = as_tensor(self.config.backbone_pixel_mean), as_tensor(self.config.backbone_pixel_std)
+        mean, std = (as_tensor(self.config.backbone_normalization[key]) for key in ("mean", "std"))
         raw = images * as_tensor(CLIP_PIXEL_STD) + as_tensor(CLIP_PIXEL_MEAN)
         return ((raw - mean) / std).to(self.backbone.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -239,12 +291,21 @@ class CATSegModel(CATSegPreTrainedModel):
         attention_mask: torch.Tensor | None = None,
         class_indices: torch.Tensor | None = None,
         guidance_pixel_values: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        output_hidden_states: bool | int | list[int] | None = None,
+        output_attentions: bool | None = None,
+    ) -> CATSegModelOutput:
         """Per-class logits (B, num_classes, 4 * grid, 4 * grid) for normalised images (B, 3, H, W).
 
         `class_indices` (B, K) keeps only those classes of the vocabulary for each image (VocAlign's Top-K): the
         pruned classes never enter the cost volume and the logits are (B, K, ...), in the order of the indices.
+        `output_hidden_states` (`True`, or the indices of the states to keep) returns the aggregator's states (see
+        [`CATSegModelOutput`]); `output_attentions=True` is an error: the class and window attention of the
+        aggregator run through SDPA, which returns no attention weights.
         """
+        if output_attentions or (output_attentions is None and self.config.output_attentions):
+            raise ValueError(f"{type(self).__name__} does not return attentions; call it with output_attentions=False")
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if class_indices is not None and input_ids is not None and text_embeds is None:
             # Top-K: encode only the classes some image keeps (with gradients, LoRA sits in the text tower).
             ids = input_ids if input_ids.dim() == 3 else input_ids.view(-1, self.config.num_templates, input_ids.shape[-1])
@@ -257,8 +318,18 @@ class CATSegModel(CATSegPreTrainedModel):
             _check_class_indices(class_indices, text_embeds.shape[1], pixel_values.shape[0])
             index = class_indices[..., None, None].expand(-1, -1, *text_embeds.shape[2:])
             text_embeds = torch.gather(text_embeds, 1, index)
-        features = self.get_image_features(pixel_values, guidance_pixel_values)
-        return self.aggregator(features.dense, text_embeds.to(features.dense.dtype), features.guidance)
+        features = self.get_image_features(pixel_values, guidance_pixel_values, output_hidden_states=False, return_dict=True)
+        return self.aggregate(features, text_embeds, output_hidden_states=output_hidden_states)
+
+    @capture_outputs(tie_last_hidden_states=False)
+    def aggregate(self, image_features: CATSegImageFeatures, text_embeds: torch.Tensor, **kwargs) -> CATSegModelOutput:
+        """Cost aggregation of text embeddings (B, K, P, D) against the image features.
+
+        The hidden states are recorded here rather than over the whole forward: the vision tower runs layer by layer
+        outside its own forward, so CLIP's recording hooks would otherwise add its layers to the aggregator's states.
+        """
+        dense = image_features.dense
+        return CATSegModelOutput(logits=self.aggregator(dense, text_embeds.to(dense.dtype), image_features.guidance))
 
     def _resolve_text(self, input_ids, text_embeds, attention_mask, batch_size: int) -> torch.Tensor:
         if (input_ids is None) == (text_embeds is None):
@@ -279,23 +350,6 @@ class CATSegModel(CATSegPreTrainedModel):
         if text_embeds.shape[1] == 0:
             raise ValueError("No classes given: the class list is empty.")
         return text_embeds
-
-
-@contextmanager
-def _capture_aggregator_states(aggregator: Aggregator, enabled: bool):
-    """Collect the aggregator's cost embedding (the input of its first layer) and each layer's output."""
-    states: list[torch.Tensor] = []
-    if not enabled:
-        yield states
-        return
-    handles = [aggregator.layers[0].register_forward_pre_hook(lambda module, args: states.append(args[0]))]
-    for layer in aggregator.layers:
-        handles.append(layer.register_forward_hook(lambda module, args, out: states.append(out)))
-    try:
-        yield states
-    finally:
-        for handle in handles:
-            handle.remove()
 
 
 class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
@@ -361,6 +415,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
         return self.catseg.get_text_embeddings(input_ids, attention_mask)
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.Tensor,
@@ -370,10 +425,9 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         labels: torch.Tensor | None = None,
         class_indices: torch.Tensor | None = None,
         guidance_pixel_values: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
-        return_dict: bool | None = None,
-    ) -> SemanticSegmenterOutput | tuple[torch.Tensor, ...]:
+    ) -> SemanticSegmenterOutput:
         """
         Args:
             pixel_values: (B, 3, H, W) images normalised with the CLIP mean/std (see [`CATSegImageProcessor`]).
@@ -382,8 +436,9 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
             class_indices: (B, K) per-image subset of the vocabulary to segment with (Top-K); logits follow it.
             guidance_pixel_values: v1 only: the images its appearance backbone sees (default: `pixel_values`).
-            output_hidden_states: also return the cost-aggregation embeddings (default: `config.output_hidden_states`).
-            output_attentions: not supported (CAT-Seg's attention is linear/windowed); `True` is an error.
+            output_hidden_states: also return the cost-aggregation embeddings: `True`, or the indices of those to
+                keep (the others are `None`) (default: `config.output_hidden_states`).
+            output_attentions: not supported (CAT-Seg's attention runs through SDPA); `True` is an error.
             return_dict: `False` returns a tuple `(loss, logits, hidden_states)` without the `None` entries
                 (default: `config.return_dict`).
         Returns:
@@ -393,27 +448,21 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             output of each aggregation layer, each (B, hidden_dim, K, grid, grid) for the K classes it aggregates
             (the `pad_len` best ones when there are more).
         """
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        return_dict = self.config.return_dict if return_dict is None else return_dict
-        if output_attentions or (output_attentions is None and self.config.output_attentions):
-            raise ValueError(f"{type(self).__name__} does not return attentions; call it with output_attentions=False")
         if input_ids is None and text_embeds is None:
             text_embeds = self._default_text_embeds()
-        with _capture_aggregator_states(self.catseg.aggregator, enabled=output_hidden_states) as hidden_states:
-            logits = self.catseg(
-                pixel_values,
-                input_ids=input_ids,
-                text_embeds=text_embeds,
-                attention_mask=attention_mask,
-                class_indices=class_indices,
-                guidance_pixel_values=guidance_pixel_values,
-            )
-        loss = self.loss_function(logits, labels) if labels is not None else None
-        output = SemanticSegmenterOutput(
-            loss=loss, logits=logits, hidden_states=tuple(hidden_states) if output_hidden_states else None
+        outputs = self.catseg(
+            pixel_values,
+            input_ids=input_ids,
+            text_embeds=text_embeds,
+            attention_mask=attention_mask,
+            class_indices=class_indices,
+            guidance_pixel_values=guidance_pixel_values,
+            output_hidden_states=output_hidden_states,
+            output_attentions=output_attentions,
+            return_dict=True,
         )
-        return output if return_dict else output.to_tuple()
+        loss = self.loss_function(outputs.logits, labels) if labels is not None else None
+        return SemanticSegmenterOutput(loss=loss, logits=outputs.logits, hidden_states=outputs.hidden_states)
 
     def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of logits (B, C, h, w) against labels (B, H, W), logits upsampled bilinearly to the label size."""
@@ -470,7 +519,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         text_embeds = self._vocabulary_embeds(input_ids, text_embeds)  # encoded once for all views
         if text_embeds.dim() == 4:  # per-image vocabularies: repeat for each image's windows, then globals
             text_embeds = torch.cat([text_embeds.repeat_interleave(num_windows, dim=0), text_embeds], dim=0)
-        logits = self.catseg(views, text_embeds=text_embeds)
+        logits = self.catseg(views, text_embeds=text_embeds, return_dict=True).logits
         probs = F.interpolate(logits, size=(kernel, kernel), mode="bilinear", align_corners=False).sigmoid()
         num_classes = probs.shape[1]
 
@@ -516,7 +565,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         text_embeds = self._vocabulary_embeds(input_ids, text_embeds)  # encoded once for all crops
         if text_embeds.dim() == 4:  # per-image vocabularies follow their image's crops
             text_embeds = text_embeds.repeat_interleave(num_crops, dim=0)
-        logits = self.catseg(crops.flatten(0, 1), text_embeds=text_embeds)
+        logits = self.catseg(crops.flatten(0, 1), text_embeds=text_embeds, return_dict=True).logits
         logits = F.interpolate(logits, size=(crop_h, crop_w), mode="bilinear", align_corners=False)
         logits = logits.view(b, num_crops, -1, crop_h, crop_w)
 

@@ -1,7 +1,5 @@
 """Processor for CAT-Seg: images through [`CATSegImageProcessor`], class names through the CLIP tokenizer."""
 
-from __future__ import annotations
-
 import gzip
 from collections.abc import Sequence
 from functools import lru_cache
@@ -11,11 +9,11 @@ from typing import Any
 import torch
 from transformers import CLIPTokenizer
 from transformers.image_processing_base import BatchFeature
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import ProcessingKwargs, ProcessorMixin, Unpack
 from transformers.utils import logging
 
 from .class_list import validate_class_names
-from .image_processing_catseg import CATSegImageProcessor
+from .image_processing_catseg import CATSegImageProcessor, CATSegImageProcessorKwargs
 from .prompt_templates import resolve_prompt_templates
 
 logger = logging.get_logger(__name__)
@@ -61,18 +59,30 @@ def clip_tokenizer() -> CLIPTokenizer:
     return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), model_max_length=77)
 
 
+class CATSegProcessorKwargs(ProcessingKwargs, total=False):
+    images_kwargs: CATSegImageProcessorKwargs
+
+
 class CATSegProcessor(ProcessorMixin):
     r"""Bundles [`CATSegImageProcessor`] and a CLIP tokenizer, and turns class names into prompt token ids.
 
-    `processor(images=..., text=["road", "car"])` returns `pixel_values` (B, 3, H, W) and `input_ids`
-    (num_classes, num_templates, seq_len), ready for [`CATSegForSemanticSegmentation`]. A class name containing
-    `", "` ("sky, heaven") is prompted with its first part only, as the reference does.
+    `processor(images=..., text=["road", "car"])` returns `pixel_values` (B, 3, H, W), and `input_ids` and
+    `attention_mask` (num_classes * num_templates, seq_len), class-major, ready for
+    [`CATSegForSemanticSegmentation`] ([`tokenize_classes`] gives them as (num_classes, num_templates, seq_len)). A
+    class name containing `", "` ("sky, heaven") is prompted with its first part only, as the reference does.
+    Keyword arguments are routed as in every transformers processor: flat (`do_resize=False`, `padding="max_length"`)
+    or per modality (`images_kwargs={...}`, `text_kwargs={...}`, `common_kwargs={"return_tensors": "np"}`).
 
     Args:
         image_processor: a [`CATSegImageProcessor`].
         tokenizer: a `CLIPTokenizer`.
         prompt_templates: the template set name or list; must match the model config's `prompt_templates`.
     """
+
+    valid_processor_kwargs = CATSegProcessorKwargs
+    # Defaults of the class prompts' tokenisation: pad to the longest prompt, cut at CLIP's context.
+    text_kwargs = {"padding": True, "truncation": True, "max_length": CLIP_MAX_TOKENS, "return_tensors": "pt"}
+    images_kwargs = {"return_tensors": "pt"}
 
     def __init__(self, image_processor=None, tokenizer=None, prompt_templates: str | list[str] = "single", **kwargs):
         super().__init__(image_processor, tokenizer, **kwargs)
@@ -95,10 +105,14 @@ class CATSegProcessor(ProcessorMixin):
         names = validate_class_names(class_names)
         return [template.format(name.split(", ")[0]) for name in names for template in self.templates]
 
-    def tokenize_classes(self, class_names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Token ids (num_classes, num_templates, seq_len) and attention mask of every (class, template) prompt."""
+    def tokenize_classes(self, class_names: Sequence[str], **text_kwargs: Any) -> dict[str, torch.Tensor]:
+        """Token ids (num_classes, num_templates, seq_len) and attention mask of every (class, template) prompt.
+
+        `text_kwargs` override the tokenizer settings of `CATSegProcessor.text_kwargs` (padding, truncation,
+        max_length); the result is always torch tensors."""
         prompts = self.prompts(class_names)
-        encoded = self.tokenizer(prompts, padding=True, truncation=True, max_length=CLIP_MAX_TOKENS, return_tensors="pt")
+        settings = {**self.text_kwargs, **text_kwargs, "return_tensors": "pt"}
+        encoded = self.tokenizer(prompts, **settings)
         self._warn_truncated(class_names, prompts)
         shape = (len(prompts) // len(self.templates), len(self.templates), -1)
         return {"input_ids": encoded["input_ids"].view(shape), "attention_mask": encoded["attention_mask"].view(shape)}
@@ -116,22 +130,32 @@ class CATSegProcessor(ProcessorMixin):
                 len(cut), CLIP_MAX_TOKENS, shown,
             )
 
-    def __call__(self, images=None, text: Sequence[str] | None = None, return_tensors: str = "pt", **kwargs):
+    def __call__(self, images=None, text: Sequence[str] | None = None, **kwargs: Unpack[CATSegProcessorKwargs]):
         """Prepare images and/or a list of class names (the vocabulary shared by the whole batch).
 
-        Other keyword arguments go to [`CATSegImageProcessor.preprocess`] (`do_resize=False`, `do_normalize=...`);
-        unknown ones are errors.
+        Image options go to [`CATSegImageProcessor.preprocess`] and tokenizer options to the class prompts'
+        tokenisation; an option neither takes is an error.
         """
         if images is None and text is None:
             raise ValueError("Give `images`, `text` (a list of class names), or both.")
-        if images is None and kwargs:
-            raise TypeError(f"Image processing arguments {sorted(kwargs)} were given without `images`.")
+        self._check_options(kwargs)
+        options = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         data: dict[str, Any] = {}
         if images is not None:
-            data.update(self.image_processor(images, return_tensors=return_tensors, **kwargs))
+            data.update(self.image_processor(images, **options["images_kwargs"]))
         if text is not None:
-            data.update(self.tokenize_classes(text))
+            text_options = {k: v for k, v in options["text_kwargs"].items() if k != "return_tensors"}
+            data.update({name: ids.flatten(0, 1) for name, ids in self.tokenize_classes(text, **text_options).items()})
+        return_tensors = options["text_kwargs" if text is not None else "images_kwargs"].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
+
+    def _check_options(self, kwargs: dict[str, Any]) -> None:
+        """transformers' processors only warn about an unknown option and drop it; here it is an error."""
+        fields = CATSegProcessorKwargs.__annotations__
+        known = {*fields, "common_kwargs", *CATSegImageProcessorKwargs.__annotations__}
+        unknown = sorted(set(kwargs) - known - set(fields["text_kwargs"].__annotations__))
+        if unknown:
+            raise TypeError(f"{type(self).__name__}() got unexpected keyword argument(s) {unknown}")
 
     def post_process_semantic_segmentation(self, *args, **kwargs):
         """See [`CATSegImageProcessor.post_process_semantic_segmentation`]."""
