@@ -17,7 +17,11 @@ import sys
 import time
 from typing import Any
 
-import torch
+# Huge pages for large CPU tensors (see vocalign_hf.cpu_memory), as the recipes: before the first tensor; the
+# benchmarks import this module before transformers, and their worker processes inherit the setting.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+import torch  # noqa: E402
 
 RESULT_PREFIX = "RESULT "
 _MIB = 1024 * 1024

@@ -27,14 +27,14 @@ from _common import MemoryMeter, emit_result, markdown_table, now, print_header,
 
 def worker(config: dict) -> dict:
     from vocalign_hf import CATSegConfig
-    from vocalign_hf.models.catseg.aggregation_catseg import Aggregator
+    from vocalign_hf.models.catseg.aggregation_catseg import CATSegAggregator
 
     torch.manual_seed(0)
     if config["threads"]:
         torch.set_num_threads(config["threads"])
     device = config["device"]
     model_config = CATSegConfig(variant=config["variant"], pad_len=0 if config["variant"] == "v1" else 256)
-    model = Aggregator(model_config).to(device)
+    model = CATSegAggregator(model_config).to(device)
     b, t = config["batch_size"], config["classes"]
     d, grid = model_config.clip_config.projection_dim, model_config.feature_resolution
     dense = torch.randn(b, d, grid, grid, device=device)

@@ -13,10 +13,16 @@ per-class tables, writes overlays and the adapter (peft format, with the class l
 `<output_dir>/adapter`.
 """
 
-from pathlib import Path
+import os
 
-from vocalign_hf.errors import run_program
-from vocalign_hf.recipes import parse_recipe_args, run_adaptation
+# Huge pages for large CPU tensors (see vocalign_hf.cpu_memory; measured in docs/performance.md). PyTorch reads this
+# once, at the first tensor, which importing transformers makes: so it is set before any other import.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from pathlib import Path  # noqa: E402
+
+from vocalign_hf.errors import run_program  # noqa: E402
+from vocalign_hf.recipes import parse_recipe_args, run_adaptation  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -10,16 +10,21 @@ is loaded. Prints mIoU and the per-class table (student / adapted model when an 
 
 from __future__ import annotations
 
-from dataclasses import replace
-from pathlib import Path
+import os
 
-from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
-from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model
-from vocalign_hf.adaptation.adapters import AdapterLoadError, adapter_scoring
-from vocalign_hf.errors import UsageError, run_program
-from vocalign_hf.metrics import split_absent_metrics
-from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model
-from vocalign_hf.recipes import load_target_data, parse_recipe_args
+# Huge pages for large CPU tensors (see vocalign_hf.cpu_memory): set before the imports that make the first tensor.
+os.environ.setdefault("THP_MEM_ALLOC_ENABLE", "1")
+
+from dataclasses import replace  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor  # noqa: E402
+from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model  # noqa: E402
+from vocalign_hf.adaptation.adapters import AdapterLoadError, adapter_scoring  # noqa: E402
+from vocalign_hf.errors import UsageError, run_program  # noqa: E402
+from vocalign_hf.metrics import split_absent_metrics  # noqa: E402
+from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model  # noqa: E402
+from vocalign_hf.recipes import load_target_data, parse_recipe_args  # noqa: E402
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

@@ -212,6 +212,15 @@ def test_config_keys_with_std_are_not_normalisations_and_old_configs_load(tmp_pa
         CATSegConfig(backbone_normalization={"mean": [0.5, 0.5, 0.5]})
 
 
+def test_no_transformers_attribute_is_shadowed_and_every_config_field_is_declared(tiny_model, tiny_processor):
+    from transformers import PreTrainedModel
+
+    assert type(tiny_model).loss_function is PreTrainedModel.loss_function  # the loss is `semantic_loss`
+    tiny_model.set_vocabulary(["road", "sky"], tiny_processor)
+    undeclared = set(tiny_model.config.to_dict()) - set(type(tiny_model.config).__dataclass_fields__)
+    assert undeclared <= {"_name_or_path", "output_attentions"}, undeclared  # the two are transformers' own
+
+
 def test_images_with_channels_first_or_last_in_any_container(tiny_processor):
     processor = tiny_processor.image_processor
     image = random_array(20, 30)

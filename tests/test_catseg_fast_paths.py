@@ -31,7 +31,7 @@ def test_window_token_order_is_roll_then_partition():
 
 def test_transposed_convolution_as_one_gemm_matches_conv_transpose():
     torch.manual_seed(0)
-    up = agg.Up(12, 8, 4)
+    up = agg.CATSegDecoderBlock(12, 8, 4)
     x = torch.randn(3, 12, 5, 6)
     assert up.upsample(x).is_contiguous(memory_format=torch.channels_last)
     torch.testing.assert_close(up.upsample(x), up.up(x), rtol=1e-5, atol=1e-5)
@@ -45,7 +45,7 @@ def test_chunked_no_grad_aggregator_equals_the_autograd_path(pad_len, monkeypatc
     monkeypatch.setattr(agg, "FEED_FORWARD_CHUNK_ROWS", 50)
     config = tiny_catseg_config(pad_len=pad_len)
     torch.manual_seed(0)
-    model = agg.Aggregator(config).eval()
+    model = agg.CATSegAggregator(config).eval()
     for parameter in model.parameters():  # zero-initialised layers would hide a wrong guidance or bias path
         parameter.data.normal_(0, 0.2)
     inputs = _aggregator_inputs(config)
@@ -81,7 +81,7 @@ def test_student_backward_has_no_whole_gradient_copies():
     """The student's aggregator is frozen and its inputs need gradients: the guidance terms are then added out of
     place, since an in-place add on a GEMM output makes autograd clone the whole gradient (`CopySlices`)."""
     config = tiny_catseg_config()
-    model = agg.Aggregator(config).requires_grad_(False)
+    model = agg.CATSegAggregator(config).requires_grad_(False)
     dense, text, guidance = _aggregator_inputs(config)
     inputs = [dense.requires_grad_(), text, tuple(g.requires_grad_() for g in guidance)]
     logits = model(*inputs)

@@ -8,25 +8,21 @@ pages instead (`madvise(MADV_HUGEPAGE)` on allocations of 2 MiB or more) when th
 `THP_MEM_ALLOC_ENABLE` is 1. The memory is still returned on free, so the peak does not grow the way it does when
 glibc is told to keep freed memory (`MALLOC_MMAP_MAX_=0`), which gave the same speed but a higher peak.
 
-PyTorch reads the variable once, at its first CPU allocation, so it must be set before any tensor exists:
-`import vocalign_hf` does it first thing (the recipes, the CLI tools and the demo import it before making any
-tensor); a program that makes tensors before importing vocalign_hf should export the variable itself. An explicit
-value, `THP_MEM_ALLOC_ENABLE=0` included, is left alone. It takes effect where the kernel's THP mode
+PyTorch reads the variable once, at its first CPU allocation, which importing transformers already makes, so it
+must be set before that. Importing the library changes nothing (a library does not pick the allocator of the
+program that imports it): the programs where it was measured to help set it first thing, before any import that
+makes tensors, with `os.environ.setdefault(HUGE_PAGES_ENV, "1")`: `recipes/adapt.py`, `recipes/evaluate.py` and the
+benchmarks (`benchmarks/_common.py`). Your own program can do the same, or export `THP_MEM_ALLOC_ENABLE=1`. An
+explicit value, `THP_MEM_ALLOC_ENABLE=0` included, is left alone. It takes effect where the kernel's THP mode
 (`/sys/kernel/mm/transparent_hugepage/enabled`) is `madvise` or `always`, and does nothing on GPU tensors.
 """
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 HUGE_PAGES_ENV = "THP_MEM_ALLOC_ENABLE"
 _KERNEL_THP_MODE = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def request_huge_page_tensors() -> None:
-    """Set `THP_MEM_ALLOC_ENABLE=1` unless the environment already says otherwise (see the module docstring)."""
-    os.environ.setdefault(HUGE_PAGES_ENV, "1")
 
 
 def kernel_thp_mode() -> str | None:

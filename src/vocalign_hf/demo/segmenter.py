@@ -305,7 +305,7 @@ class DemoSegmenter:
         model = self._model(which)
         tokens = self.processor.tokenize_classes(list(entries))
         with torch.inference_mode(), self._autocast():
-            embeds = model.get_text_embeddings(tokens["input_ids"].to(self.device), tokens["attention_mask"].to(self.device))
+            embeds = model.get_text_embeddings(tokens["input_ids"].to(self.device))
         self._text_cache[key] = embeds
         while len(self._text_cache) > _TEXT_CACHE_SIZE:
             self._text_cache.popitem(last=False)

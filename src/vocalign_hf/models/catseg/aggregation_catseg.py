@@ -1,8 +1,9 @@
 """CAT-Seg cost aggregation: spatial Swin blocks, class-level linear attention and the upsampling decoder.
 
 A clean-room re-implementation of the aggregator of cvlab-kaist/CAT-Seg (CVPR'24,
-`cat_seg/modeling/transformer/model.py`). Module and parameter names follow the reference so that
-converted checkpoints map one to one. Differences, none of which change the numbers beyond float rounding:
+`cat_seg/modeling/transformer/model.py`). Parameter names follow the reference so that converted checkpoints map
+one to one; classes carry transformers' `CATSeg` prefix, and where their name says what they compute rather
+than the reference's, their docstring gives the reference's. Differences, none of which change the numbers beyond float rounding:
 
 * window attention runs through `torch.nn.functional.scaled_dot_product_attention`;
 * the shifted-window mask is a non-persistent buffer (the reference saves it in the checkpoint);
@@ -109,7 +110,7 @@ def feed_forward(x: torch.Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear
     return out.view(*x.shape[:-1], fc2.out_features)
 
 
-class Mlp(nn.Module):
+class CATSegMLP(nn.Module):
     """fc1 -> GELU -> fc2 (timm's `Mlp` without dropout)."""
 
     def __init__(self, dim: int, hidden: int) -> None:
@@ -122,7 +123,7 @@ class Mlp(nn.Module):
         return feed_forward(x, self.fc1, self.act, self.fc2)
 
 
-class WindowAttention(nn.Module):
+class CATSegWindowAttention(nn.Module):
     """Window self-attention whose queries and keys also see the appearance guidance."""
 
     def __init__(self, dim: int, guidance_dim: int, num_heads: int) -> None:
@@ -181,12 +182,12 @@ def window_token_order(resolution: int, window_size: int, shift: int) -> torch.T
         return window_partition(index, window_size).flatten()
 
 
-class SwinTransformerBlock(nn.Module):
+class CATSegSwinTransformerBlock(nn.Module):
     """A (shifted-)window transformer block over the patch grid of one class's cost slice.
 
     Works on tokens already in this block's window order (`token_order`): every other operation of the block is
     per token, so the cyclic shift and the window partition reduce to one permutation of the tokens, which
-    `SwinTransformerBlockWrapper` applies once per block instead of rolling and partitioning q, k, v and the output.
+    `CATSegSpatialAggregation` applies once per block instead of rolling and partitioning q, k, v and the output.
     """
 
     def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int, shift: int):
@@ -195,9 +196,9 @@ class SwinTransformerBlock(nn.Module):
             window_size, shift = resolution, 0
         self.resolution, self.window_size, self.shift = resolution, window_size, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = WindowAttention(dim, guidance_dim, num_heads)
+        self.attn = CATSegWindowAttention(dim, guidance_dim, num_heads)
         self.norm2 = nn.LayerNorm(dim)
-        self.mlp = Mlp(dim, 4 * dim)
+        self.mlp = CATSegMLP(dim, 4 * dim)
         mask = shifted_window_mask(resolution, window_size, shift) if shift > 0 else None
         self.register_buffer("attn_mask", mask, persistent=False)
 
@@ -217,13 +218,14 @@ class SwinTransformerBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
-class SwinTransformerBlockWrapper(nn.Module):
-    """Spatial aggregation: a regular and a shifted Swin block applied to every class slice independently."""
+class CATSegSpatialAggregation(nn.Module):
+    """Spatial aggregation: a regular and a shifted Swin block applied to every class slice independently (the
+    reference's `SwinTransformerBlockWrapper`)."""
 
     def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int) -> None:
         super().__init__()
-        self.block_1 = SwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, 0)
-        self.block_2 = SwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, window_size // 2)
+        self.block_1 = CATSegSwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, 0)
+        self.block_2 = CATSegSwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, window_size // 2)
         self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim > 0 else None
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
@@ -279,8 +281,9 @@ def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
     return F.elu(x) + 1
 
 
-class AttentionLayer(nn.Module):
-    """Class-axis attention (linear "Transformers are RNNs" attention by default, or full softmax)."""
+class CATSegClassAttention(nn.Module):
+    """Class-axis attention (linear "Transformers are RNNs" attention by default, or full softmax); the
+    reference's `AttentionLayer`."""
 
     def __init__(self, hidden_dim: int, guidance_dim: int, num_heads: int, attention_type: str, eps: float = 1e-6):
         super().__init__()
@@ -331,8 +334,9 @@ class AttentionLayer(nn.Module):
         return out.flatten(-2)
 
 
-class ClassTransformerLayer(nn.Module):
-    """Class aggregation: attention across the class axis at every (pooled) pixel."""
+class CATSegClassAggregation(nn.Module):
+    """Class aggregation: attention across the class axis at every (pooled) pixel (the reference's
+    `ClassTransformerLayer`)."""
 
     def __init__(
         self,
@@ -347,7 +351,7 @@ class ClassTransformerLayer(nn.Module):
         super().__init__()
         self.mlp_adds_input = mlp_adds_input
         self.pool = nn.AvgPool2d(tuple(pooling_size)) if pooling_size is not None else nn.Identity()
-        self.attention = AttentionLayer(hidden_dim, guidance_dim, num_heads, attention_type)
+        self.attention = CATSegClassAttention(hidden_dim, guidance_dim, num_heads, attention_type)
         self.MLP = nn.Sequential(nn.Linear(hidden_dim, hidden_dim * 4), nn.ReLU(), nn.Linear(hidden_dim * 4, hidden_dim))
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
@@ -380,19 +384,19 @@ class ClassTransformerLayer(nn.Module):
         return x + tokens.view(b, t, c, h, w).transpose(1, 2)
 
 
-class AggregatorLayer(GradientCheckpointingLayer):
+class CATSegAggregatorLayer(GradientCheckpointingLayer):
     """One spatial + one class aggregation step (checkpointable as a unit)."""
 
     def __init__(self, config) -> None:
         super().__init__()
-        self.swin_block = SwinTransformerBlockWrapper(
+        self.swin_block = CATSegSpatialAggregation(
             config.hidden_dim,
             config.appearance_guidance_proj_dim,
             config.feature_resolution,
             config.num_heads,
             config.window_size,
         )
-        self.attention = ClassTransformerLayer(
+        self.attention = CATSegClassAggregation(
             config.hidden_dim,
             config.text_guidance_proj_dim,
             config.num_heads,
@@ -406,7 +410,7 @@ class AggregatorLayer(GradientCheckpointingLayer):
         return self.attention(self.swin_block(x, appearance_guidance), text_guidance)
 
 
-class DoubleConv(nn.Module):
+class CATSegDoubleConv(nn.Module):
     """(conv3x3 -> GroupNorm -> ReLU) x 2, as the reference (GroupNorm groups = channels // 16)."""
 
     def __init__(self, in_channels: int, out_channels: int) -> None:
@@ -425,13 +429,14 @@ class DoubleConv(nn.Module):
         return self.double_conv(x)
 
 
-class Up(nn.Module):
-    """x2 transposed-conv upsampling, concatenation with the (class-shared) guidance, then a double conv."""
+class CATSegDecoderBlock(nn.Module):
+    """x2 transposed-conv upsampling, concatenation with the (class-shared) guidance, then a double conv (the
+    reference's `Up`)."""
 
     def __init__(self, in_channels: int, out_channels: int, guidance_channels: int) -> None:
         super().__init__()
         self.up = nn.ConvTranspose2d(in_channels, in_channels - guidance_channels, kernel_size=2, stride=2)
-        self.conv = DoubleConv(in_channels, out_channels)
+        self.conv = CATSegDoubleConv(in_channels, out_channels)
 
     def upsample(self, x: torch.Tensor) -> torch.Tensor:
         """`self.up(x)` (kernel 2, stride 2: the 2x2 output patches do not overlap) as one GEMM over channels-last
@@ -470,14 +475,14 @@ class Up(nn.Module):
         return rest(out)
 
 
-class Aggregator(nn.Module):
+class CATSegAggregator(nn.Module):
     """Cost-volume embedding, aggregation layers and the upsampling decoder of CAT-Seg."""
 
     def __init__(self, config) -> None:
         super().__init__()
         embed_dim = config.clip_config.projection_dim
         self.pad_len = config.pad_len
-        self.layers = nn.ModuleList([AggregatorLayer(config) for _ in range(config.num_layers)])
+        self.layers = nn.ModuleList([CATSegAggregatorLayer(config) for _ in range(config.num_layers)])
         self.conv1 = nn.Conv2d(config.num_templates, config.hidden_dim, kernel_size=7, stride=1, padding=3)
         self.guidance_projection = nn.Sequential(
             nn.Conv2d(config.appearance_guidance_dim, config.appearance_guidance_proj_dim, 3, stride=1, padding=1),
@@ -488,8 +493,8 @@ class Aggregator(nn.Module):
             nn.Sequential(nn.Conv2d(d, dp, kernel_size=3, stride=1, padding=1), nn.ReLU())
             for d, dp in zip(config.decoder_guidance_dims, config.decoder_guidance_proj_dims)
         )
-        self.decoder1 = Up(config.hidden_dim, config.decoder_dims[0], config.decoder_guidance_proj_dims[0])
-        self.decoder2 = Up(config.decoder_dims[0], config.decoder_dims[1], config.decoder_guidance_proj_dims[1])
+        self.decoder1 = CATSegDecoderBlock(config.hidden_dim, config.decoder_dims[0], config.decoder_guidance_proj_dims[0])
+        self.decoder2 = CATSegDecoderBlock(config.decoder_dims[0], config.decoder_dims[1], config.decoder_guidance_proj_dims[1])
         self.head = nn.Conv2d(config.decoder_dims[1], 1, kernel_size=3, stride=1, padding=1)
 
     @staticmethod

@@ -76,6 +76,8 @@ class CATSegConfig(PreTrainedConfig):
         loss_type (`str`): `"cross_entropy"` (softmax over classes, what VocAlign trains with) or `"bce"`
             (one-hot binary cross-entropy, what CAT-Seg pretraining uses).
         semantic_loss_ignore_index (`int`): label value ignored by the loss (255).
+        vocabulary_token_ids (`list`, *optional*): the prompt token ids (classes, templates, length) of the default
+            vocabulary, written by `CATSegForSemanticSegmentation.set_vocabulary` (its names are `id2label`).
 
     Like the `transformers` configs, this is a `huggingface_hub` strict dataclass: every field is type-checked when
     set (`clip_resolution="384"` is a clear error) and `validate()` runs `transformers`' own checks (such as
@@ -119,6 +121,7 @@ class CATSegConfig(PreTrainedConfig):
     class_mlp_adds_input: bool = False
     loss_type: str = "cross_entropy"
     semantic_loss_ignore_index: int = 255
+    vocabulary_token_ids: list[list[list[int]]] | None = None
     initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:

@@ -44,7 +44,7 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
-from .aggregation_catseg import Aggregator, AggregatorLayer, SwinTransformerBlock, shifted_window_mask
+from .aggregation_catseg import CATSegAggregator, CATSegAggregatorLayer, CATSegSwinTransformerBlock, shifted_window_mask
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
 
 
@@ -107,9 +107,9 @@ class CATSegPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["CLIPEncoderLayer", "AggregatorLayer"]
+    _no_split_modules = ["CLIPEncoderLayer", "CATSegAggregatorLayer"]
     # The cost embedding (the first layer's input), then each aggregation layer's output.
-    _can_record_outputs = {"hidden_states": OutputRecorder(AggregatorLayer, num_hidden_layers_key="num_layers")}
+    _can_record_outputs = {"hidden_states": OutputRecorder(CATSegAggregatorLayer, num_hidden_layers_key="num_layers")}
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -121,7 +121,7 @@ class CATSegPreTrainedModel(PreTrainedModel):
         elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
             nn.init.ones_(module.weight)
             nn.init.zeros_(module.bias)
-        elif isinstance(module, SwinTransformerBlock) and module.attn_mask is not None:
+        elif isinstance(module, CATSegSwinTransformerBlock) and module.attn_mask is not None:
             # Non-persistent buffer: rebuilt here because from_pretrained materialises modules from meta tensors.
             module.attn_mask.copy_(shifted_window_mask(module.resolution, module.window_size, module.shift))
         for name in ("padding_tokens", "padding_guidance"):
@@ -159,7 +159,7 @@ class CATSegModel(CATSegPreTrainedModel):
             width = config.clip_config.vision_config.hidden_size
             self.upsample1 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[0], kernel_size=2, stride=2)
             self.upsample2 = nn.ConvTranspose2d(width, config.decoder_guidance_dims[1], kernel_size=4, stride=4)
-        self.aggregator = Aggregator(config)
+        self.aggregator = CATSegAggregator(config)
         # CAT-Seg never uses CLIP's logit scale nor the queries and keys of the dense last layer: frozen, so that
         # optimisers and gradient checks do not expect gradients for them.
         last = self.clip.vision_model.encoder.layers[-1].self_attn
@@ -174,7 +174,7 @@ class CATSegModel(CATSegPreTrainedModel):
         return self
 
     # ----------------------------------------------------------------------------------------- text side
-    def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Encode prompts into L2-normalised CLIP text embeddings.
 
         Each prompt runs only up to its EOT token, the one CLIP pools, in one pass per prompt length: the padding after
@@ -191,7 +191,6 @@ class CATSegModel(CATSegPreTrainedModel):
             if input_ids.shape[1] != p:
                 raise ValueError(f"input_ids carries {input_ids.shape[1]} templates per class; the model uses {p}")
             input_ids = input_ids.flatten(0, 1)
-            attention_mask = attention_mask.flatten(0, 1) if attention_mask is not None else None
         if input_ids.dim() != 2 or input_ids.shape[0] % p:
             raise ValueError(
                 f"input_ids of shape {tuple(input_ids.shape)} is not (num_classes * {p}, seq_len) or "
@@ -300,7 +299,8 @@ class CATSegModel(CATSegPreTrainedModel):
         pruned classes never enter the cost volume and the logits are (B, K, ...), in the order of the indices.
         `output_hidden_states` (`True`, or the indices of the states to keep) returns the aggregator's states (see
         [`CATSegModelOutput`]); `output_attentions=True` is an error: the class and window attention of the
-        aggregator run through SDPA, which returns no attention weights.
+        aggregator run through SDPA, which returns no attention weights. `attention_mask` is taken because the
+        processor returns it and is not needed: each prompt runs only up to its EOT token, where the mask ends.
         """
         if output_attentions or (output_attentions is None and self.config.output_attentions):
             raise ValueError(f"{type(self).__name__} does not return attentions; call it with output_attentions=False")
@@ -313,7 +313,7 @@ class CATSegModel(CATSegPreTrainedModel):
             used, inverse = class_indices.unique(return_inverse=True)
             text_embeds = self.get_text_embeddings(ids[used])[inverse]  # (B, K, P, D)
             input_ids, class_indices = None, None
-        text_embeds = self._resolve_text(input_ids, text_embeds, attention_mask, pixel_values.shape[0])
+        text_embeds = self._resolve_text(input_ids, text_embeds, pixel_values.shape[0])
         if class_indices is not None:
             _check_class_indices(class_indices, text_embeds.shape[1], pixel_values.shape[0])
             index = class_indices[..., None, None].expand(-1, -1, *text_embeds.shape[2:])
@@ -331,11 +331,11 @@ class CATSegModel(CATSegPreTrainedModel):
         dense = image_features.dense
         return CATSegModelOutput(logits=self.aggregator(dense, text_embeds.to(dense.dtype), image_features.guidance))
 
-    def _resolve_text(self, input_ids, text_embeds, attention_mask, batch_size: int) -> torch.Tensor:
+    def _resolve_text(self, input_ids, text_embeds, batch_size: int) -> torch.Tensor:
         if (input_ids is None) == (text_embeds is None):
             raise ValueError("Give exactly one of `input_ids` (tokenised class prompts) or `text_embeds`.")
         if text_embeds is None:
-            text_embeds = self.get_text_embeddings(input_ids, attention_mask)
+            text_embeds = self.get_text_embeddings(input_ids)
         if text_embeds.dim() == 3:
             text_embeds = text_embeds.unsqueeze(0).expand(batch_size, -1, -1, -1)
         if text_embeds.dim() != 4 or text_embeds.shape[0] != batch_size:
@@ -411,9 +411,9 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             return text_embeds
         return self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
 
-    def get_text_embeddings(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
-        return self.catseg.get_text_embeddings(input_ids, attention_mask)
+        return self.catseg.get_text_embeddings(input_ids)
 
     @can_return_tuple
     def forward(
@@ -433,6 +433,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             pixel_values: (B, 3, H, W) images normalised with the CLIP mean/std (see [`CATSegImageProcessor`]).
             input_ids: token ids of the class prompts, (num_classes, P, L) or (num_classes * P, L).
             text_embeds: precomputed normalised text embeddings, (num_classes, P, D) or (B, K, P, D).
+            attention_mask: the processor's prompt mask; not needed (see [`CATSegModel.forward`]).
             labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
             class_indices: (B, K) per-image subset of the vocabulary to segment with (Top-K); logits follow it.
             guidance_pixel_values: v1 only: the images its appearance backbone sees (default: `pixel_values`).
@@ -461,11 +462,14 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        loss = self.loss_function(outputs.logits, labels) if labels is not None else None
+        loss = self.semantic_loss(outputs.logits, labels) if labels is not None else None
         return SemanticSegmenterOutput(loss=loss, logits=outputs.logits, hidden_states=outputs.hidden_states)
 
-    def loss_function(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        """Loss of logits (B, C, h, w) against labels (B, H, W), logits upsampled bilinearly to the label size."""
+    def semantic_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """Loss of logits (B, C, h, w) against labels (B, H, W), logits upsampled bilinearly to the label size.
+
+        Named so as not to shadow `PreTrainedModel.loss_function`, transformers' per-task loss lookup, which knows
+        no CAT-Seg loss (`config.loss_type` picks this one's form)."""
         ignore = self.config.semantic_loss_ignore_index
         logits = F.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
         labels = labels.long()
