@@ -15,7 +15,7 @@ from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATI
 from transformers.pipelines import base as pipeline_base
 from transformers.testing_utils import CaptureLogger
 
-from conftest import tiny_catseg_config
+from conftest import tiny_catseg_config, tiny_catseg_v1_config
 from vocalign_hf import CATSegConfig, CATSegForSemanticSegmentation, CATSegImageProcessor
 from vocalign_hf.data.transforms import to_pixel_values
 
@@ -162,6 +162,25 @@ def test_output_hidden_states_selects_layers_by_index(tiny_model, tiny_processor
     assert len(picked) == len(every) == tiny_model.config.num_layers + 1
     assert torch.equal(picked[0], every[0]) and torch.equal(picked[-1], every[-1])
     assert all(state is None for state in picked[1:-1])
+
+
+@pytest.mark.parametrize("factory", [tiny_catseg_config, tiny_catseg_v1_config])
+def test_attention_implementation_is_selectable_and_eager_equals_sdpa(tiny_processor, factory):
+    config = factory()
+    inputs = tiny_processor(images=[random_array(config.clip_resolution, config.clip_resolution)] * 2, text=["a", "b", "c"])
+    torch.manual_seed(0)
+    model = CATSegForSemanticSegmentation(config).eval()
+    calls = []
+    window_attention = model.catseg.aggregator.layers[0].swin_block.block_2.attn  # the shifted one: with a mask
+    window_attention.register_forward_hook(lambda module, args, out: calls.append(module.config._attn_implementation))
+    with torch.no_grad():
+        sdpa = model(**inputs).logits
+        assert calls and set(calls) == {"sdpa"}
+        calls.clear()
+        model.set_attn_implementation("eager")
+        eager = model(**inputs).logits
+    assert calls and set(calls) == {"eager"}
+    torch.testing.assert_close(eager, sdpa, atol=1e-5, rtol=1e-5)
 
 
 def test_image_features_are_a_model_output_with_the_vision_states(tiny_model, tiny_processor):

@@ -5,7 +5,8 @@ A clean-room re-implementation of the aggregator of cvlab-kaist/CAT-Seg (CVPR'24
 one to one; classes carry transformers' `CATSeg` prefix, and where their name says what they compute rather
 than the reference's, their docstring gives the reference's. Differences, none of which change the numbers beyond float rounding:
 
-* window attention runs through `torch.nn.functional.scaled_dot_product_attention`;
+* window attention runs through transformers' attention interface (SDPA by default, `attn_implementation="eager"`
+  writes it out);
 * the shifted-window mask is a non-persistent buffer (the reference saves it in the checkpoint);
 * layers that read a concatenation [x, guidance] (the Swin and class-attention q/k projections, the first decoder
   conv) apply the two halves of their weight separately: the guidance half runs once per image (appearance and
@@ -33,6 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -123,13 +125,38 @@ class CATSegMLP(nn.Module):
         return feed_forward(x, self.fc1, self.act, self.fc2)
 
 
-class CATSegWindowAttention(nn.Module):
-    """Window self-attention whose queries and keys also see the appearance guidance."""
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention written out (`attn_implementation="eager"`), as transformers' models define it: (B, heads,
+    N, d) inputs, an additive mask; returns the output as (B, N, heads, d) and the attention weights."""
+    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
+    if attention_mask is not None:
+        weights = weights + attention_mask
+    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
-    def __init__(self, dim: int, guidance_dim: int, num_heads: int) -> None:
+
+class CATSegWindowAttention(nn.Module):
+    """Window self-attention whose queries and keys also see the appearance guidance.
+
+    The attention itself runs through transformers' attention interface: `config._attn_implementation` (`"sdpa"`
+    by default, `"eager"`, ...; `model.set_attn_implementation` switches it) picks the function at every call."""
+
+    def __init__(self, dim: int, guidance_dim: int, num_heads: int, config) -> None:
         super().__init__()
+        self.config = config
         self.dim = dim
         self.num_heads = num_heads
+        self.scaling = (dim // num_heads) ** -0.5
         self.q = nn.Linear(dim + guidance_dim, dim)
         self.k = nn.Linear(dim + guidance_dim, dim)
         self.v = nn.Linear(dim, dim)
@@ -164,8 +191,13 @@ class CATSegWindowAttention(nn.Module):
         attn_mask = None
         if mask is not None:
             attn_mask = mask.to(q.dtype).unsqueeze(0).expand(bw // num_windows, -1, -1, -1).reshape(bw, 1, n, n)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(out.transpose(1, 2).reshape(bw, n, -1))
+        # Unset only outside a model (a bare aggregator): the model's default then, SDPA.
+        implementation = self.config._attn_implementation or "sdpa"
+        attention = eager_attention_forward
+        if implementation != "eager":
+            attention = ALL_ATTENTION_FUNCTIONS[implementation]
+        out, _ = attention(self, q, k, v, attn_mask, scaling=self.scaling, dropout=0.0, is_causal=False)
+        return self.proj(out.reshape(bw, n, -1))
 
 
 @functools.lru_cache(maxsize=None)
@@ -190,13 +222,15 @@ class CATSegSwinTransformerBlock(nn.Module):
     `CATSegSpatialAggregation` applies once per block instead of rolling and partitioning q, k, v and the output.
     """
 
-    def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int, shift: int):
+    def __init__(
+        self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int, shift: int, config
+    ) -> None:
         super().__init__()
         if resolution <= window_size:  # as the reference: one window, no shift
             window_size, shift = resolution, 0
         self.resolution, self.window_size, self.shift = resolution, window_size, shift
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = CATSegWindowAttention(dim, guidance_dim, num_heads)
+        self.attn = CATSegWindowAttention(dim, guidance_dim, num_heads, config)
         self.norm2 = nn.LayerNorm(dim)
         self.mlp = CATSegMLP(dim, 4 * dim)
         mask = shifted_window_mask(resolution, window_size, shift) if shift > 0 else None
@@ -222,10 +256,12 @@ class CATSegSpatialAggregation(nn.Module):
     """Spatial aggregation: a regular and a shifted Swin block applied to every class slice independently (the
     reference's `SwinTransformerBlockWrapper`)."""
 
-    def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int) -> None:
+    def __init__(self, dim: int, guidance_dim: int, resolution: int, num_heads: int, window_size: int, config) -> None:
         super().__init__()
-        self.block_1 = CATSegSwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, 0)
-        self.block_2 = CATSegSwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, window_size // 2)
+        self.block_1 = CATSegSwinTransformerBlock(dim, guidance_dim, resolution, num_heads, window_size, 0, config)
+        self.block_2 = CATSegSwinTransformerBlock(
+            dim, guidance_dim, resolution, num_heads, window_size, window_size // 2, config
+        )
         self.guidance_norm = nn.LayerNorm(guidance_dim) if guidance_dim > 0 else None
 
     def forward(self, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
@@ -395,6 +431,7 @@ class CATSegAggregatorLayer(GradientCheckpointingLayer):
             config.feature_resolution,
             config.num_heads,
             config.window_size,
+            config,
         )
         self.attention = CATSegClassAggregation(
             config.hidden_dim,

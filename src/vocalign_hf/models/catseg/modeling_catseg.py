@@ -39,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoBackbone, CLIPModel, PreTrainedModel
+from transformers import initialization as init
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
@@ -113,21 +114,17 @@ class CATSegPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
-        # The nested CLIPModel is a PreTrainedModel: transformers dispatches its own initialisation to it.
-        if isinstance(module, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
-            nn.init.normal_(module.weight, std=self.config.initializer_range)
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
-            nn.init.ones_(module.weight)
-            nn.init.zeros_(module.bias)
-        elif isinstance(module, CATSegSwinTransformerBlock) and module.attn_mask is not None:
+        """The base class's initialisation (linear and convolution weights normal with `initializer_range`, norms
+        ones and zeros), then CAT-Seg's own tensors, through `transformers.initialization`, which leaves tensors
+        already loaded alone. The nested CLIP and ResNet models are initialised by their own classes."""
+        super()._init_weights(module)
+        if isinstance(module, CATSegSwinTransformerBlock) and module.attn_mask is not None:
             # Non-persistent buffer: rebuilt here because from_pretrained materialises modules from meta tensors.
-            module.attn_mask.copy_(shifted_window_mask(module.resolution, module.window_size, module.shift))
+            init.copy_(module.attn_mask, shifted_window_mask(module.resolution, module.window_size, module.shift))
         for name in ("padding_tokens", "padding_guidance"):
             param = getattr(module, name, None)
             if isinstance(param, nn.Parameter):
-                nn.init.zeros_(param)
+                init.zeros_(param)
 
 
 def prompts_by_length(input_ids: torch.Tensor, eos_token_id: int) -> list[tuple[torch.Tensor, int]]:
