@@ -498,6 +498,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
 
         `"mmseg"` (v1, what VocAlign evaluates with): see [`predict_sliding_window_mmseg`]; returns logits.
 
+        `attention_mask` is taken so that `**processor(text=...)` can be passed, and not needed (see `forward`).
+
         Returns:
             (B, num_classes, *output_size) class scores whose argmax is the prediction.
         """
