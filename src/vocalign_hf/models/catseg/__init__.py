@@ -1,4 +1,20 @@
-"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes on import (and for remote code)."""
+"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes on import (and for remote code).
+
+The folder has the shape of transformers' `models/segformer`, with what an open-vocabulary model adds:
+
+- `configuration_catseg.py`: `CATSegConfig` (a strict dataclass, both variants);
+- `modeling_catseg.py`: `CATSegPreTrainedModel`, `CATSegModel` (CLIP towers, cost volume, aggregation: returns
+  `CATSegModelOutput`) and `CATSegForSemanticSegmentation` (the head: loss, the default vocabulary and its cached
+  text embeddings, and the reference's sliding-window inference, which is model computation over windows and so
+  a method of the head, as `generate` is of a language model's);
+- `aggregation_catseg.py`: the aggregator's blocks (`CATSeg*`), kept out of the modeling file for its length;
+- `image_processing_catseg.py` (with `image_conversion.py`): `CATSegImageProcessor`, images in and
+  post-processing out; `processing_catseg.py` (with `prompt_templates.py`, `class_list.py`): `CATSegProcessor`,
+  images plus class names turned into prompts;
+- `convert_catseg_checkpoint.py`: the official checkpoints' converter (`convert-catseg-checkpoint`);
+- `pipeline_catseg.py`: the `zero-shot-image-segmentation` task, which transformers does not have (in-tree it
+  would live in `transformers/pipelines/`); registered here because this package is where the model is.
+"""
 
 from transformers import (
     AutoConfig,
