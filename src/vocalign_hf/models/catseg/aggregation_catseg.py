@@ -3,7 +3,8 @@
 A clean-room re-implementation of the aggregator of cvlab-kaist/CAT-Seg (CVPR'24,
 `cat_seg/modeling/transformer/model.py`). Parameter names follow the reference so that converted checkpoints map
 one to one; classes carry transformers' `CATSeg` prefix, and where their name says what they compute rather
-than the reference's, their docstring gives the reference's. Differences, none of which change the numbers beyond float rounding:
+than the reference's, their docstring gives the reference's. Differences, none of which change the numbers
+beyond float rounding:
 
 * window attention runs through transformers' attention interface (SDPA by default, `attn_implementation="eager"`
   writes it out);
@@ -35,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.clip.modeling_clip import eager_attention_forward  # transformers' written-out attention
 
 
 def window_partition(x: torch.Tensor, window_size: int) -> torch.Tensor:
@@ -123,26 +125,6 @@ class CATSegMLP(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return feed_forward(x, self.fc1, self.act, self.fc2)
-
-
-def eager_attention_forward(
-    module: nn.Module,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float,
-    dropout: float = 0.0,
-    **kwargs,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Softmax attention written out (`attn_implementation="eager"`), as transformers' models define it: (B, heads,
-    N, d) inputs, an additive mask; returns the output as (B, N, heads, d) and the attention weights."""
-    weights = torch.matmul(query, key.transpose(-1, -2)) * scaling
-    if attention_mask is not None:
-        weights = weights + attention_mask
-    weights = F.softmax(weights, dim=-1, dtype=torch.float32).to(query.dtype)
-    weights = F.dropout(weights, p=dropout, training=module.training)
-    return torch.matmul(weights, value).transpose(1, 2).contiguous(), weights
 
 
 class CATSegWindowAttention(nn.Module):
@@ -530,8 +512,9 @@ class CATSegAggregator(nn.Module):
             nn.Sequential(nn.Conv2d(d, dp, kernel_size=3, stride=1, padding=1), nn.ReLU())
             for d, dp in zip(config.decoder_guidance_dims, config.decoder_guidance_proj_dims)
         )
-        self.decoder1 = CATSegDecoderBlock(config.hidden_dim, config.decoder_dims[0], config.decoder_guidance_proj_dims[0])
-        self.decoder2 = CATSegDecoderBlock(config.decoder_dims[0], config.decoder_dims[1], config.decoder_guidance_proj_dims[1])
+        dims, guidance_dims = config.decoder_dims, config.decoder_guidance_proj_dims
+        self.decoder1 = CATSegDecoderBlock(config.hidden_dim, dims[0], guidance_dims[0])
+        self.decoder2 = CATSegDecoderBlock(dims[0], dims[1], guidance_dims[1])
         self.head = nn.Conv2d(config.decoder_dims[1], 1, kernel_size=3, stride=1, padding=1)
 
     @staticmethod

@@ -232,15 +232,23 @@ class CATSegModel(CATSegPreTrainedModel):
         vision = self.clip.vision_model
         hidden = vision.embeddings(pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
         # The layers run one by one (not through CLIP's forward) because the last one is replaced by its value path.
-        states = [vision.pre_layrnorm(hidden)]
+        # Only the guidance layers' outputs are kept unless all states are asked for (inference frees the others).
+        hidden = vision.pre_layrnorm(hidden)
+        states = [hidden] if output_hidden_states else None
+        guiding = {} if v1 else dict.fromkeys(self.config.guidance_layers)
         layers = vision.encoder.layers
-        for layer in layers[:-1]:
-            states.append(layer(states[-1], None))
-        last, hidden = layers[-1], states[-1]
+        for index, layer in enumerate(layers[:-1]):
+            hidden = layer(hidden, None)
+            if states is not None:
+                states.append(hidden)
+            if index in guiding:
+                guiding[index] = hidden
+        last = layers[-1]
         values = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden)))
         hidden = values + (hidden if v1 else hidden[:, :1])
         hidden = hidden + last.mlp(last.layer_norm2(hidden))
-        states.append(hidden)
+        if states is not None:
+            states.append(hidden)
         dense = self.clip.visual_projection(vision.post_layernorm(hidden))
 
         grid = self.config.feature_resolution
@@ -256,7 +264,7 @@ class CATSegModel(CATSegPreTrainedModel):
             guidance = (maps[2], maps[1], maps[0])
         else:
             # In layer order, as the reference's forward hooks append them (a layer given twice guides twice).
-            layer_a, layer_b = (states[i + 1] for i in sorted(self.config.guidance_layers))
+            layer_a, layer_b = (guiding[i] for i in sorted(self.config.guidance_layers))
             guidance = (dense_map, self.upsample1(to_map(layer_a)), self.upsample2(to_map(layer_b)))
         return CATSegImageFeatures(
             last_hidden_state=hidden,
