@@ -4,8 +4,12 @@
     accelerate launch recipes/evaluate.py --dataset cityscapes \
         --base_model your-org/catseg-vitb-384 --adapter runs/cityscapes/adapter
 
+    python recipes/evaluate.py --base_model runs/world/source_model --score_with_concepts true   # concepts, no training
+
 The config follows `--dataset` as in `adapt.py` (or `--config`). Every image and mask is checked before the model
-is loaded. Prints mIoU and the per-class table (student / adapted model when an adapter is given).
+is loaded. Prints mIoU and the per-class table (student / adapted model when an adapter is given). A model scores
+as it holds (`model.config.concepts`: an adapter trained with concepts, a merged folder) unless
+`--score_with_concepts true` (the `--concepts` of the dataset) or `false` (the class names alone) says otherwise.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor  # noqa: E402
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model  # noqa: E402
-from vocalign_hf.adaptation.adapters import AdapterLoadError, adapter_scoring  # noqa: E402
+from vocalign_hf.adaptation.adapters import AdapterLoadError  # noqa: E402
 from vocalign_hf.errors import UsageError, run_program  # noqa: E402
 from vocalign_hf.metrics import split_absent_metrics  # noqa: E402
 from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model  # noqa: E402
@@ -41,16 +45,19 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
         raise UsageError("--base_model is required (a converted CAT-Seg folder or Hub id)")
     base_model = resolve_base_model(data.base_model)
     processor = CATSegProcessor.from_pretrained(base_model)
-    # A base model alone scores the class names; an adapter scores them as it was trained to (with its concepts
-    # when it was trained with `student_concepts`).
-    scoring, concepts = {"student_concepts": False}, {}
+    if recipe.score_with_concepts and not data.concepts:
+        raise UsageError("--score_with_concepts true needs concepts: give --concepts (a shipped set or a JSON file)")
+    # By default a model scores as it holds (a merged adapted model: with its concepts) and an adapter as it was
+    # trained (with its concepts when trained with `student_concepts`); --score_with_concepts says otherwise.
     if recipe.adapter:
         model, info = load_adapted_model(base_model, recipe.adapter)
         if info.get("class_names") and info["class_names"] != data.class_names:
             print(f"note: the adapter was trained for {info['class_names']}; evaluating {data.class_names}")
-        scoring, concepts = adapter_scoring(info, data.class_names)
     else:
         model = CATSegForSemanticSegmentation.from_pretrained(base_model)
+    held = {name: items for name, items in (model.config.concepts or {}).items() if name in data.class_names}
+    concepts = {True: data.concepts, False: {}, None: held}[recipe.score_with_concepts]
+    scoring = {"student_concepts": bool(concepts), "use_concepts": bool(concepts)}
     trainer = VocAlignTrainer(
         model=model, args=replace(args, method="zero_shot", **scoring), class_names=data.class_names,
         concepts=concepts, processor=processor, eval_dataset=data.eval,

@@ -168,6 +168,9 @@ def test_fast_path_with_adapter(segmenter, base_model, adapter, examples, monkey
     assert adapted.entries[5:8] == ["ground", "road", "street"]
     plain = segmenter.segment(pixel_values, CLASSES, "adapted", use_concepts=False)
     assert plain.entries == CLASSES and plain.concepts == {}
+    # vocabulary alignment without training: the zero-shot side with the concepts, on request
+    aligned = segmenter.segment(pixel_values, CLASSES, "zero-shot", use_concepts=True)
+    assert aligned.entries == adapted.entries and aligned.concepts == target_concepts()
     # a concept that is itself a listed class stays that class's name only
     with_car = segmenter.segment(pixel_values, ["automobile", "car", "sky"], "adapted")
     assert with_car.concepts == {"automobile": ["vehicle"]}

@@ -228,12 +228,13 @@ def test_a_student_with_concepts_scores_the_kept_classes_entries(tmp_path, tiny_
     moved = dict(trainer.model.named_parameters())
     assert any(not torch.equal(moved[n], before) for n, before in text_lora.items())  # the concepts' text trains
 
-    # Evaluation: the argmax of the summed entry probabilities over the whole vocabulary.
+    # Evaluation: the model's class log-probabilities (Eq. 7: entry probabilities summed per class, whole vocabulary).
     with torch.no_grad():
         text = trainer.model.get_text_embeddings(trainer._entry_tokens)
         scores = trainer.class_scores(batch["pixel_values"], text=text)
-        entry_logits = trainer.model(pixel_values=batch["pixel_values"], text_embeds=text).logits
-    assert torch.allclose(scores, trainer.vocabulary.aggregate(entry_logits), atol=1e-6)
+        entry_logits = trainer.model(pixel_values=batch["pixel_values"], text_embeds=text,
+                                     entry_class_ids=torch.arange(len(text))).logits
+    assert torch.allclose(scores.exp(), trainer.vocabulary.aggregate(entry_logits), atol=1e-6)
     plain = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, top_k=2))
     assert torch.equal(plain._student_tokens, plain._class_tokens)
     with pytest.raises(UsageError, match="use_concepts"):

@@ -17,7 +17,7 @@ from peft import PeftModel
 from ..atomic import atomic_write_json, atomic_write_text, read_json_object
 from ..outputs import write_output_folder
 from ..data.hub import hub_dataset_id
-from ..models.catseg import CATSegForSemanticSegmentation
+from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -100,10 +100,11 @@ def build_model_card(
     concept_rows = "\n".join(f"| {c} | {', '.join((concepts or {}).get(c, [])) or '-'} |" for c in class_names)
     settings_text = json.dumps(dict(settings or {}), indent=2, default=str)
     vocabulary_note = (
-        "\nThis adapter was trained to score each class with its name **and** its concepts (`student_concepts`): "
-        "predict with every entry of the table, a softmax over all, summed per class (VocAlign's Eq. 7: "
-        "`ConceptVocabulary(info['class_names'], info['concepts']).aggregate(logits)`). The class names alone "
-        "score lower.\n" if (settings or {}).get("student_concepts") else "")
+        "\nThis adapter was trained to score each class with its name **and** its concepts (`student_concepts`), "
+        "and the model loaded below does so when given only the class names (VocAlign's Eq. 7: a softmax over "
+        "every entry of the table, summed per class; the concepts are kept in the model's config, also by "
+        "`vocalign-merge`). `load_adapted_model(..., concepts={})` or `processor(..., concepts={})` scores the class "
+        "names alone.\n" if (settings or {}).get("student_concepts") else "")
     where = repo_id or "<folder of this adapter>"
     revision_arg = f', revision="{base_model_revision}"' if base_model_revision else ""
     if hub_base:
@@ -297,6 +298,7 @@ def load_adapted_model(
     base_model: str | os.PathLike | CATSegForSemanticSegmentation,
     adapter: str | os.PathLike,
     adapter_revision: str | None = None,
+    concepts: Mapping[str, Sequence[str]] | None = None,
     **from_pretrained_kwargs: Any,
 ) -> tuple[PeftModel, dict[str, Any]]:
     """Load a VocAlign adapter (a local folder or a Hub repo id) onto a CAT-Seg base model.
@@ -306,6 +308,9 @@ def load_adapted_model(
             `revision=` for the base's commit).
         adapter: the adapter's folder or Hub repo id.
         adapter_revision: branch, tag or commit of the adapter repo.
+        concepts: the concepts the model scores its classes with (`model.set_concepts`). Default: as the adapter
+            was trained, its own concepts for an adapter trained with `student_concepts`, none for the others;
+            `{}` scores the class names alone.
 
     Returns the `PeftModel` (in eval mode) and the adapter's `vocalign.json` content (class names, concepts, the
     base model it was trained on, ...), or an empty dict if the adapter has none. Logs a warning when the base
@@ -335,6 +340,9 @@ def load_adapted_model(
             f"{getattr(base_model.config, '_name_or_path', None) or 'this base model'!r} ({detail}); load it onto "
             f"the base its vocalign.json names ({info.get('base_model', 'unknown')})"
         ) from None
+    if concepts is None:
+        concepts = adapter_scoring(info, info.get("class_names") or [])[1]
+    base_model.set_concepts(concepts, CATSegProcessor.from_config(base_model.config))
     return model.eval(), info
 
 

@@ -270,7 +270,8 @@ class VocAlignTrainer(Trainer):
         device = pixel_values.device
         class_tokens = self._class_tokens.to(device)
         if self.args.method == "min_entropy":
-            logits = model(pixel_values=pixel_values, input_ids=class_tokens).logits
+            names_only = torch.arange(len(self.class_names), device=device)  # not concepts the base may hold
+            logits = model(pixel_values=pixel_values, input_ids=class_tokens, entry_class_ids=names_only).logits
             loss = entropy_loss(logits.float())
             self._record(loss=loss.item())
             return (loss, {"logits": logits}) if return_outputs else loss
@@ -579,18 +580,15 @@ class VocAlignTrainer(Trainer):
         entries, summed per class (Eq. 7) when it scores with concepts; sliding windows if `eval_sliding_window`.
         `text`: the student vocabulary's embeddings, if already encoded."""
         model = self.accelerator.unwrap_model(self.model)
+        # The model's own scoring of an aligned vocabulary, as a user's model(...) or pipeline(...) computes it.
+        entry_class_ids = self.student_vocabulary.entry_to_class.to(pixel_values.device)
         with self.accelerator.autocast():
             if text is None:
                 text = model.get_text_embeddings(self._student_tokens.to(pixel_values.device))
             if self.args.eval_sliding_window:
-                scores = model.predict_sliding_window(pixel_values, text_embeds=text, output_size=output_size)
-                if model.config.sliding_window_mode == "catseg":  # sigmoid probabilities: back to logits
-                    scores = torch.logit(scores.float().clamp(1e-6, 1 - 1e-6))
-            else:
-                scores = model(pixel_values=pixel_values, text_embeds=text).logits
-        if self.args.student_concepts:
-            scores = self.student_vocabulary.aggregate(scores.float(), from_logits=True)
-        return scores
+                return model.predict_sliding_window(pixel_values, text_embeds=text, output_size=output_size,
+                                                    entry_class_ids=entry_class_ids)
+            return model(pixel_values=pixel_values, text_embeds=text, entry_class_ids=entry_class_ids).logits
 
     def _unpadded_count(self, batch_size: int) -> int:
         """How many images of this process's current batch are real, not padding (all but the last batch: all).

@@ -29,6 +29,7 @@ from ..data import make_palette
 from ..errors import UsageError
 from ..recipe_checks import resolve_base_model
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
+from ..models.catseg.vocabulary_catseg import aligned_entries
 from ..visualization import colorize
 
 __all__ = [
@@ -333,24 +334,23 @@ class DemoSegmenter:
         image: Image.Image | torch.Tensor,
         class_names: Sequence[str],
         which: str = "zero-shot",
-        use_concepts: bool = True,
+        use_concepts: bool | None = None,
         output_size: tuple[int, int] | None = None,
     ) -> SegmentationResult:
         """Segment one image (a PIL image, or `pixel_values` from [`prepare`]) with `class_names`.
 
         Args:
-            which: "zero-shot" (base model, class names only) or "adapted" (the adapter's model; with
-                `use_concepts`, the adapter's concepts join their classes and each class's probability is the sum
-                over its name and concepts, VocAlign's Eq. 7).
+            which: "zero-shot" (the base model) or "adapted" (the adapter's model).
+            use_concepts: whether the adapter's concepts join their classes, each class's probability the sum over
+                its name and concepts (VocAlign's Eq. 7, computed by the model as `pipeline(...)` does). Default:
+                on the adapted side, off on the zero-shot side (`True` there: vocabulary alignment without training).
             output_size: (height, width) of the returned labels; default the image's size (PIL) or the logits'.
         """
-        from ..adaptation.vocabulary import ConceptVocabulary
-
         start = time.perf_counter()
         class_names = list(class_names)
-        concepts = self.adapter_concepts(class_names)[0] if which == "adapted" and use_concepts else {}
-        vocabulary = ConceptVocabulary(class_names, concepts) if concepts else None
-        entries = vocabulary.entries if vocabulary else class_names
+        use_concepts = which == "adapted" if use_concepts is None else use_concepts
+        concepts = self.adapter_concepts(class_names)[0] if use_concepts else {}
+        entries, entry_class_ids = aligned_entries(class_names, concepts)
         if isinstance(image, Image.Image):
             output_size = output_size or (image.height, image.width)
             pixel_values = self.prepare(image)
@@ -360,10 +360,10 @@ class DemoSegmenter:
         with self._lock:  # one forward at a time; the text cache is shared
             text_embeds = self.text_embeddings(which, entries)
             with torch.inference_mode(), self._autocast():
-                logits = model(pixel_values=pixel_values, text_embeds=text_embeds).logits.float()
-        scores = vocabulary.aggregate(logits, from_logits=True) if vocabulary else logits
+                logits = model(pixel_values=pixel_values, text_embeds=text_embeds,
+                               entry_class_ids=entry_class_ids.to(self.device)).logits.float()
         sizes = [output_size] if output_size is not None else None
-        labels = self.processor.post_process_semantic_segmentation(scores, target_sizes=sizes)[0].cpu().numpy()
+        labels = self.processor.post_process_semantic_segmentation(logits, target_sizes=sizes)[0].cpu().numpy()
         shares = np.bincount(labels.ravel(), minlength=len(class_names)) / labels.size
         return SegmentationResult(labels, shares, list(entries), concepts, time.perf_counter() - start)
 

@@ -168,9 +168,11 @@ class DemoApp:
         adapter: str | None,
         use_concepts: bool = True,
         opacity: float = 0.6,
+        zero_shot_concepts: bool = False,
     ) -> tuple[Image.Image, Image.Image | None, str, str]:
         """Segment `image` with both models. Returns the zero-shot overlay, the adapted overlay (None without an
-        adapter), the legend HTML and the status text.
+        adapter), the legend HTML and the status text. `zero_shot_concepts`: the zero-shot side scores the adapter's
+        concepts too (vocabulary alignment without training).
 
         Raises:
             DemoInputError: bad class list or image. DemoSetupError: the base model cannot be loaded.
@@ -184,7 +186,8 @@ class DemoApp:
         palette = class_palette(len(class_names))
         pixel_values = segmenter.prepare(picture)
         size = (picture.height, picture.width)
-        results = {"zero-shot": segmenter.segment(pixel_values, class_names, "zero-shot", output_size=size)}
+        results = {"zero-shot": segmenter.segment(pixel_values, class_names, "zero-shot", zero_shot_concepts,
+                                                  output_size=size)}
         adapted = None
         if segmenter.has_adapter:
             results["adapted"] = segmenter.segment(pixel_values, class_names, "adapted", use_concepts, output_size=size)
@@ -194,7 +197,7 @@ class DemoApp:
                 note = (note + " " if note else "") + (
                     f"The adapter was not trained for {', '.join(unknown)}: the adapted model only generalises there.")
             dropped = segmenter.adapter_concepts(class_names)[1]
-            if use_concepts and dropped:
+            if (use_concepts or zero_shot_concepts) and dropped:
                 note = (note + " " if note else "") + (
                     f"Concepts left out because they are also listed classes: {', '.join(dropped)}.")
         zero_shot = overlay(picture, results["zero-shot"].labels, palette, opacity)
@@ -250,9 +253,9 @@ def build_demo(
     examples_dir = Path(examples_dir) if examples_dir else Path(tempfile.mkdtemp(prefix="vocalign-demo-"))
     examples = [[str(path), classes_value] for path in world_example_images(examples_dir)]
 
-    def on_submit(image, classes_text, base, adapter_text, use_concepts, alpha):
+    def on_submit(image, classes_text, base, adapter_text, use_concepts, alpha, zero_shot_concepts):
         try:
-            return app.run(image, classes_text, base, adapter_text, use_concepts, alpha)
+            return app.run(image, classes_text, base, adapter_text, use_concepts, alpha, zero_shot_concepts)
         except (DemoInputError, DemoSetupError) as error:  # the user's mistake: a message, no traceback
             raise gr.Error(str(error), duration=None, print_exception=False) from None
 
@@ -276,6 +279,10 @@ def build_demo(
                     use_concepts = gr.Checkbox(
                         label="Adapted model: add the adapter's concepts to their classes (VocAlign Eq. 7)", value=True
                     )
+                    zero_shot_concepts = gr.Checkbox(
+                        label="Zero-shot model: add the adapter's concepts too (vocabulary alignment, no training)",
+                        value=False,
+                    )
                     alpha = gr.Slider(0.0, 1.0, value=opacity, step=0.05, label="Overlay opacity", elem_id="opacity")
                 submit = gr.Button("Segment", variant="primary", elem_id="segment")
                 gr.Examples(examples=examples, inputs=[image, classes], label="Images from the built-in world")
@@ -288,7 +295,7 @@ def build_demo(
                         label="Adapted", type="pil", format="png", interactive=False, elem_id="adapted-result"
                     )
                 legend = gr.HTML(elem_id="legend")
-        inputs = [image, classes, base, adapter_box, use_concepts, alpha]
+        inputs = [image, classes, base, adapter_box, use_concepts, alpha, zero_shot_concepts]
         outputs = [zero_shot, adapted, legend, status]
         # preprocess=False: the image arrives as the uploaded file's path (still checked by Gradio to be an
         # upload), and load_image gives the messages for unreadable and oversized files.

@@ -135,6 +135,10 @@ def pretrain_settings(
     )
 
 
+#: Config fields that only set the vocabulary a trained model scores with (added after the shipped model was made).
+CALL_VOCABULARY_FIELDS = ("concepts", "concept_token_ids")
+
+
 def pretrain_settings_hash(world_config: WorldConfig, model_config: CATSegConfig, settings: dict[str, Any]) -> str:
     """Hash of the world, the model config and the training settings (the reuse key of a checkpoint)."""
     payload = {
@@ -144,6 +148,8 @@ def pretrain_settings_hash(world_config: WorldConfig, model_config: CATSegConfig
         "version": PRETRAIN_VERSION,
     }
     payload["model"].pop("transformers_version", None)
+    for field in CALL_VOCABULARY_FIELDS:  # what a call scores with by default, not what pretraining makes
+        payload["model"].pop(field, None)
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

@@ -78,6 +78,11 @@ class CATSegConfig(PreTrainedConfig):
         semantic_loss_ignore_index (`int`): label value ignored by the loss (255).
         vocabulary_token_ids (`list`, *optional*): the prompt token ids (classes, templates, length) of the default
             vocabulary, written by `CATSegForSemanticSegmentation.set_vocabulary` (its names are `id2label`).
+        concepts (`dict[str, list[str]]`, *optional*): the aligned vocabulary the model scores with (VocAlign's
+            vocabulary alignment, Eq. 7): class name -> its concepts, written by
+            `CATSegForSemanticSegmentation.set_concepts` (an adapter trained with concepts carries them here).
+        concept_token_ids (`dict[str, list]`, *optional*): per class of `concepts`, the prompt token ids (entries,
+            templates, tokens up to EOT) of its name and concepts; how the model recognises the class by its name.
 
     Like the `transformers` configs, this is a `huggingface_hub` strict dataclass: every field is type-checked when
     set (`clip_resolution="384"` is a clear error) and `validate()` runs `transformers`' own checks (such as
@@ -122,6 +127,8 @@ class CATSegConfig(PreTrainedConfig):
     loss_type: str = "cross_entropy"
     semantic_loss_ignore_index: int = 255
     vocabulary_token_ids: list[list[list[int]]] | None = None
+    concepts: dict[str, list[str]] | None = None
+    concept_token_ids: dict[str, list[list[list[int]]]] | None = None
     initializer_range: float | int = 0.02
 
     def __post_init__(self, **kwargs: Any) -> None:

@@ -33,6 +33,7 @@ purpose:
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -46,7 +47,25 @@ from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .aggregation_catseg import CATSegAggregator, CATSegAggregatorLayer, CATSegSwinTransformerBlock, shifted_window_mask
+from .class_list import validate_class_names
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
+from .vocabulary_catseg import aligned_entries, class_log_probs, concept_token_table, expand_with_concepts, is_one_per_class
+
+
+def _check_entry_class_ids(entry_class_ids: torch.Tensor, num_rows: int) -> None:
+    if entry_class_ids.dim() != 1 or len(entry_class_ids) != num_rows:
+        raise ValueError(f"entry_class_ids must give the class of each of the {num_rows} vocabulary rows, got shape "
+                         f"{tuple(entry_class_ids.shape)}")
+    classes = torch.unique(entry_class_ids)
+    if not torch.equal(classes.cpu(), torch.arange(len(classes))):
+        raise ValueError("entry_class_ids must number the classes 0..N-1, each with at least one entry")
+
+
+def _class_scores(logits: torch.Tensor, entry_class_ids: torch.Tensor | None) -> torch.Tensor:
+    """The classes' scores from the vocabulary rows' logits: Eq. 7 log-probabilities when a class has several."""
+    if entry_class_ids is None or is_one_per_class(entry_class_ids):
+        return logits
+    return class_log_probs(logits, entry_class_ids)
 
 
 def _check_class_indices(class_indices: torch.Tensor, num_classes: int, batch_size: int) -> None:
@@ -378,24 +397,68 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         self._vocabulary_cache: torch.Tensor | None = None
         self.post_init()
 
-    def set_vocabulary(self, class_names: list[str], processor) -> None:
+    def set_vocabulary(
+        self, class_names: list[str], processor, concepts: Mapping[str, Sequence[str]] | None = None
+    ) -> None:
         """Make `class_names` the model's default vocabulary (used when a call gives no text).
 
         The names go to `config.id2label` (so `pipeline("image-segmentation")` labels its masks with them) and their
         prompt token ids to `config.vocabulary_token_ids`, so the vocabulary survives `save_pretrained`. Its text
-        embeddings are computed once and cached until the model is put back in training mode.
+        embeddings are computed once and cached until the model is put back in training mode. `concepts`, if given,
+        are set as with [`set_concepts`] (without, the concepts the model holds stay).
         """
+        if concepts is not None:
+            self.set_concepts(concepts, processor)
         tokens = processor.tokenize_classes(class_names)["input_ids"]
         self.config.id2label = {i: name for i, name in enumerate(class_names)}
         self.config.label2id = {name: i for i, name in enumerate(class_names)}
         self.config.vocabulary_token_ids = tokens.tolist()
         self._vocabulary_cache = None
 
+    def set_concepts(self, concepts: Mapping[str, Sequence[str]] | None, processor) -> None:
+        """Score the classes of `concepts` (`{class name: [concept, ...]}`) with their name and concepts by default.
+
+        Every call that names such a class (`processor(text=names)`, the pipelines, the default vocabulary) then
+        returns, for each class, the log of its Eq. 7 probability (see `vocabulary_catseg`). The concepts and their
+        prompt token ids are kept in `config.concepts` and `config.concept_token_ids`, so a saved, merged or pushed
+        model scores the same way. A call that gives its own concepts (`processor(..., concepts=...)`,
+        `entry_class_ids`) uses those; `concepts={}` there scores the names alone. `set_concepts(None, processor)`
+        forgets them.
+        """
+        concepts = {name: list(items) for name, items in (concepts or {}).items() if items}
+        self.config.concepts = self.config.concept_token_ids = None
+        self._vocabulary_cache = None
+        if not concepts:
+            return
+        names = validate_class_names(list(concepts), source="concepts")
+        entries, entry_class_ids = aligned_entries(names, dict(zip(names, concepts.values())))
+        tokens = processor.tokenize_classes(entries)["input_ids"]
+        if tokens.shape[1] != self.config.num_templates:
+            raise ValueError(f"the processor prompts with {tokens.shape[1]} templates, the model with "
+                             f"{self.config.num_templates}: use the model's own processor")
+        self.config.concepts = {
+            name: [entries[e] for e in (entry_class_ids == i).nonzero().flatten().tolist()[1:]]
+            for i, name in enumerate(names)
+        }
+        eos = self.config.clip_config.text_config.eos_token_id
+        self.config.concept_token_ids = concept_token_table(tokens, entry_class_ids, names, eos)
+
+    def expand_with_concepts(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The entries that score the classes of `input_ids` ((num_classes, P, L) or (num_classes * P, L)): each class
+        name, followed by the concepts the model holds for it ([`set_concepts`]). Returns the entries' token ids
+        (num_entries, P, L') and their `entry_class_ids`, or `(input_ids, None)` when no class has concepts."""
+        if not self.config.concept_token_ids:
+            return input_ids, None
+        ids = input_ids if input_ids.dim() == 3 else input_ids.view(-1, self.config.num_templates, input_ids.shape[-1])
+        eos = self.config.clip_config.text_config.eos_token_id
+        return expand_with_concepts(ids, self.config.concept_token_ids, self.config.concepts or {}, eos)
+
     def train(self, mode: bool = True):
         self._vocabulary_cache = None  # weights may change: re-encode the default vocabulary next time
         return super().train(mode)
 
-    def _default_text_embeds(self) -> torch.Tensor:
+    def _default_vocabulary(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The default vocabulary's text embeddings and `entry_class_ids` (with the concepts the model holds)."""
         token_ids = getattr(self.config, "vocabulary_token_ids", None)
         if token_ids is None:
             raise ValueError(
@@ -403,18 +466,30 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
                 "vocabulary with model.set_vocabulary(class_names, processor)."
             )
         if self._vocabulary_cache is None or self.training or torch.is_grad_enabled():
-            ids = torch.tensor(token_ids, device=self.device)
-            embeds = self.get_text_embeddings(ids)
+            ids, entry_class_ids = self.expand_with_concepts(torch.tensor(token_ids, device=self.device))
+            vocabulary = (self.get_text_embeddings(ids), entry_class_ids)
             if self.training or torch.is_grad_enabled():
-                return embeds
-            self._vocabulary_cache = embeds
+                return vocabulary
+            self._vocabulary_cache = vocabulary
         return self._vocabulary_cache
 
-    def _vocabulary_embeds(self, input_ids: torch.Tensor | None, text_embeds: torch.Tensor | None) -> torch.Tensor:
-        """The given embeddings, else those of the given token ids, else the default vocabulary's."""
-        if text_embeds is not None:
-            return text_embeds
-        return self.get_text_embeddings(input_ids) if input_ids is not None else self._default_text_embeds()
+    def _resolve_vocabulary(
+        self, input_ids: torch.Tensor | None, text_embeds: torch.Tensor | None, entry_class_ids: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The text embeddings to score and, when they are entries of an aligned vocabulary, their class ids: the
+        given embeddings, else the given token ids' (with the concepts the model holds unless `entry_class_ids` says
+        what the rows are), else the default vocabulary's."""
+        if text_embeds is None and input_ids is None:
+            if entry_class_ids is not None:
+                raise ValueError("entry_class_ids describes the rows of input_ids or text_embeds: give those too")
+            return self._default_vocabulary()
+        if text_embeds is None:
+            if entry_class_ids is None:
+                input_ids, entry_class_ids = self.expand_with_concepts(input_ids)
+            text_embeds = self.get_text_embeddings(input_ids)
+        if entry_class_ids is not None:
+            _check_entry_class_ids(entry_class_ids, text_embeds.shape[-3])
+        return text_embeds, entry_class_ids
 
     def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
@@ -432,15 +507,21 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         guidance_pixel_values: torch.Tensor | None = None,
         output_hidden_states: bool | int | list[int] | None = None,
         output_attentions: bool | None = None,
+        entry_class_ids: torch.Tensor | None = None,
     ) -> SemanticSegmenterOutput:
         """
         Args:
             pixel_values: (B, 3, H, W) images normalised with the CLIP mean/std (see [`CATSegImageProcessor`]).
-            input_ids: token ids of the class prompts, (num_classes, P, L) or (num_classes * P, L).
+            input_ids: token ids of the class prompts, (num_classes, P, L) or (num_classes * P, L). A class the model
+                holds concepts for ([`set_concepts`]) is scored with its name and its concepts.
             text_embeds: precomputed normalised text embeddings, (num_classes, P, D) or (B, K, P, D).
             attention_mask: the processor's prompt mask; not needed (see [`CATSegModel.forward`]).
             labels: (B, H', W') class indices; `config.semantic_loss_ignore_index` (255) is ignored.
             class_indices: (B, K) per-image subset of the vocabulary to segment with (Top-K); logits follow it.
+                The rows given are the classes (the concepts the model holds are not added).
+            entry_class_ids: (num_entries,) the class of each row of `input_ids` / `text_embeds` when they are the
+                entries of an aligned vocabulary (`processor(text=names, concepts=...)` returns it): the logits
+                are then the classes' Eq. 7 log-probabilities. Given, it replaces the concepts the model holds.
             guidance_pixel_values: v1 only: the images its appearance backbone sees (default: `pixel_values`).
             output_hidden_states: also return the cost-aggregation embeddings: `True`, or the indices of those to
                 keep (the others are `None`) (default: `config.output_hidden_states`).
@@ -452,10 +533,16 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             like SegFormer; use `post_process_semantic_segmentation`), `loss` when labels are given, and with
             `output_hidden_states` the aggregator's embeddings `hidden_states`: the cost-volume embedding and the
             output of each aggregation layer, each (B, hidden_dim, K, grid, grid) for the K classes it aggregates
-            (the `pad_len` best ones when there are more).
+            (the `pad_len` best ones when there are more). With concepts, `logits` are each class's log-probability
+            (Eq. 7: softmax over all entries, summed per class; their softmax gives those probabilities) and the
+            hidden states are over the entries; with one entry per class they are the model's logits.
         """
-        if input_ids is None and text_embeds is None:
-            text_embeds = self._default_text_embeds()
+        if class_indices is None:
+            text_embeds, entry_class_ids = self._resolve_vocabulary(input_ids, text_embeds, entry_class_ids)
+            input_ids = None
+        elif entry_class_ids is not None or (input_ids is None and text_embeds is None):
+            raise ValueError("class_indices (Top-K) selects among the classes given by input_ids or text_embeds; "
+                             "it cannot be combined with entry_class_ids or the default vocabulary")
         outputs = self.catseg(
             pixel_values,
             input_ids=input_ids,
@@ -467,8 +554,9 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
             output_attentions=output_attentions,
             return_dict=True,
         )
-        loss = self.semantic_loss(outputs.logits, labels) if labels is not None else None
-        return SemanticSegmenterOutput(loss=loss, logits=outputs.logits, hidden_states=outputs.hidden_states)
+        logits = _class_scores(outputs.logits, entry_class_ids)
+        loss = self.semantic_loss(logits, labels) if labels is not None else None
+        return SemanticSegmenterOutput(loss=loss, logits=logits, hidden_states=outputs.hidden_states)
 
     def semantic_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         """Loss of logits (B, C, h, w) against labels (B, H, W), logits upsampled bilinearly to the label size.
@@ -496,6 +584,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         kernel: int | None = None,
         overlap: float | None = None,
         out_res: tuple[int, int] | None = None,
+        entry_class_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The reference's sliding-window inference, batched over images and windows.
 
@@ -506,13 +595,25 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
 
         `"mmseg"` (v1, what VocAlign evaluates with): see [`predict_sliding_window_mmseg`]; returns logits.
 
+        The vocabulary is that of `forward` (concepts the model holds, or `entry_class_ids`). With concepts the
+        entries' scores are reduced to classes at `output_size` (Eq. 7): `"catseg"` returns class probabilities (the
+        sigmoid probabilities read back as logits), `"mmseg"` class log-probabilities.
         `attention_mask` is taken so that `**processor(text=...)` can be passed, and not needed (see `forward`).
 
         Returns:
             (B, num_classes, *output_size) class scores whose argmax is the prediction.
         """
+        text_embeds, entry_class_ids = self._resolve_vocabulary(input_ids, text_embeds, entry_class_ids)
         if self.config.sliding_window_mode == "mmseg":
-            return self.predict_sliding_window_mmseg(pixel_values, input_ids, text_embeds, output_size, kernel)
+            return self.predict_sliding_window_mmseg(pixel_values, text_embeds=text_embeds, output_size=output_size,
+                                                     kernel=kernel, entry_class_ids=entry_class_ids)
+        probs = self._predict_sliding_window_catseg(pixel_values, text_embeds, output_size, kernel, overlap, out_res)
+        if entry_class_ids is None or is_one_per_class(entry_class_ids):
+            return probs
+        return class_log_probs(torch.logit(probs.float().clamp(1e-6, 1 - 1e-6)), entry_class_ids).exp()
+
+    def _predict_sliding_window_catseg(self, pixel_values, text_embeds, output_size, kernel, overlap, out_res):
+        """The CVPR'24 sliding window over the rows of `text_embeds` (see `predict_sliding_window`)."""
         kernel = kernel or self.config.sliding_window_kernel
         overlap = self.config.sliding_window_overlap if overlap is None else overlap
         out_res = tuple(out_res or self.config.sliding_window_out_res)
@@ -527,7 +628,6 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         global_view = F.interpolate(pixel_values, size=(kernel, kernel), mode="bilinear", align_corners=False)
         views = torch.cat([windows, global_view], dim=0)
 
-        text_embeds = self._vocabulary_embeds(input_ids, text_embeds)  # encoded once for all views
         if text_embeds.dim() == 4:  # per-image vocabularies: repeat for each image's windows, then globals
             text_embeds = torch.cat([text_embeds.repeat_interleave(num_windows, dim=0), text_embeds], dim=0)
         logits = self.catseg(views, text_embeds=text_embeds, return_dict=True).logits
@@ -551,6 +651,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         output_size: tuple[int, int] | None = None,
         kernel: int | None = None,
         stride: int | None = None,
+        entry_class_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """mmsegmentation's `slide_inference` (`EncoderDecoder.slide_inference`), which VocAlign evaluates with.
 
@@ -559,7 +660,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         overlap; all crops of all images run as one batch. Images smaller than `kernel` are one crop.
 
         Returns:
-            (B, num_classes, *output_size) averaged logits (default size: the input's).
+            (B, num_classes, *output_size) averaged logits (default size: the input's); with concepts, the classes'
+            Eq. 7 log-probabilities of the averaged entry logits (see `forward`).
         """
         kernel = kernel or self.config.sliding_window_kernel
         stride = stride or self.config.sliding_window_stride
@@ -573,7 +675,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         offsets = [(y, x) for y in starts(height, crop_h) for x in starts(width, crop_w)]
         crops = torch.stack([pixel_values[:, :, y : y + crop_h, x : x + crop_w] for y, x in offsets], dim=1)
         num_crops = len(offsets)
-        text_embeds = self._vocabulary_embeds(input_ids, text_embeds)  # encoded once for all crops
+        text_embeds, entry_class_ids = self._resolve_vocabulary(input_ids, text_embeds, entry_class_ids)  # once
         if text_embeds.dim() == 4:  # per-image vocabularies follow their image's crops
             text_embeds = text_embeds.repeat_interleave(num_crops, dim=0)
         logits = self.catseg(crops.flatten(0, 1), text_embeds=text_embeds, return_dict=True).logits
@@ -588,4 +690,4 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         averaged = total / count
         if output_size is not None and tuple(output_size) != (height, width):
             averaged = F.interpolate(averaged, size=tuple(output_size), mode="bilinear", align_corners=False)
-        return averaged
+        return _class_scores(averaged, entry_class_ids)

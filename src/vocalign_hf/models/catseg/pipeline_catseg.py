@@ -23,6 +23,7 @@ from transformers.pipelines import PIPELINE_REGISTRY
 from .configuration_catseg import CATSegConfig
 from .modeling_catseg import CATSegForSemanticSegmentation
 from .processing_catseg import CATSegProcessor, validate_class_names
+from .vocabulary_catseg import aligned_entries
 
 ZERO_SHOT_TASK = "zero-shot-image-segmentation"
 
@@ -40,7 +41,9 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     >>> segments[0]["label"], segments[0]["score"], segments[0]["mask"].size
     ```
 
-    Without `candidate_labels` the model's default vocabulary (`model.set_vocabulary`) is used.
+    Without `candidate_labels` the model's default vocabulary (`model.set_vocabulary`) is used. A class the model
+    holds concepts for (`model.set_concepts`, an adapter trained with concepts) is scored with its name and its
+    concepts unless the call gives `concepts=` (`{}`: the names alone).
 
     Returns, per image, a list of `{"label", "score", "mask"}` sorted by score: `mask` is a PIL image of the input's
     size (255 where the class wins the per-pixel argmax), `score` the class's mean softmax probability over its mask.
@@ -73,6 +76,9 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         Args:
             images: the image(s).
             candidate_labels (`list[str]`, *optional*): the class names; default: the model's vocabulary.
+            concepts (`dict[str, list[str]]`, *optional*): concepts per class name (VocAlign's vocabulary
+                alignment: each class scored with its name and its concepts, Eq. 7). Default: those the model holds
+                (`model.set_concepts`, an adapter trained with concepts); `{}` scores the names alone.
             timeout (`float`, *optional*): seconds to wait when fetching an image from a URL.
             batch_size (`int`, *optional*): images per forward pass (transformers' pipeline batching).
         """
@@ -80,7 +86,7 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             kwargs["candidate_labels"] = candidate_labels
         return super().__call__(images, **kwargs)
 
-    def _sanitize_parameters(self, candidate_labels=None, timeout=None, **kwargs):
+    def _sanitize_parameters(self, candidate_labels=None, timeout=None, concepts=None, **kwargs):
         if kwargs:
             raise TypeError(f"{type(self).__name__} got unexpected argument(s) {sorted(kwargs)}")
         preprocess = {} if timeout is None else {"timeout": timeout}
@@ -90,7 +96,11 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         if candidate_labels is not None:
             validate_class_names(candidate_labels, source="candidate_labels")  # empty or duplicate: a clear error now
             labels["candidate_labels"] = list(candidate_labels)  # the masks are labelled with the names as given
-        return preprocess, labels, dict(labels)
+        forward = dict(labels)
+        if concepts is not None:
+            aligned_entries(self._labels(candidate_labels), concepts)  # a concept of no class: a clear error now
+            forward["concepts"] = {name: list(items) for name, items in concepts.items()}
+        return preprocess, forward, labels
 
     def _labels(self, candidate_labels: Sequence[str] | None) -> list[str]:
         if candidate_labels is not None:
@@ -101,16 +111,24 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
             )
         return [self.model.config.id2label[i] for i in range(len(self.model.config.id2label))]
 
-    def _text_embeds(self, candidate_labels: list[str]) -> torch.Tensor:
-        """The class names' text embeddings, encoded once for all the images and batches that share them.
+    def _text_embeds(self, candidate_labels: list[str], concepts: dict | None) -> tuple[torch.Tensor, Any]:
+        """The vocabulary's text embeddings and `entry_class_ids` (the class names, plus the given concepts or else
+        those the model holds), encoded once for all the images and batches that share them.
 
-        Re-encoded when the names, the device or the text tower's weights change (an in-place update of a weight
-        bumps its version counter)."""
+        Re-encoded when the names, the concepts, the device or the text tower's weights change (an in-place update of
+        a weight bumps its version counter)."""
         text_weights = [*self.model.catseg.clip.text_model.parameters(), self.model.catseg.clip.text_projection.weight]
-        key = (tuple(candidate_labels), str(self.device), tuple((id(w), w._version) for w in text_weights))
+        held = self.model.config.concept_token_ids if concepts is None else None
+        key = (tuple(candidate_labels), repr(concepts), repr(held), str(self.device),
+               tuple((id(w), w._version) for w in text_weights))
         if self._text_cache is None or self._text_cache[0] != key:
-            input_ids = self.processor.tokenize_classes(candidate_labels)["input_ids"].to(self.device)
-            self._text_cache = (key, self.model.get_text_embeddings(input_ids))
+            if concepts is None:
+                input_ids = self.processor.tokenize_classes(candidate_labels)["input_ids"].to(self.device)
+                input_ids, entry_class_ids = self.model.expand_with_concepts(input_ids)
+            else:
+                entries, entry_class_ids = aligned_entries(candidate_labels, concepts)
+                input_ids = self.processor.tokenize_classes(entries)["input_ids"].to(self.device)
+            self._text_cache = (key, (self.model.get_text_embeddings(input_ids), entry_class_ids))
         return self._text_cache[1]
 
     def preprocess(self, image, timeout=None):
@@ -119,13 +137,14 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         inputs["target_size"] = (image.height, image.width)
         return inputs
 
-    def _forward(self, model_inputs, candidate_labels=None):
+    def _forward(self, model_inputs, candidate_labels=None, concepts=None):
         target_size = model_inputs.pop("target_size")
-        if candidate_labels is None:
+        if candidate_labels is None and concepts is None:
             self._labels(None)  # the pipeline's own error when there is no default vocabulary
             logits = self.model(**model_inputs).logits
         else:
-            logits = self.model(**model_inputs, text_embeds=self._text_embeds(candidate_labels)).logits
+            text_embeds, entry_class_ids = self._text_embeds(self._labels(candidate_labels), concepts)
+            logits = self.model(**model_inputs, text_embeds=text_embeds, entry_class_ids=entry_class_ids).logits
         return {"logits": logits, "target_size": target_size}
 
     def postprocess(self, model_outputs, candidate_labels=None) -> list[dict[str, Any]]:

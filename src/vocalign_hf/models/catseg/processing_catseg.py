@@ -1,7 +1,7 @@
 """Processor for CAT-Seg: images through [`CATSegImageProcessor`], class names through the CLIP tokenizer."""
 
 import gzip
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from importlib import resources
 from typing import Any
@@ -15,6 +15,7 @@ from transformers.utils import logging
 from .class_list import validate_class_names
 from .image_processing_catseg import CATSegImageProcessor, CATSegImageProcessorKwargs
 from .prompt_templates import resolve_prompt_templates
+from .vocabulary_catseg import aligned_entries
 
 logger = logging.get_logger(__name__)
 
@@ -130,14 +131,26 @@ class CATSegProcessor(ProcessorMixin):
                 len(cut), CLIP_MAX_TOKENS, shown,
             )
 
-    def __call__(self, images=None, text: Sequence[str] | None = None, **kwargs: Unpack[CATSegProcessorKwargs]):
+    def __call__(
+        self,
+        images=None,
+        text: Sequence[str] | None = None,
+        concepts: Mapping[str, Sequence[str]] | None = None,
+        **kwargs: Unpack[CATSegProcessorKwargs],
+    ):
         """Prepare images and/or a list of class names (the vocabulary shared by the whole batch).
 
-        Image options go to [`CATSegImageProcessor.preprocess`] and tokenizer options to the class prompts'
-        tokenisation; an option neither takes is an error.
+        `concepts` (`{class name: [concept, ...]}`, VocAlign's vocabulary alignment) scores each class with its name
+        and its concepts: `input_ids` are then those of every entry (the names and concepts, class-major) and
+        `entry_class_ids` (num_entries,) gives each entry's class, which the model sums back (Eq. 7). `concepts={}`
+        scores the names alone, even with a model that holds concepts of its own. Image options go to
+        [`CATSegImageProcessor.preprocess`] and tokenizer options to the class prompts' tokenisation; an option
+        neither takes is an error.
         """
         if images is None and text is None:
             raise ValueError("Give `images`, `text` (a list of class names), or both.")
+        if concepts is not None and text is None:
+            raise ValueError("`concepts` belong to class names: give `text` (the class names) too.")
         self._check_options(kwargs)
         options = self._merge_kwargs(tokenizer_init_kwargs=self.tokenizer.init_kwargs, **kwargs)
         data: dict[str, Any] = {}
@@ -145,6 +158,8 @@ class CATSegProcessor(ProcessorMixin):
             data.update(self.image_processor(images, **options["images_kwargs"]))
         if text is not None:
             text_options = {k: v for k, v in options["text_kwargs"].items() if k != "return_tensors"}
+            if concepts is not None:
+                text, data["entry_class_ids"] = aligned_entries(text, concepts)
             data.update({name: ids.flatten(0, 1) for name, ids in self.tokenize_classes(text, **text_options).items()})
         return_tensors = options["text_kwargs" if text is not None else "images_kwargs"].get("return_tensors")
         return BatchFeature(data, tensor_type=return_tensors)
