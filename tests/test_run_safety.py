@@ -521,3 +521,40 @@ def test_resuming_an_interrupted_overwrite_keeps_the_set_aside_run(finished_run,
     assert tree(aside) == before and (copy / "results.json").is_file()
     assert f"{aside} (the run an interrupted --overwrite_output_dir set aside) is kept" in caplog.text
 
+
+def _class_names_of(domain: Path, base_model: Path, tmp_path: Path, classes_file: Path) -> list[str]:
+    from vocalign_hf.recipes import load_target_data, parse_recipe_args
+
+    argv = flags(domain, base_model, tmp_path / "out")
+    argv[argv.index("--class_names_file") + 1] = str(classes_file)
+    recipe, args = parse_recipe_args(argv, config_dir=CONFIG_DIR)
+    return load_target_data(recipe, args.output_dir, check_files=False).class_names
+
+
+def test_class_names_are_normalised_once(domain, base_model, tmp_path, no_model_load):
+    from concept_generation.classes import read_class_list
+
+    from vocalign_hf.models.catseg import validate_class_names
+
+    listed = domain / "classes.txt"
+    listed.write_bytes("\ufeffsky\n grass \u200b\nroad\n".encode())  # Notepad's UTF-8: a BOM first
+    assert _class_names_of(domain, base_model, tmp_path, listed) == ["sky", "grass", "road"]
+    assert read_class_list(str(listed)) == ["sky", "grass", "road"]  # what vocalign-concepts sends to the LLM
+    assert validate_class_names(["\ufeffsky", "cafe\u0301 "]) == ["sky", "caf\u00e9"]
+    for twin in ("sky\u200b", "s\u200bky", "\uff53\uff4b\uff59", "SKY"):  # zero-width space, fullwidth, case
+        listed.write_text(f"sky\ngrass\n{twin}\n", encoding="utf-8")
+        with pytest.raises(UsageError, match=rf"classes.txt: duplicate class name {re.escape(repr(twin))} \(entry 2; "
+                                              r"same as 'sky' once case, Unicode forms and invisible characters"):
+            _class_names_of(domain, base_model, tmp_path, listed)
+    listed.write_text("caf\u00e9\ncafe\u0301\n", encoding="utf-8")  # NFC and NFD
+    with pytest.raises(UsageError, match="duplicate class name"):
+        _class_names_of(domain, base_model, tmp_path, listed)
+
+
+def test_a_concept_file_with_a_repeated_key_is_refused(domain, base_model, tmp_path, no_model_load):
+    (domain / "concepts.json").write_text('{"sky": ["heaven"], "grass": ["lawn"], "sky": ["firmament"]}')
+    with pytest.raises(UsageError, match=r"concepts.json: key 'sky' appears twice in one JSON object, and JSON would "
+                                          r"keep only the last one's list: merge them into one entry"):
+        run(flags(domain, base_model, tmp_path / "out"))
+    (domain / "concepts.json").write_text('\ufeff{"sky": ["heaven"]}', encoding="utf-8")  # a BOM is not an error
+    assert _class_names_of(domain, base_model, tmp_path, domain / "classes.json") == ["sky", "grass", "road"]
