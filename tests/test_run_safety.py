@@ -558,3 +558,17 @@ def test_a_concept_file_with_a_repeated_key_is_refused(domain, base_model, tmp_p
         run(flags(domain, base_model, tmp_path / "out"))
     (domain / "concepts.json").write_text('\ufeff{"sky": ["heaven"]}', encoding="utf-8")  # a BOM is not an error
     assert _class_names_of(domain, base_model, tmp_path, domain / "classes.json") == ["sky", "grass", "road"]
+
+
+def test_a_run_that_stops_on_an_error_says_so_in_its_record(domain, base_model, tmp_path, monkeypatch):
+    from vocalign_hf.adaptation import VocAlignTrainer
+
+    def fail(self, *args, **kwargs):
+        raise KeyError("lora")  # a bug, or anything else that stops the run
+
+    monkeypatch.setattr(VocAlignTrainer, "train", fail)
+    with pytest.raises(KeyError):
+        run(flags(domain, base_model, tmp_path / "out", "--eval_zero_shot", "false"))
+    mark = json.loads((tmp_path / "out" / "vocalign_run.json").read_text())
+    assert (mark["status"], mark["error"], mark["step"]) == ("failed", "KeyError: 'lora'", 0)
+    assert not (tmp_path / "out" / ".vocalign.lock").exists()

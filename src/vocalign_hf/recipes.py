@@ -641,11 +641,25 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
             results["absent"] = absent
         if trainer.is_world_process_zero():
             _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing)
-    except BaseException:
-        if trainer.is_world_process_zero() and replacing:
-            finish_replacing(args.output_dir, succeeded=False)
+    except BaseException as error:
+        if trainer.is_world_process_zero():
+            _mark_stopped(Path(args.output_dir), trainer, error)
+            if replacing:  # puts the previous run back, its mark included, if this one wrote no checkpoint
+                finish_replacing(args.output_dir, succeeded=False)
         raise
     return results
+
+
+def _mark_stopped(output: Path, trainer: VocAlignTrainer, error: BaseException) -> None:
+    """Record in the run's mark that it stopped on `error`, and at which step; a mark that cannot be written (a full
+    disk) must not hide the error itself."""
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    mark = run_mark(status, {**trainer.run_settings(), "error": reason, "step": trainer.state.global_step})
+    try:
+        atomic_write_json(output / RUN_MARK, mark)
+    except OSError as failure:
+        logger.warning("could not record the failure in %s (%s)", output / RUN_MARK, failure)
 
 
 def _evaluate_into(results: dict[str, Any], trainer: VocAlignTrainer, prefix: str) -> str:
