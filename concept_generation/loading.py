@@ -108,16 +108,37 @@ def load_concepts(
     """
     path = _resolve(path_or_name)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Notepad's UTF-8) is no part of the text
     except FileNotFoundError:
         raise ConceptFileError(f"concept file not found: {path}") from None
     except (OSError, UnicodeDecodeError) as exc:
         raise ConceptFileError(f"{path}: cannot read concept file ({exc})") from None
     try:
-        data = json.loads(text)
+        data = json.loads(text, object_pairs_hook=_refuse_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise ConceptFileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno}, column {exc.colno})") from None
+    except _DuplicateKey as exc:
+        raise ConceptFileError(
+            f"{path}: key {exc.key!r} appears twice in one JSON object, and JSON would keep only the last one's "
+            "list: merge them into one entry"
+        ) from None
     return _validate_mapping(data, path, class_names)
+
+
+class _DuplicateKey(Exception):
+    def __init__(self, key: str):
+        super().__init__(key)
+        self.key = key
+
+
+def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """`json.loads`' object hook: a repeated key is an error (the default keeps the last value silently)."""
+    seen: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _DuplicateKey(key)
+        seen[key] = value
+    return seen
 
 
 def _check_shared(cleaned: dict[str, list[str]], names: dict[str, str], fail: Any) -> None:

@@ -9,6 +9,7 @@ option ranges and free space are checked before any model loads; the programs pr
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -405,3 +406,169 @@ def test_a_damaged_checkpoint_file_is_named(finished_run, base_model, tmp_path, 
     with pytest.raises(UsageError, match=rf"{copy / 'checkpoint-2' / 'adapter_config.json'} is not valid JSON .*: "
                                           "the file is damaged: resume from another checkpoint"):
         run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true"))
+
+
+# ------------------------------------------------------------------- issue 39: whose folder, one run at a time
+def tree(folder: Path) -> dict[str, bytes | None]:
+    """Every file (with its bytes) and folder under `folder`: an empty folder counts too."""
+    return {str(p.relative_to(folder)): p.read_bytes() if p.is_file() else None for p in sorted(folder.rglob("*"))}
+
+
+def test_a_folder_without_our_record_is_never_replaced(domain, base_model, tmp_path, no_model_load):
+    from vocalign_hf.recipe_checks import set_aside_previous_run
+
+    user = tmp_path / "uf"
+    (user / "checkpoint-500").mkdir(parents=True)
+    (user / "checkpoint-500" / "checkpoint_complete.json").write_text("{}")  # even one that looks complete
+    (user / "results.json").write_text('{"my": "numbers"}')
+    (user / "notes.txt").write_text("x")
+    only_checkpoint = tmp_path / "oc"
+    (only_checkpoint / "checkpoint-500").mkdir(parents=True)
+    before = tree(user), tree(only_checkpoint)
+    for extra in ([], ["--overwrite_output_dir", "true"], ["--resume_from_checkpoint", "true"]):
+        with pytest.raises(UsageError, match=rf"--output_dir {user} holds results.json, checkpoint-500 but no "
+                                              r"vocalign_run.json, so no vocalign run wrote them; .* no flag replaces"):
+            run(flags(domain, base_model, user, *extra))
+    with pytest.raises(UsageError, match="holds checkpoint-500 but no vocalign_run.json"):
+        run(flags(domain, base_model, only_checkpoint, "--overwrite_output_dir", "true"))
+    with pytest.raises(UsageError, match="but no vocalign_run.json"):  # the library itself, not only the recipe
+        set_aside_previous_run(user)
+    assert (tree(user), tree(only_checkpoint)) == before
+
+
+def test_runs_write_their_record_first_and_an_overwrite_keeps_other_files(finished_run, base_model, tmp_path):
+    domain, output, _ = finished_run
+    assert json.loads((output / "vocalign_run.json").read_text())["written_by"] == "vocalign_hf recipes/adapt.py"
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    (copy / "notes.txt").write_text("mine")  # beside a run of ours: not the run's, so left where it is
+    run(flags(domain, base_model, copy, "--max_steps", "1", "--overwrite_output_dir", "true", "--eval_zero_shot", "false"))
+    assert (copy / "notes.txt").read_text() == "mine"
+    assert not (copy / ".previous-run").exists() and not (copy / ".vocalign.lock").exists()
+
+
+def _hold_lock(folder: Path) -> subprocess.Popen:
+    """Another process that holds `folder`'s lock (through the library) until its stdin closes or it is killed."""
+    probe = subprocess.Popen([sys.executable, str(ROOT / "tests" / "lock_probe.py"), str(folder)], text=True,
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=SUBPROCESS_ENV)
+    assert probe.stdout.readline().strip() == f"held {probe.pid}"
+    return probe
+
+
+def test_one_run_per_output_folder(finished_run, base_model, tmp_path, no_model_load, capsys):
+    from vocalign_hf.errors import run_program
+    from vocalign_hf.output_lock import lock_output_dir
+
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    holder = _hold_lock(copy)
+    try:
+        before = tree(copy)
+        in_use = rf"--output_dir {copy} is in use by another run \(pid {holder.pid} on .*lock_probe.py"
+        for extra in (["--overwrite_output_dir", "true"], ["--max_steps", "3", "--resume_from_checkpoint", "true"]):
+            with pytest.raises(UsageError, match=in_use):
+                run(flags(domain, base_model, copy, *extra))
+        with pytest.raises(UsageError, match=in_use), lock_output_dir(copy):
+            pass
+        assert run_program(lambda argv: run(flags(domain, base_model, copy, *argv)), ["--overwrite_output_dir", "true"]) == 2
+        line, = capsys.readouterr().err.strip().splitlines()
+        assert line.startswith(f"error: --output_dir {copy} is in use by another run (pid {holder.pid} on ")
+        assert tree(copy) == before
+    finally:
+        holder.kill()  # SIGKILL: no clean-up; the OS drops the lock, the lock file stays behind
+        holder.wait()
+    assert (copy / ".vocalign.lock").is_file()
+    with lock_output_dir(copy):  # free again
+        assert json.loads((copy / ".vocalign.lock").read_text())["pid"] == os.getpid()
+    assert not (copy / ".vocalign.lock").exists()
+
+
+def test_a_lock_released_by_its_holder_is_taken_at_once(tmp_path):
+    from vocalign_hf.output_lock import lock_output_dir
+
+    folder = tmp_path / "new"
+    holder = _hold_lock(folder)
+    holder.communicate("")  # the holder ends its run: removes the lock file and the empty folder it made
+    assert holder.returncode == 0 and not folder.exists()
+    with pytest.raises(RuntimeError), lock_output_dir(folder):  # a run that fails before writing leaves nothing
+        raise RuntimeError
+    assert not folder.exists()
+    with lock_output_dir(folder):
+        (folder / "written").write_text("x")
+    assert [p.name for p in folder.iterdir()] == ["written"]
+
+
+def test_resuming_an_interrupted_overwrite_keeps_the_set_aside_run(finished_run, base_model, tmp_path, caplog):
+    from vocalign_hf.recipe_checks import run_mark, set_aside_previous_run
+
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    # What a SIGKILL after the new run's first checkpoint leaves: the old run aside, the new one's mark and checkpoint.
+    aside = set_aside_previous_run(copy)
+    shutil.copytree(aside / "checkpoint-1", copy / "checkpoint-1")
+    settings = json.loads((aside / "vocalign_run.json").read_text())
+    (copy / "vocalign_run.json").write_text(json.dumps(run_mark("training", settings)))
+    before = tree(aside)
+    for extra in ([], ["--overwrite_output_dir", "true"]):
+        with pytest.raises(UsageError, match=r"\.previous-run holds the run that an interrupted --overwrite_output_dir "
+                                              r"set aside; .* --resume_from_checkpoint true to finish the interrupted "
+                                              r"run: that keeps it \(delete it yourself afterwards\)"):
+            run(flags(domain, base_model, copy, "--eval_zero_shot", "false", *extra))
+    with caplog.at_level(logging.WARNING, logger="vocalign_hf.recipes"):
+        run(flags(domain, base_model, copy, "--eval_zero_shot", "false", "--resume_from_checkpoint", "true"))
+    assert tree(aside) == before and (copy / "results.json").is_file()
+    assert f"{aside} (the run an interrupted --overwrite_output_dir set aside) is kept" in caplog.text
+
+
+def _class_names_of(domain: Path, base_model: Path, tmp_path: Path, classes_file: Path) -> list[str]:
+    from vocalign_hf.recipes import load_target_data, parse_recipe_args
+
+    argv = flags(domain, base_model, tmp_path / "out")
+    argv[argv.index("--class_names_file") + 1] = str(classes_file)
+    recipe, args = parse_recipe_args(argv, config_dir=CONFIG_DIR)
+    return load_target_data(recipe, args.output_dir, check_files=False).class_names
+
+
+def test_class_names_are_normalised_once(domain, base_model, tmp_path, no_model_load):
+    from concept_generation.classes import read_class_list
+
+    from vocalign_hf.models.catseg import validate_class_names
+
+    listed = domain / "classes.txt"
+    listed.write_bytes("\ufeffsky\n grass \u200b\nroad\n".encode())  # Notepad's UTF-8: a BOM first
+    assert _class_names_of(domain, base_model, tmp_path, listed) == ["sky", "grass", "road"]
+    assert read_class_list(str(listed)) == ["sky", "grass", "road"]  # what vocalign-concepts sends to the LLM
+    assert validate_class_names(["\ufeffsky", "cafe\u0301 "]) == ["sky", "caf\u00e9"]
+    for twin in ("sky\u200b", "s\u200bky", "\uff53\uff4b\uff59", "SKY"):  # zero-width space, fullwidth, case
+        listed.write_text(f"sky\ngrass\n{twin}\n", encoding="utf-8")
+        with pytest.raises(UsageError, match=rf"classes.txt: duplicate class name {re.escape(repr(twin))} \(entry 2; "
+                                              r"same as 'sky' once case, Unicode forms and invisible characters"):
+            _class_names_of(domain, base_model, tmp_path, listed)
+    listed.write_text("caf\u00e9\ncafe\u0301\n", encoding="utf-8")  # NFC and NFD
+    with pytest.raises(UsageError, match="duplicate class name"):
+        _class_names_of(domain, base_model, tmp_path, listed)
+
+
+def test_a_concept_file_with_a_repeated_key_is_refused(domain, base_model, tmp_path, no_model_load):
+    (domain / "concepts.json").write_text('{"sky": ["heaven"], "grass": ["lawn"], "sky": ["firmament"]}')
+    with pytest.raises(UsageError, match=r"concepts.json: key 'sky' appears twice in one JSON object, and JSON would "
+                                          r"keep only the last one's list: merge them into one entry"):
+        run(flags(domain, base_model, tmp_path / "out"))
+    (domain / "concepts.json").write_text('\ufeff{"sky": ["heaven"]}', encoding="utf-8")  # a BOM is not an error
+    assert _class_names_of(domain, base_model, tmp_path, domain / "classes.json") == ["sky", "grass", "road"]
+
+
+def test_a_run_that_stops_on_an_error_says_so_in_its_record(domain, base_model, tmp_path, monkeypatch):
+    from vocalign_hf.adaptation import VocAlignTrainer
+
+    def fail(self, *args, **kwargs):
+        raise KeyError("lora")  # a bug, or anything else that stops the run
+
+    monkeypatch.setattr(VocAlignTrainer, "train", fail)
+    with pytest.raises(KeyError):
+        run(flags(domain, base_model, tmp_path / "out", "--eval_zero_shot", "false"))
+    mark = json.loads((tmp_path / "out" / "vocalign_run.json").read_text())
+    assert (mark["status"], mark["error"], mark["step"]) == ("failed", "KeyError: 'lora'", 0)
+    assert not (tmp_path / "out" / ".vocalign.lock").exists()

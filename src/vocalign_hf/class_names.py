@@ -42,7 +42,7 @@ def load_class_names(path: str | Path) -> list[str]:
             f"{', '.join(CLASS_LIST_SUFFIXES)}"
         )
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a BOM (Notepad's UTF-8) is no part of the first name
     except (OSError, UnicodeDecodeError) as exc:
         raise UsageError(f"{path}: cannot read class list ({exc})") from None
     if suffix == ".txt":

@@ -5,9 +5,10 @@ Everything here fails with a [`~vocalign_hf.errors.UsageError`] whose message na
 or file, and what to pass instead: the recipes show it as one line, not a traceback.
 
 * the output folder: a previous run is kept unless `--overwrite_output_dir` or `--resume_from_checkpoint` says
-  otherwise, and a non-empty folder that holds no run is refused (:func:`check_output_dir`); an overwritten run is
-  only set aside until the new one has finished (:func:`set_aside_previous_run`, :func:`finish_replacing`); the
-  disk must hold the checkpoints the run will write (:func:`check_free_space`);
+  otherwise, and a non-empty folder without the run's own record (`RUN_MARK`, written by the run at its start) is
+  refused whatever the flags (:func:`check_output_dir`); an overwritten run is only set aside until the new one has
+  finished (:func:`set_aside_previous_run`, :func:`finish_replacing`), and a resumed run keeps what an interrupted
+  overwrite set aside; the disk must hold the checkpoints the run will write (:func:`check_free_space`);
 * the base model: a local folder with a `config.json`, an adapter folder given by mistake, or a Hub id tried once
   and honouring `HF_HUB_OFFLINE` (:func:`resolve_base_model`);
 * the LoRA layers exist in the model's CLIP towers (:func:`check_lora_layers`);
@@ -34,6 +35,7 @@ from .adaptation.checkpoints import (
 )
 from .atomic import read_json_object
 from .errors import UsageError
+from .output_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
 
@@ -44,6 +46,9 @@ __all__ = [
     "check_free_space",
     "check_lora_layers",
     "check_output_dir",
+    "check_output_path",
+    "is_run_folder",
+    "run_mark",
     "check_resume_checkpoint",
     "finish_replacing",
     "set_aside_previous_run",
@@ -53,21 +58,25 @@ __all__ = [
     "resolve_resume_checkpoint",
 ]
 
-#: Written by the recipe into its output folder once every input is checked: the folder holds a vocalign run.
+#: Written by the recipe into its output folder once every input is checked, before any other output of the run:
+#: the one record that the folder holds a vocalign run. Without it nothing in a folder is replaced.
 RUN_MARK = "vocalign_run.json"
 #: What a finished or interrupted run leaves in its output folder (besides `checkpoint-*` folders).
 RUN_ARTIFACTS: tuple[str, ...] = (RUN_MARK, "results.json", "adapter", "overlays.png")
 #: Where `--overwrite_output_dir` keeps the previous run until the new one has written its results.
 PREVIOUS_RUN = ".previous-run"
-#: Shared between runs, never a run output: the world's cached source model, TensorBoard's logs.
-_SHARED = ("source_model", "runs")
+#: `written_by` of a run's mark.
+MARK_WRITER = "vocalign_hf recipes/adapt.py"
+#: Shared between runs, never a run output: the world's cached source model, TensorBoard's logs; and the lock.
+_SHARED = ("source_model", "runs", LOCK_FILE)
 
 
 # ------------------------------------------------------------------------------------------------- output folder
 def find_run_artifacts(output_dir: str | os.PathLike) -> list[str]:
     """Names of a previous run's outputs in `output_dir` (its mark, results, adapter, overlays, `checkpoint-*`).
 
-    The world's cached source model (`source_model/`) is not a run output: runs share and reuse it.
+    The world's cached source model (`source_model/`) is not a run output: runs share and reuse it. A name alone
+    does not make a folder a run's: see [`is_run_folder`].
     """
     folder = Path(output_dir)
     if not folder.is_dir():
@@ -76,14 +85,74 @@ def find_run_artifacts(output_dir: str | os.PathLike) -> list[str]:
     return found + [p.name for p in checkpoint_folders(folder)]
 
 
+def run_mark(status: str, settings: Mapping[str, Any]) -> dict[str, Any]:
+    """The content of a run's `RUN_MARK`: written by the run at its start, before anything else of it."""
+    return {"written_by": MARK_WRITER, "status": status, **settings}
+
+
+def is_run_folder(output_dir: str | os.PathLike) -> bool:
+    """`output_dir` holds this tool's record that a run of it wrote there (a readable `RUN_MARK` with a status;
+    marks of runs before `written_by` existed have the status alone)."""
+    try:
+        return "status" in read_json_object(Path(output_dir) / RUN_MARK)
+    except (OSError, ValueError):
+        return False
+
+
+def _not_ours(folder: Path, found: Sequence[str]) -> UsageError:
+    return UsageError(
+        f"--output_dir {folder} holds {', '.join(found[:5])}{' ...' if len(found) > 5 else ''} but no {RUN_MARK}, "
+        "so no vocalign run wrote them; nothing was changed, and no flag replaces or resumes them. Give a new or "
+        "empty folder, or move those files away yourself"
+    )
+
+
 def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming: bool) -> None:
-    """Refuse to write into a folder that holds a previous run, unless told to replace it or to resume it, and into
-    a non-empty folder that is not a run folder at all. Changes nothing: a replaced run is only set aside, later,
-    by [`set_aside_previous_run`], once every input has been checked.
+    """Refuse to write into a folder that holds a previous run, unless told to replace it or to resume it, and
+    into a non-empty folder that this tool's own record (`RUN_MARK`) does not claim, whatever the flags. Changes
+    nothing: a replaced run is only set aside, later, by [`set_aside_previous_run`], once every input has been
+    checked. Call it holding the folder's lock ([`~vocalign_hf.output_lock.lock_output_dir`]).
 
     Raises:
         UsageError: `output_dir` is a file; holds a previous run and neither `overwrite` nor `resuming` is set; holds
-            a run set aside by an interrupted overwrite; or holds files of its own that no run wrote.
+            a run set aside by an interrupted overwrite and is not resumed; or holds files that no run of this tool
+            wrote (whatever the flags).
+    """
+    folder = check_output_path(output_dir)
+    aside = folder / PREVIOUS_RUN
+    if aside.exists() and not resuming:
+        resume = (" Pass --resume_from_checkpoint true to finish the interrupted run: that keeps it (delete it "
+                  "yourself afterwards);" if checkpoint_folders(folder) else "")
+        raise UsageError(
+            f"{aside} holds the run that an interrupted --overwrite_output_dir set aside; nothing was changed.{resume} "
+            "Move it back or delete it yourself, or pass --output_dir <a new folder>"
+        )
+    found = find_run_artifacts(folder)
+    if found and not is_run_folder(folder):
+        raise _not_ours(folder, found)
+    if not found:
+        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _SHARED) if folder.is_dir() else []
+        if foreign:
+            raise UsageError(
+                f"--output_dir {folder} is not empty and holds no vocalign run ({', '.join(foreign[:5])}"
+                f"{' ...' if len(foreign) > 5 else ''}); nothing was changed. Give a new or empty folder"
+            )
+        return
+    if resuming or overwrite:
+        return
+    checkpoints = [name for name in found if name.startswith("checkpoint-")]
+    resume = f", --resume_from_checkpoint {folder / checkpoints[-1]} to continue it" if checkpoints else ""
+    raise UsageError(
+        f"{folder} already holds a run ({', '.join(found)}); nothing was changed. Pass --output_dir <a new "
+        f"folder> to keep it{resume}, or --overwrite_output_dir true to replace it."
+    )
+
+
+def check_output_path(output_dir: str | os.PathLike) -> Path:
+    """`output_dir` is a folder, or can be made one, by this user; returns it. Reads its contents not at all.
+
+    Raises:
+        UsageError: it is a file, lies under a file, or its nearest existing folder is not writable.
     """
     folder = Path(output_dir).expanduser()
     if folder.exists() and not folder.is_dir():
@@ -93,39 +162,24 @@ def check_output_dir(output_dir: str | os.PathLike, *, overwrite: bool, resuming
         raise UsageError(f"--output_dir {folder} cannot be created: {existing} is a file; give another folder")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise UsageError(f"--output_dir {folder}: {existing} is not writable by this user; give another folder")
-    if (folder / PREVIOUS_RUN).exists() and not resuming:
-        raise UsageError(
-            f"{folder / PREVIOUS_RUN} holds a run that an interrupted --overwrite_output_dir set aside; nothing was "
-            "changed. Move it back or delete it yourself, or pass --output_dir <a new folder>"
-        )
-    found = find_run_artifacts(folder)
-    if not found:
-        foreign = sorted(p.name for p in folder.iterdir() if p.name not in _SHARED) if folder.is_dir() else []
-        if foreign:
-            raise UsageError(
-                f"--output_dir {folder} is not empty and holds no vocalign run ({', '.join(foreign[:5])}"
-                f"{' ...' if len(foreign) > 5 else ''}); nothing was changed. Give a new or empty folder"
-            )
-        return
-    if resuming:
-        return
-    if not overwrite:
-        checkpoints = [name for name in found if name.startswith("checkpoint-")]
-        resume = f", --resume_from_checkpoint {folder / checkpoints[-1]} to continue it" if checkpoints else ""
-        raise UsageError(
-            f"{folder} already holds a run ({', '.join(found)}); nothing was changed. Pass --output_dir <a new "
-            f"folder> to keep it{resume}, or --overwrite_output_dir true to replace it."
-        )
+    return folder
 
 
 def set_aside_previous_run(output_dir: str | os.PathLike) -> Path | None:
     """Move a previous run's outputs into `<output_dir>/.previous-run` (renames: nothing is copied or deleted), so
     that the new run's checkpoints never mix with the old ones. [`finish_replacing`] deletes them once the new run
-    has written its results, or puts them back if it failed before writing a checkpoint of its own."""
+    has written its results, or puts them back if it failed before writing a checkpoint of its own. Other files in
+    the folder stay where they are.
+
+    Raises:
+        UsageError: the outputs are not a run's of this tool (no `RUN_MARK`): nothing is moved.
+    """
     folder = Path(output_dir)
     found = find_run_artifacts(folder)
     if not found:
         return None
+    if not is_run_folder(folder):
+        raise _not_ours(folder, found)
     aside = folder / PREVIOUS_RUN
     aside.mkdir()
     for name in found:

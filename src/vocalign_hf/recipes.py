@@ -24,16 +24,20 @@ from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
 from .outputs import check_not_overlapping
 from .recipe_checks import (
+    PREVIOUS_RUN,
     RUN_MARK,
     check_free_space,
     check_lora_layers,
     check_output_dir,
+    check_output_path,
     check_resume_checkpoint,
     finish_replacing,
     resolve_base_model,
     resolve_resume_checkpoint,
+    run_mark,
     set_aside_previous_run,
 )
+from .output_lock import lock_output_dir
 from .metrics import split_absent_metrics
 from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .visualization import colorize, segmentation_grid
@@ -486,7 +490,8 @@ def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | No
 
 
 def check_run_folders(recipe: RecipeArguments, args: VocAlignArguments) -> str | None:
-    """The output folder and the resume checkpoint, before anything else is read: returns the checkpoint to resume.
+    """The output folder's path and the resume checkpoint, before anything else is read: returns the checkpoint to
+    resume. What the folder holds is checked by [`check_output_dir`], under the folder's lock.
 
     The output may neither be, contain nor lie inside an input folder (the next run would train on its overlays),
     nor lie inside the base model's folder."""
@@ -500,9 +505,12 @@ def check_run_folders(recipe: RecipeArguments, args: VocAlignArguments) -> str |
             raise UsageError(f"--output_dir {args.output_dir} lies in the --base_model folder {recipe.base_model}: "
                              "give a folder outside it")
     if args.method != "zero_shot":  # the zero-shot evaluation writes nothing
-        resuming = resume is not None and Path(resume).resolve().parent == Path(args.output_dir).resolve()
-        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+        check_output_path(args.output_dir)
     return resume
+
+
+def _resumes_in_place(resume: str | None, output_dir: str) -> bool:
+    return resume is not None and Path(resume).resolve().parent == Path(output_dir).resolve()
 
 
 def checkpoint_space_needed(model: torch.nn.Module, args: VocAlignArguments) -> tuple[int, str]:
@@ -575,11 +583,11 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     Every input is checked first (output folder, resume checkpoint, base model, every image and mask, LoRA layers,
     free space): a problem raises a `UsageError` naming it before any model is loaded or anything is written. A
     previous run in `output_dir` is kept unless `--overwrite_output_dir` (it is then set aside, and deleted only
-    once this run has written its results) or a resume from one of its checkpoints says otherwise.
+    once this run has written its results) or a resume from one of its checkpoints says otherwise; files that no
+    run of this tool wrote are never replaced. One run at a time writes into a folder: the main process holds its
+    lock ([`~vocalign_hf.output_lock.lock_output_dir`]) from before the folder is read until the run ends.
     """
     from dataclasses import replace
-
-    from transformers import set_seed
 
     from .adaptation.adapters import adapter_push_target
 
@@ -587,9 +595,26 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     push = adapter_push_target(recipe.push_adapter_to_hub, args)
     if args.push_to_hub:
         args = replace(args, push_to_hub=False)
-    set_seed(args.seed)
     check_recipe_args(recipe)
     resume = check_run_folders(recipe, args)
+    if args.method == "zero_shot":  # writes nothing
+        return _adapt(recipe, args, resume, push)
+    resuming = _resumes_in_place(resume, args.output_dir)
+    if args.process_index != 0:  # only the main process writes; it holds the lock
+        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+        return _adapt(recipe, args, resume, push)
+    with lock_output_dir(args.output_dir):
+        check_output_dir(args.output_dir, overwrite=args.overwrite_output_dir, resuming=resuming)
+        return _adapt(recipe, args, resume, push)
+
+
+def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None, push: dict | None) -> dict[str, Any]:
+    """[`run_adaptation`] once the output folder is checked (and locked)."""
+    from dataclasses import replace
+
+    from transformers import set_seed
+
+    set_seed(args.seed)
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)
     # Several processes: the (local) main process builds the data first -- renders and caches the world, pretrains
@@ -628,11 +653,16 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     needed, what = checkpoint_space_needed(student, args)
     check_free_space(args.output_dir, needed, what)
     trainer = trainer_for(student, args.method)
+    replacing = args.overwrite_output_dir and not _resumes_in_place(resume, args.output_dir)
     with args.main_process_first(local=False, desc="setting the previous run aside"):
         if trainer.is_world_process_zero():
-            if args.overwrite_output_dir and resume is None:
+            if replacing:
                 set_aside_previous_run(args.output_dir)
-            atomic_write_json(Path(args.output_dir) / RUN_MARK, {"status": "training", **trainer.run_settings()})
+            elif (Path(args.output_dir) / PREVIOUS_RUN).exists():  # resuming a run that was replacing another
+                logger.warning("%s (the run an interrupted --overwrite_output_dir set aside) is kept: this resumed run "
+                               "never deletes it; delete it yourself once you no longer need it",
+                               Path(args.output_dir) / PREVIOUS_RUN)
+            atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", trainer.run_settings()))
     try:
         trainer.train(resume_from_checkpoint=resume)
         tables["adapted"] = _evaluate_into(results, trainer, "adapted")
@@ -645,12 +675,26 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
         if absent:
             results["absent"] = absent
         if trainer.is_world_process_zero():
-            _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push)
-    except BaseException:
+            _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing)
+    except BaseException as error:
         if trainer.is_world_process_zero():
-            finish_replacing(args.output_dir, succeeded=False)
+            _mark_stopped(Path(args.output_dir), trainer, error)
+            if replacing:  # puts the previous run back, its mark included, if this one wrote no checkpoint
+                finish_replacing(args.output_dir, succeeded=False)
         raise
     return results
+
+
+def _mark_stopped(output: Path, trainer: VocAlignTrainer, error: BaseException) -> None:
+    """Record in the run's mark that it stopped on `error`, and at which step; a mark that cannot be written (a full
+    disk) must not hide the error itself."""
+    status = "interrupted" if isinstance(error, KeyboardInterrupt) else "failed"
+    reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else ''}"
+    mark = run_mark(status, {**trainer.run_settings(), "error": reason, "step": trainer.state.global_step})
+    try:
+        atomic_write_json(output / RUN_MARK, mark)
+    except OSError as failure:
+        logger.warning("could not record the failure in %s (%s)", output / RUN_MARK, failure)
 
 
 def _evaluate_into(results: dict[str, Any], trainer: VocAlignTrainer, prefix: str) -> str:
@@ -661,9 +705,9 @@ def _evaluate_into(results: dict[str, Any], trainer: VocAlignTrainer, prefix: st
     return trainer.last_eval_table
 
 
-def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push) -> None:
+def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing) -> None:
     """Print the tables, then write what matters first: the adapter and `results.json`; then the overlays; then
-    mark the run finished, delete a run this one replaced, and push."""
+    mark the run finished, delete the run this one replaced (`replacing`: it set one aside), and push."""
     args = trainer.args
     for name, table in tables.items():
         print(f"\n=== target split, {name} ===\n{table}")
@@ -685,8 +729,9 @@ def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tabl
                              output / "overlays.png", recipe.num_overlays)
     if overlays:
         print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
-    atomic_write_json(output / RUN_MARK, {"status": "finished", **settings})
-    finish_replacing(output, succeeded=True)
+    atomic_write_json(output / RUN_MARK, run_mark("finished", settings))
+    if replacing:
+        finish_replacing(output, succeeded=True)
     if push is not None:
         sha = push_adapter_to_hub(folder, **push)
         print(f"adapter pushed to {push['repo_id']} (commit {sha})")

@@ -4,6 +4,7 @@ concept generator share (beside the processor, so that the Hub's remote code car
 from __future__ import annotations
 
 import re
+import unicodedata
 from collections.abc import Iterable
 from typing import Any
 
@@ -20,11 +21,34 @@ def name_key(text: str) -> str:
     return normalize_name(text).casefold()
 
 
-def validate_class_names(names: Iterable[Any], *, source: str = "class list") -> list[str]:
-    """Check a class list and return it whitespace-normalised, in the given order.
+def _invisible_or_space(char: str) -> bool:
+    return char.isspace() or unicodedata.category(char) == "Cf"  # Cf: BOM, zero-width space and joiners, ...
 
-    Every entry must be a non-blank string; names must be unique ignoring case and surrounding or repeated
-    whitespace (`"bed "` of the SceneParse150 list becomes `"bed"`).
+
+def _clean_name(text: str) -> str:
+    """The one normalisation of a class name: invisible format characters at the ends (a UTF-8 BOM, as Notepad
+    saves a text file; a zero-width space) and surrounding whitespace stripped, inner whitespace collapsed, NFC."""
+    start, end = 0, len(text)
+    while start < end and _invisible_or_space(text[start]):
+        start += 1
+    while end > start and _invisible_or_space(text[end - 1]):
+        end -= 1
+    return unicodedata.normalize("NFC", normalize_name(text[start:end]))
+
+
+def _duplicate_key(name: str) -> str:
+    """Names that look or read the same are one class: equal after NFKC (fullwidth `ｓｋｙ` is `sky`), without
+    invisible format characters (`sky\u200b` is `sky`), whitespace-normalised and case-folded."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+    return unicodedata.normalize("NFC", normalize_name(visible).casefold())
+
+
+def validate_class_names(names: Iterable[Any], *, source: str = "class list") -> list[str]:
+    """Check a class list and return it normalised once, in the given order.
+
+    Every entry must be a non-blank string. Each is returned stripped of surrounding whitespace and invisible
+    characters (a UTF-8 BOM), with inner whitespace collapsed, in NFC (`"bed "` of the SceneParse150 list becomes
+    `"bed"`). Names must be unique ignoring case, Unicode compatibility forms (NFKC) and invisible characters.
 
     Raises:
         TypeError: a single string was given instead of a list.
@@ -37,12 +61,14 @@ def validate_class_names(names: Iterable[Any], *, source: str = "class list") ->
     for index, raw in enumerate(names):
         if not isinstance(raw, str):
             raise ValueError(f"{source}: entry {index} is {type(raw).__name__} {raw!r}, expected a string")
-        name = normalize_name(raw)
+        name = _clean_name(raw)
         if not name:
             raise ValueError(f"{source}: entry {index} is blank")
-        key = name.casefold()
+        key = _duplicate_key(name)
         if key in seen:
-            raise ValueError(f"{source}: duplicate class name {name!r} (entry {index}; same as {seen[key]!r})")
+            shown = name if name == raw.strip() else raw  # what was given, where stripping hid the difference
+            raise ValueError(f"{source}: duplicate class name {shown!r} (entry {index}; same as {seen[key]!r} once "
+                             "case, Unicode forms and invisible characters are ignored): remove one")
         seen[key] = name
         result.append(name)
     if not result:
