@@ -8,7 +8,7 @@ import logging
 import math
 import sys
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,8 @@ from transformers import HfArgumentParser
 
 from .atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from .errors import UsageError
-from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
+from .adaptation import ConceptVocabulary, VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
+from .adaptation.concept_audit import audit_concepts, format_audit, gate_concepts
 from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
 from .outputs import check_not_overlapping
@@ -104,6 +105,9 @@ class RecipeArguments:
     num_overlays: int = field(default=6, metadata={"help": "evaluation images in the overlay grid (overlays.png)"})
     push_adapter_to_hub: str | None = field(default=None, metadata={"help": "Hub repo id for the adapter"})
     adapter: str | None = field(default=None, metadata={"help": "evaluate.py: a VocAlign adapter (folder or Hub id)"})
+    concept_audit_images: int = field(
+        default=256, metadata={"help": "unlabeled target images the concept audit reads before adapting (0: none)"}
+    )
     score_with_concepts: bool | None = field(
         default=None,
         metadata={"help": "evaluate.py: score each class with its name and the --concepts (vocabulary alignment, "
@@ -615,6 +619,9 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
     from transformers import set_seed
 
     set_seed(args.seed)
+    if resume is not None and args.concept_gate is not None:
+        raise UsageError("--concept_gate chooses the concepts from the model before training and cannot be resumed "
+                         "yet: start a new run (another --output_dir), or resume without --concept_gate")
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)
     # Several processes: the (local) main process builds the data first -- renders and caches the world, pretrains
@@ -648,6 +655,7 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
             print(tables["zero-shot"])
         return {**results, "absent": absent} if absent else results
 
+    data = _audit_concepts(recipe, args, data, zero_shot_model, processor)
     set_seed(args.seed)
     student = add_lora(CATSegForSemanticSegmentation.from_pretrained(data.base_model), args)
     needed, what = checkpoint_space_needed(student, args)
@@ -683,6 +691,28 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
                 finish_replacing(args.output_dir, succeeded=False)
         raise
     return results
+
+
+def _audit_concepts(recipe, args, data: TargetData, model, processor) -> TargetData:
+    """Print which pixels each concept wins on the unlabeled target images, and from which class (see
+    `adaptation.concept_audit`); with `--concept_gate`, adapt without the concepts that mostly steal another class."""
+    if not (data.concepts and args.use_concepts and args.include_class_names and recipe.concept_audit_images):
+        return data
+    rows = data.train.with_format(None) if hasattr(data.train, "with_format") else None
+    if rows is None or "image" not in rows.column_names:
+        logger.warning("concept audit skipped: the training split has no 'image' column")
+        return data
+    images = rows.select(range(min(recipe.concept_audit_images, len(rows))))["image"]
+    vocabulary = ConceptVocabulary(data.class_names, data.concepts)
+    audit = audit_concepts(model.eval(), processor, [image.convert("RGB") for image in images], vocabulary)
+    if args.process_index == 0:
+        print(f"\n=== concepts on {len(images)} unlabeled target images ===\n{format_audit(audit, 0.5)}")
+    if args.concept_gate is None:
+        return data
+    concepts, dropped = gate_concepts(data.concepts, audit, args.concept_gate)
+    if args.process_index == 0:
+        print(f"concept gate {args.concept_gate}: dropped {[f'{r.concept} ({r.class_name})' for r in dropped]}")
+    return replace(data, concepts=concepts)
 
 
 def _mark_stopped(output: Path, trainer: VocAlignTrainer, error: BaseException) -> None:

@@ -45,7 +45,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: The arguments that make a run what it is (recorded in `vocalign.json` and the card, compared on resume).
 RUN_SETTINGS = (
     "method", "top_k", "top_k_mass", "use_masking", "mask_ratio", "mask_block_size", "mask_space",
-    "student_augmentation", "use_concepts", "student_concepts", "concept_reduce", "include_class_names",
+    "student_augmentation", "use_concepts", "student_concepts", "concept_gate", "concept_reduce", "include_class_names",
     "pseudo_threshold", "confident_pixels_only", "ema_alpha", "teacher_text_ema", "lora_rank", "lora_alpha", "lora_layers",
     "lora_use_rslora", "learning_rate", "lora_lr_multiplier", "lr_scheduler_type", "warmup_steps",
     "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
@@ -53,7 +53,7 @@ RUN_SETTINGS = (
 )
 
 #: Settings added to `RUN_SETTINGS` after checkpoints began recording them, with the value every older run had.
-SETTINGS_ADDED_LATER = {"student_concepts": False}
+SETTINGS_ADDED_LATER = {"student_concepts": False, "concept_gate": None}
 
 
 def run_settings(args: Any) -> dict[str, Any]:
