@@ -572,3 +572,18 @@ def test_a_run_that_stops_on_an_error_says_so_in_its_record(domain, base_model, 
     mark = json.loads((tmp_path / "out" / "vocalign_run.json").read_text())
     assert (mark["status"], mark["error"], mark["step"]) == ("failed", "KeyError: 'lora'", 0)
     assert not (tmp_path / "out" / ".vocalign.lock").exists()
+
+
+# ------------------------------------------------------- issue 39 (rest): what a resume may change, damaged files
+def test_a_lora_layout_change_is_refused_even_with_other_settings(finished_run, base_model, tmp_path, no_model_load):
+    domain, output, _ = finished_run  # LoRA on layers 0 1, rank 2, alpha 2
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    before = tree(copy)
+    for extra in (["--lora_layers", "0"], ["--lora_rank", "4"], ["--lora_alpha", "3"], ["--lora_use_rslora", "false"]):
+        with pytest.raises(UsageError, match=rf"--resume_from_checkpoint {copy / 'checkpoint-2'} has another LoRA "
+                                              r"layout \(.*\), which a resume cannot change: resume with the "
+                                              r"checkpoint's LoRA settings, or start a new run"):
+            run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true",
+                      "--resume_with_other_settings", "true", *extra))
+    assert tree(copy) == before

@@ -6,7 +6,8 @@ teacher's LoRA weights, and, written last, `checkpoint_complete.json`. A folder 
 while saving (a kill, a full disk): "resume from the last checkpoint" passes over it, with a warning.
 
 Resuming continues *the same run*. A checkpoint is refused, with each difference named, when its LoRA layout,
-class list, concepts or training settings differ from this run's, or when its step is already at or past
+class list, concepts or training settings differ from this run's (`resume_with_other_settings` lets the settings
+and classes differ, never the LoRA layout: the weights would not fit), or when its step is already at or past
 `max_steps` (there is nothing left to train: the "result" would be the other run's weights). `max_steps` itself may
 grow: the run is extended, and the record says from where.
 """
@@ -51,6 +52,11 @@ RUN_SETTINGS = (
     "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_steps", "seed", "data_seed",
 )
+
+#: What shapes the LoRA weights a checkpoint holds (settings, and `adapter_config.json` keys): never changed on resume.
+LORA_LAYOUT = frozenset({
+    "lora_rank", "lora_alpha", "lora_layers", "lora_use_rslora", "r", "target_modules", "use_rslora",
+})
 
 #: Settings added to `RUN_SETTINGS` after checkpoints began recording them, with the value every older run had.
 SETTINGS_ADDED_LATER = {"student_concepts": False}
@@ -129,6 +135,12 @@ def checkpoint_differences(
     Returns:
         One line per difference (empty: the same run), and the checkpoint's global step.
     """
+    diffs, step = _differences(checkpoint, class_names, settings, concepts, expected_lora, needs_teacher)
+    return [line for _, line in diffs], step
+
+
+def _differences(checkpoint, class_names, settings, concepts, expected_lora, needs_teacher):
+    """[`checkpoint_differences`], each line with the key it is about."""
     folder = Path(checkpoint)
     required = ["trainer_state.json", "adapter_config.json", VOCALIGN_STATE]
     required += [TEACHER_WEIGHTS] if needs_teacher else []
@@ -149,20 +161,20 @@ def checkpoint_differences(
     for key, value in (expected_lora or {}).items():
         if key == "target_modules" and saved.get(key) != value:
             have, want = _layers_of(saved.get(key)), _layers_of(value)
-            diffs.append(f"LoRA layers {have if have is not None else saved.get(key)} (this run: {want})")
+            diffs.append((key, f"LoRA layers {have if have is not None else saved.get(key)} (this run: {want})"))
         elif key != "target_modules" and saved.get(key) != value:
-            diffs.append(f"{key} {saved.get(key)} (this run: {value})")
+            diffs.append((key, f"{key} {saved.get(key)} (this run: {value})"))
     state = _read_json(folder / VOCALIGN_STATE)
     if list(state.get("class_names", [])) != list(class_names):
-        diffs.append(f"class list {state.get('class_names')} (this run: {list(class_names)})")
+        diffs.append(("class_names", f"class list {state.get('class_names')} (this run: {list(class_names)})"))
     if concepts is not None and "concepts" in state and state["concepts"] != {k: list(v) for k, v in concepts.items()}:
-        diffs.append("concepts (the checkpoint's vocalign.json lists other concepts than this run's)")
+        diffs.append(("concepts", "concepts (the checkpoint's vocalign.json lists other concepts than this run's)"))
     recorded = state.get("settings", state)  # checkpoints written before `settings` kept a few keys at the top
     if "settings" in state:  # a setting added since the checkpoint was written: it ran with the old behaviour
         recorded = {**SETTINGS_ADDED_LATER, **recorded}
     for key, value in settings.items():
         if key != "max_steps" and key in recorded and _normal(recorded[key]) != _normal(value):
-            diffs.append(f"{key} {recorded[key]!r} (this run: {value!r})")
+            diffs.append((key, f"{key} {recorded[key]!r} (this run: {value!r})"))
     return diffs, step
 
 
@@ -182,7 +194,17 @@ def check_same_run(
     Returns:
         The differences (empty: the same run) and the checkpoint's step.
     """
-    diffs, step = checkpoint_differences(checkpoint, **expected)
+    keyed, step = _differences(
+        checkpoint, expected["class_names"], expected["settings"], expected.get("concepts"),
+        expected.get("expected_lora"), expected.get("needs_teacher", False),
+    )
+    layout = [line for key, line in keyed if key in LORA_LAYOUT]
+    if layout:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} has another LoRA layout ({'; '.join(dict.fromkeys(layout))}), "
+            "which a resume cannot change: resume with the checkpoint's LoRA settings, or start a new run"
+        )
+    diffs = [line for _, line in keyed]
     if diffs and not allow_other_settings:
         raise UsageError(
             f"--resume_from_checkpoint {checkpoint} was trained with {'; '.join(diffs)}: resume with that run's "
