@@ -587,3 +587,40 @@ def test_a_lora_layout_change_is_refused_even_with_other_settings(finished_run, 
             run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true",
                       "--resume_with_other_settings", "true", *extra))
     assert tree(copy) == before
+
+
+def _keep_trainer(monkeypatch) -> list:
+    """The recipe's trainers, kept once they trained (their own `train` runs unchanged)."""
+    from vocalign_hf.adaptation import VocAlignTrainer
+
+    kept, train = [], VocAlignTrainer.train
+
+    def train_and_keep(self, *args, **kwargs):
+        kept.append(self)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(VocAlignTrainer, "train", train_and_keep)
+    return kept
+
+
+def test_a_resume_with_another_learning_rate_trains_with_it(finished_run, base_model, tmp_path, monkeypatch):
+    domain, output, _ = finished_run  # lr 3e-05, weight decay 1e-4, constant schedule
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    kept = _keep_trainer(monkeypatch)
+    run(flags(domain, base_model, copy, "--max_steps", "3", "--learning_rate", "5e-3", "--weight_decay", "0.02",
+              "--eval_zero_shot", "false", "--resume_from_checkpoint", "true", "--resume_with_other_settings", "true"))
+    trainer = kept[-1]
+    groups = trainer.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == trainer.lr_scheduler.base_lrs == [5e-3] * len(groups)
+    assert [g["lr"] for g in groups] == [5e-3] * len(groups)
+    assert {g["weight_decay"] for g in groups} - {0.0} == {0.02}
+    settings = json.loads((copy / "adapter" / "vocalign.json").read_text())["settings"]
+    assert settings["learning_rate"] == 5e-3 and settings["weight_decay"] == 0.02
+    # A later plain resume keeps the record of the forced difference.
+    run(flags(domain, base_model, copy, "--max_steps", "4", "--learning_rate", "5e-3", "--weight_decay", "0.02",
+              "--eval_zero_shot", "false", "--resume_from_checkpoint", "true"))
+    resumed = json.loads((copy / "adapter" / "vocalign.json").read_text())["settings"]["resumed_from"]
+    assert (resumed["step"], resumed["other_settings"]) == (3, [])
+    assert resumed["earlier"]["step"] == 2
+    assert "learning_rate 3e-05 (this run: 0.005)" in resumed["earlier"]["other_settings"]
