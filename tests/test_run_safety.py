@@ -624,3 +624,48 @@ def test_a_resume_with_another_learning_rate_trains_with_it(finished_run, base_m
     assert (resumed["step"], resumed["other_settings"]) == (3, [])
     assert resumed["earlier"]["step"] == 2
     assert "learning_rate 3e-05 (this run: 0.005)" in resumed["earlier"]["other_settings"]
+
+
+def _evaluate_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def other_base(base_model, tmp_path) -> Path:
+    """The base model's folder with other weights (one tensor changed)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "other_base"
+    shutil.copytree(base_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_the_base_model_is_part_of_a_runs_identity(finished_run, base_model, other_base, tmp_path, capsys):
+    from vocalign_hf.adaptation.adapters import base_model_fingerprint
+
+    domain, output, _ = finished_run
+    digest = base_model_fingerprint(base_model)["sha256"]
+    assert digest == __import__("hashlib").sha256((base_model / "model.safetensors").read_bytes()).hexdigest()
+    for record in (output / "checkpoint-2" / "vocalign.json", output / "vocalign_run.json"):
+        assert json.loads(record.read_text())["base_model"] == {"name": str(base_model), "sha256": digest}
+    assert json.loads((output / "adapter" / "vocalign.json").read_text())["base_model_sha256"] == digest
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    for extra in ([], ["--resume_with_other_settings", "true"]):
+        with pytest.raises(UsageError, match=rf"--resume_from_checkpoint {copy / 'checkpoint-2'} was trained on the "
+                                              rf"base model {base_model} \(sha256 {digest[:12]}\); --base_model "
+                                              rf"{other_base} has other weights .*: resume on the checkpoint's base"):
+            run(flags(domain, other_base, copy, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra))
+    argv = flags(domain, other_base, tmp_path / "eval", "--adapter", str(output / "adapter"))
+    _evaluate_recipe().main(argv)
+    assert (f"note: the adapter was trained on {base_model} (sha256 {digest[:12]}); {other_base} has other "
+            "weights") in capsys.readouterr().out

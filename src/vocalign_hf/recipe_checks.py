@@ -393,9 +393,11 @@ def check_resume_checkpoint(
     settings: Mapping[str, Any] | None = None,
     concepts: Mapping[str, Sequence[str]] | None = None,
     allow_other_settings: bool = False,
+    base_model: Mapping[str, Any] | None = None,
 ) -> None:
-    """A `checkpoint-*` folder must hold a complete checkpoint of this run: its LoRA layout, class list, concepts
-    and settings, at a step before `max_steps` ([`~vocalign_hf.adaptation.checkpoints.check_same_run`]).
+    """A `checkpoint-*` folder must hold a complete checkpoint of this run: its base model's weights (`base_model`:
+    [`~vocalign_hf.adaptation.adapters.base_model_fingerprint`]), LoRA layout, class list, concepts and settings,
+    at a step before `max_steps` ([`~vocalign_hf.adaptation.checkpoints.check_same_run`]).
 
     Raises:
         UsageError: naming the missing file, the step, or each setting that differs.
@@ -403,4 +405,5 @@ def check_resume_checkpoint(
     check_same_run(
         Path(checkpoint), class_names=class_names, settings=settings or {}, concepts=concepts,
         expected_lora=expected_lora, needs_teacher=needs_teacher, allow_other_settings=allow_other_settings,
+        base_model=base_model,
     )

@@ -20,6 +20,7 @@ from transformers import HfArgumentParser
 from .atomic import atomic_write_file, atomic_write_json, atomic_write_text
 from .errors import UsageError
 from .adaptation import VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
+from .adaptation.adapters import base_model_fingerprint
 from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
 from .outputs import check_not_overlapping
@@ -486,7 +487,8 @@ def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | No
         settings = run_settings(args)
         check_resume_checkpoint(resume, expected_lora=expected, class_names=data.class_names,
                                 needs_teacher=args.method in ("vocalign", "teacher_student"), settings=settings,
-                                concepts=data.concepts, allow_other_settings=args.resume_with_other_settings)
+                                concepts=data.concepts, allow_other_settings=args.resume_with_other_settings,
+                                base_model=base_model_fingerprint(data.base_model))
 
 
 def check_run_folders(recipe: RecipeArguments, args: VocAlignArguments) -> str | None:
@@ -662,7 +664,8 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
                 logger.warning("%s (the run an interrupted --overwrite_output_dir set aside) is kept: this resumed run "
                                "never deletes it; delete it yourself once you no longer need it",
                                Path(args.output_dir) / PREVIOUS_RUN)
-            atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", trainer.run_settings()))
+            record = {**trainer.run_settings(), "base_model": trainer.base_model_record()}
+            atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", record))
     try:
         trainer.train(resume_from_checkpoint=resume)
         tables["adapted"] = _evaluate_into(results, trainer, "adapted")

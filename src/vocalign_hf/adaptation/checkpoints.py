@@ -182,14 +182,31 @@ def _normal(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _check_same_base(checkpoint: str | Path, base_model: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint trained on other base weights than `base_model` ([`base_model_fingerprint`]'s record);
+    a checkpoint or base without a hash (written before it was recorded, built in memory) is not compared."""
+    trained = _read_json(Path(checkpoint) / VOCALIGN_STATE).get("base_model") or {}
+    if not base_model or not trained.get("sha256") or not base_model.get("sha256"):
+        return
+    if trained["sha256"] != base_model["sha256"]:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} was trained on the base model {trained.get('name')} (sha256 "
+            f"{trained['sha256'][:12]}); --base_model {base_model.get('name')} has other weights (sha256 "
+            f"{base_model['sha256'][:12]}): resume on the checkpoint's base model, or start a new run"
+        )
+
+
 def check_same_run(
     checkpoint: str | Path, *, allow_other_settings: bool = False, **expected: Any
 ) -> tuple[list[str], int]:
-    """[`checkpoint_differences`] (`expected`: its keyword arguments), refused unless `allow_other_settings`, which
-    only warns. Used by the recipes before any model loads and by `VocAlignTrainer.train`.
+    """[`checkpoint_differences`] (`expected`: its keyword arguments, and `base_model`: this run's
+    [`~vocalign_hf.adaptation.adapters.base_model_fingerprint`]), refused unless `allow_other_settings`, which
+    only warns; another LoRA layout or other base weights are refused whatever the flag. Used by the recipes before
+    any model loads and by `VocAlignTrainer.train`.
 
     Raises:
-        UsageError: the checkpoint is incomplete, at `max_steps`, or of another run (each difference named).
+        UsageError: the checkpoint is incomplete, at `max_steps`, of another base model or LoRA layout, or of
+            another run (each difference named).
 
     Returns:
         The differences (empty: the same run) and the checkpoint's step.
@@ -198,6 +215,7 @@ def check_same_run(
         checkpoint, expected["class_names"], expected["settings"], expected.get("concepts"),
         expected.get("expected_lora"), expected.get("needs_teacher", False),
     )
+    _check_same_base(checkpoint, expected.get("base_model"))
     layout = [line for key, line in keyed if key in LORA_LAYOUT]
     if layout:
         raise UsageError(

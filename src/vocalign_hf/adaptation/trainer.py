@@ -56,7 +56,7 @@ from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
-from .adapters import CARD_FILE, base_model_reference, build_model_card
+from .adapters import CARD_FILE, base_model_fingerprint, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
 from .checkpoints import (
     CHECKPOINT_COMPLETE,
@@ -203,6 +203,7 @@ class VocAlignTrainer(Trainer):
             self.add_callback(_TeacherEMACallback(self))
         self.add_callback(_CheckpointCompletionCallback(self))
         self.resumed_from: dict[str, Any] | None = None
+        self._base_model: dict[str, Any] | None = None
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self._place_tensorboard_logs()
@@ -436,6 +437,7 @@ class VocAlignTrainer(Trainer):
         diffs, step = check_same_run(
             checkpoint, class_names=self.class_names, concepts=self.concepts, settings=self.run_settings(),
             needs_teacher=self.teacher is not None, allow_other_settings=self.args.resume_with_other_settings,
+            base_model=self.base_model_record(),
         )
         resumed = {"checkpoint": str(checkpoint), "step": step, "other_settings": diffs}
         earlier = read_json_object(checkpoint / VOCALIGN_STATE).get("resumed_from")
@@ -445,12 +447,20 @@ class VocAlignTrainer(Trainer):
         """The settings that make this run what it is: a checkpoint's must equal them to be resumed."""
         return run_settings(self.args)
 
+    def base_model_record(self) -> dict[str, Any]:
+        """The base model this run adapts: its name and the sha256 of its weights files (read once; None for a
+        model built in memory). A checkpoint is resumed only on the same weights."""
+        if self._base_model is None:
+            self._base_model = base_model_fingerprint(getattr(self.model.config, "_name_or_path", None) or None)
+        return self._base_model
+
     def run_record(self) -> dict[str, Any]:
         """What this run really did, for `vocalign.json` and the model card: steps trained, where it resumed from,
         whether the teacher's vocabulary had concepts."""
         record = {
             "steps_trained": self.state.global_step,
             "concepts_used": list(self.vocabulary.entries) != list(self.class_names),
+            "base_model": self.base_model_record(),
         }
         if self.resumed_from is not None:
             record["resumed_from"] = self.resumed_from
