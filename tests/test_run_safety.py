@@ -34,7 +34,9 @@ from test_recipe_robustness import (  # noqa: F401  (fixtures)
 from vocalign_hf.adaptation import merge_adapter
 from vocalign_hf.errors import UsageError
 
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "tests")}
+# This checkout's package first (a worktree beside an editable install of another checkout tests its own code).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
+                  "PYTHONPATH": os.pathsep.join(str(p) for p in (ROOT / "src", ROOT, ROOT / "tests"))}
 
 
 def snapshot(folder: Path) -> dict[Path, bytes]:
@@ -669,3 +671,50 @@ def test_the_base_model_is_part_of_a_runs_identity(finished_run, base_model, oth
     _evaluate_recipe().main(argv)
     assert (f"note: the adapter was trained on {base_model} (sha256 {digest[:12]}); {other_base} has other "
             "weights") in capsys.readouterr().out
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "teacher_lora.safetensors", "optimizer.pt",
+                                  "rng_state.pth", "scheduler.pt"])
+def test_a_cut_off_checkpoint_file_is_named(finished_run, base_model, tmp_path, no_model_load, name):
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    _cut(copy / "checkpoint-2" / name)  # its completion mark is there: the file was damaged afterwards
+    with pytest.raises(UsageError, match=rf"^{copy / 'checkpoint-2' / name} is damaged \(.*\): resume from another "
+                                          rf"checkpoint \(--resume_from_checkpoint {copy / 'checkpoint-1'}\), or "
+                                          r"start a new run$"):
+        run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true"))
+
+
+def test_a_cut_off_adapter_or_missing_folder_is_one_line(finished_run, base_model, tmp_path):
+    _, output, _ = finished_run
+    adapter = tmp_path / "adapter"
+    shutil.copytree(output / "adapter", adapter)
+    _cut(adapter / "adapter_model.safetensors")
+    merge = [sys.executable, "-m", "vocalign_hf.adaptation.merge"]
+    cases = [
+        (merge + [str(base_model), str(adapter), str(tmp_path / "m")],
+         f"error: adapter: {adapter / 'adapter_model.safetensors'} is damaged ("),
+        (merge + [str(tmp_path / "nobase"), str(output / "adapter"), str(tmp_path / "m")],
+         f"error: base model: folder not found: {tmp_path / 'nobase'}"),
+        (merge + [str(base_model), "runs/x/adapter", str(tmp_path / "m")],
+         "error: adapter: folder not found: runs/x/adapter"),
+        ([sys.executable, str(ROOT / "recipes" / "evaluate.py"), *flags(output.parent / "domain", base_model,
+                                                                          tmp_path / "e", "--adapter", str(adapter))],
+         f"error: --adapter: {adapter / 'adapter_model.safetensors'} is damaged ("),
+    ]
+    for command, start in cases:
+        done = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        line, = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(start) and "huggingface.co" not in line, line
+    assert not (tmp_path / "m").exists()
+    from vocalign_hf.adaptation import load_adapted_model
+    from vocalign_hf.adaptation.adapters import AdapterLoadError
+
+    with pytest.raises(AdapterLoadError, match=r"adapter_model.safetensors is damaged .*: save or download the adapter"):
+        load_adapted_model(base_model, adapter)  # the library, without the recipe's checks

@@ -17,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
 from ..atomic import atomic_write_json, atomic_write_text, read_json_object
+from ..file_checks import damaged_files
 from ..outputs import write_output_folder
 from ..data.hub import hub_dataset_id
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
@@ -326,6 +327,14 @@ def _read_json_file(path: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{error}; the adapter folder is damaged") from None
 
 
+def _check_adapter_files(adapter: str | os.PathLike) -> None:
+    """Refuse a local adapter folder whose weights were cut off, naming the file."""
+    damaged = damaged_files(adapter) if Path(adapter).is_dir() else []
+    if damaged:
+        path, problem = damaged[0]
+        raise AdapterLoadError(f"{path} is damaged ({problem}): save or download the adapter again")
+
+
 def _warn_if_other_base(
     info: Mapping[str, Any], base: CATSegForSemanticSegmentation, base_revision: str | None
 ) -> None:
@@ -379,6 +388,7 @@ def load_adapted_model(
         base_model = CATSegForSemanticSegmentation.from_pretrained(base_model, **from_pretrained_kwargs)
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
     info = _read_adapter_info(adapter, adapter_revision, **hub_kwargs)
+    _check_adapter_files(adapter)
     _warn_if_other_base(info, base_model, base_revision)
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from ..atomic import read_json_object
 from ..errors import UsageError
+from ..file_checks import damaged_files
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +108,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UsageError(f"{error}: resume from another checkpoint") from None
 
 
+def _check_intact(folder: Path) -> None:
+    """Refuse a checkpoint whose weights, optimiser, scheduler or RNG file was cut off, naming the file."""
+    damaged = damaged_files(folder)
+    if damaged:
+        path, problem = damaged[0]
+        earlier = [p for p in checkpoint_folders(folder.parent) if p != folder and is_complete(p)]
+        other = f" (--resume_from_checkpoint {earlier[-1]})" if earlier else ""
+        raise UsageError(f"{path} is damaged ({problem}): resume from another checkpoint{other}, or start a new run")
+
+
 def _layers_of(target_modules: Any) -> list[int] | None:
     match = re.search(r"layers\\\.\(\?:([\d|]+)\)", str(target_modules))
     return [int(i) for i in match.group(1).split("|")] if match else None
@@ -149,6 +160,7 @@ def _differences(checkpoint, class_names, settings, concepts, expected_lora, nee
         raise UsageError(
             f"--resume_from_checkpoint {folder} is not a complete VocAlign checkpoint: {', '.join(missing)} missing"
         )
+    _check_intact(folder)
     step = int(_read_json(folder / "trainer_state.json").get("global_step", 0))
     max_steps = settings.get("max_steps")
     if max_steps is not None and max_steps > 0 and step >= max_steps:
