@@ -718,3 +718,14 @@ def test_a_cut_off_adapter_or_missing_folder_is_one_line(finished_run, base_mode
 
     with pytest.raises(AdapterLoadError, match=r"adapter_model.safetensors is damaged .*: save or download the adapter"):
         load_adapted_model(base_model, adapter)  # the library, without the recipe's checks
+
+
+def test_an_unknown_dataset_name_lists_the_valid_ones(tmp_path):
+    for script in ("adapt.py", "evaluate.py"):
+        command = [sys.executable, str(ROOT / "recipes" / script), "--dataset", "foldr", "--output_dir", str(tmp_path / "o")]
+        done = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            "error: --dataset foldr is not a dataset this recipe knows (did you mean folder?): give one of world, "
+            "folder, cityscapes, ade20k_150, pascal_context_59, or a Hub dataset repo id (org/name)")
+    assert not (tmp_path / "o").exists()

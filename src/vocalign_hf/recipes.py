@@ -46,6 +46,7 @@ from .world import WorldConfig
 from .world.pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_STEPS, PRETRAIN_THREADS
 from .data import (
     get_dataset_info,
+    known_dataset_names,
     load_cityscapes,
     load_class_names,
     load_hub_dataset,
@@ -269,6 +270,7 @@ def load_target_data(
     rank, see `SegmentationTrainTransform`). Without `with_train` (evaluation only) a folder dataset needs no
     `--data_root` and `train` is None.
     """
+    check_dataset_name(recipe.dataset)
     if recipe.dataset == "world":
         return _world_data(recipe, output_dir, seed, check_files, progress)
     from concept_generation import load_concepts
@@ -467,6 +469,27 @@ def check_recipe_args(recipe: RecipeArguments) -> None:
     for name, ok, wanted in checks:
         if not ok:
             raise UsageError(f"--{name} must be {wanted}, got {getattr(recipe, name)}")
+    check_dataset_name(recipe.dataset)
+
+
+def check_dataset_name(dataset: str) -> None:
+    """`--dataset` is `world`, `folder`, a known dataset (or alias) or a Hub dataset repo id (`org/name`).
+
+    Raises:
+        UsageError: naming the valid choices, and the closest one.
+    """
+    if dataset in ("world", "folder") or "/" in dataset:
+        return
+    try:
+        get_dataset_info(dataset)
+    except ValueError:
+        import difflib
+
+        valid = ["world", "folder", *known_dataset_names()]
+        close = difflib.get_close_matches(dataset.lower(), valid, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"--dataset {dataset} is not a dataset this recipe knows{hint}: give one of "
+                         f"{', '.join(valid)}, or a Hub dataset repo id (org/name)") from None
 
 
 def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | None = None) -> None:
