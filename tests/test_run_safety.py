@@ -31,6 +31,7 @@ from test_recipe_robustness import (  # noqa: F401  (fixtures)
     run,
 )
 
+from vocalign_hf import CATSegForSemanticSegmentation
 from vocalign_hf.adaptation import merge_adapter
 from vocalign_hf.errors import UsageError
 
@@ -190,7 +191,7 @@ def test_adapter_and_results_are_written_before_the_overlays(domain, base_model,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(recipes, "save_overlays", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match=r"filled up during the run \(No space left on device; "):
         run(flags(domain, base_model, tmp_path / "out", "--max_steps", "1", "--num_overlays", "2"))
     assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
 
@@ -729,3 +730,35 @@ def test_an_unknown_dataset_name_lists_the_valid_ones(tmp_path):
             "error: --dataset foldr is not a dataset this recipe knows (did you mean folder?): give one of world, "
             "folder, cityscapes, ade20k_150, pascal_context_59, or a Hub dataset repo id (org/name)")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_disk_that_fills_during_the_run_is_one_line(domain, base_model, tmp_path, monkeypatch, capsys):
+    from vocalign_hf.adaptation import VocAlignTrainer
+    from vocalign_hf.errors import run_program
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")  # what writing a checkpoint on a full disk raises
+
+    monkeypatch.setattr(VocAlignTrainer, "save_teacher", disk_full)
+    output = tmp_path / "out"
+    assert run_program(lambda argv: run(flags(domain, base_model, output, *argv)), ["--eval_zero_shot", "false"]) == 2
+    line, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: the disk of --output_dir {output} filled up during the run \(No space left on "
+                        r"device; [\d.]+ MiB free now, the run needs about [\d.]+ MiB\): free some space or give "
+                        r"--output_dir on another disk, then --resume_from_checkpoint true continues from the last "
+                        r"complete checkpoint", line)
+    assert json.loads((output / "vocalign_run.json").read_text())["status"] == "failed"
+
+
+def test_the_free_space_asked_is_within_twice_what_a_run_writes(finished_run, base_model):
+    from vocalign_hf.adaptation import add_lora
+    from vocalign_hf.recipes import checkpoint_space_needed, parse_recipe_args
+
+    domain, output, _ = finished_run
+    _, args = parse_recipe_args(flags(domain, base_model, output), config_dir=CONFIG_DIR)
+    student = add_lora(CATSegForSemanticSegmentation.from_pretrained(base_model), args)
+    needed, _ = checkpoint_space_needed(student, args)
+    written = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    assert written <= needed <= 2 * written, (written, needed)
+    resumed, what = checkpoint_space_needed(student, args, start_step=1)  # a resume writes only what is left
+    assert what.startswith("1 checkpoint(s)") and resumed < needed
