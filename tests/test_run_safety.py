@@ -762,3 +762,15 @@ def test_the_free_space_asked_is_within_twice_what_a_run_writes(finished_run, ba
     assert written <= needed <= 2 * written, (written, needed)
     resumed, what = checkpoint_space_needed(student, args, start_step=1)  # a resume writes only what is left
     assert what.startswith("1 checkpoint(s)") and resumed < needed
+
+
+def test_merge_into_a_link_to_its_earlier_output_replaces_the_target(finished_run, base_model, tmp_path):
+    _, output, _ = finished_run
+    target = merge_adapter(base_model, output / "adapter", tmp_path / "merged-1")
+    link = tmp_path / "current"
+    link.symlink_to(target, target_is_directory=True)
+    first = (target / "model.safetensors").stat().st_ino
+    assert merge_adapter(base_model, output / "adapter", link) == target.resolve()
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "model.safetensors").stat().st_ino != first  # the target itself was rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "merged-1"]
