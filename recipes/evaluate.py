@@ -24,7 +24,7 @@ from pathlib import Path  # noqa: E402
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor  # noqa: E402
 from vocalign_hf.adaptation import VocAlignTrainer, load_adapted_model  # noqa: E402
-from vocalign_hf.adaptation.adapters import AdapterLoadError  # noqa: E402
+from vocalign_hf.adaptation.adapters import AdapterLoadError, other_base_note  # noqa: E402
 from vocalign_hf.errors import UsageError, run_program  # noqa: E402
 from vocalign_hf.metrics import split_absent_metrics  # noqa: E402
 from vocalign_hf.recipe_checks import resolve_adapter, resolve_base_model  # noqa: E402
@@ -51,6 +51,8 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     # trained (with its concepts when trained with `student_concepts`); --score_with_concepts says otherwise.
     if recipe.adapter:
         model, info = load_adapted_model(base_model, recipe.adapter)
+        if note := other_base_note(info, base_model):
+            print(f"note: {note}")
         if info.get("class_names") and info["class_names"] != data.class_names:
             print(f"note: the adapter was trained for {info['class_names']}; evaluating {data.class_names}")
     else:

@@ -31,10 +31,13 @@ from test_recipe_robustness import (  # noqa: F401  (fixtures)
     run,
 )
 
+from vocalign_hf import CATSegForSemanticSegmentation
 from vocalign_hf.adaptation import merge_adapter
 from vocalign_hf.errors import UsageError
 
-SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": str(ROOT / "tests")}
+# This checkout's package first (a worktree beside an editable install of another checkout tests its own code).
+SUBPROCESS_ENV = {**os.environ, "OMP_NUM_THREADS": "2", "TOKENIZERS_PARALLELISM": "false",
+                  "PYTHONPATH": os.pathsep.join(str(p) for p in (ROOT / "src", ROOT, ROOT / "tests"))}
 
 
 def snapshot(folder: Path) -> dict[Path, bytes]:
@@ -188,7 +191,7 @@ def test_adapter_and_results_are_written_before_the_overlays(domain, base_model,
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(recipes, "save_overlays", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(UsageError, match=r"filled up during the run \(No space left on device; "):
         run(flags(domain, base_model, tmp_path / "out", "--max_steps", "1", "--num_overlays", "2"))
     assert (tmp_path / "out" / "results.json").is_file() and (tmp_path / "out" / "adapter" / "adapter_config.json").is_file()
 
@@ -572,3 +575,202 @@ def test_a_run_that_stops_on_an_error_says_so_in_its_record(domain, base_model, 
     mark = json.loads((tmp_path / "out" / "vocalign_run.json").read_text())
     assert (mark["status"], mark["error"], mark["step"]) == ("failed", "KeyError: 'lora'", 0)
     assert not (tmp_path / "out" / ".vocalign.lock").exists()
+
+
+# ------------------------------------------------------- issue 39 (rest): what a resume may change, damaged files
+def test_a_lora_layout_change_is_refused_even_with_other_settings(finished_run, base_model, tmp_path, no_model_load):
+    domain, output, _ = finished_run  # LoRA on layers 0 1, rank 2, alpha 2
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    before = tree(copy)
+    for extra in (["--lora_layers", "0"], ["--lora_rank", "4"], ["--lora_alpha", "3"], ["--lora_use_rslora", "false"]):
+        with pytest.raises(UsageError, match=rf"--resume_from_checkpoint {copy / 'checkpoint-2'} has another LoRA "
+                                              r"layout \(.*\), which a resume cannot change: resume with the "
+                                              r"checkpoint's LoRA settings, or start a new run"):
+            run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true",
+                      "--resume_with_other_settings", "true", *extra))
+    assert tree(copy) == before
+
+
+def _keep_trainer(monkeypatch) -> list:
+    """The recipe's trainers, kept once they trained (their own `train` runs unchanged)."""
+    from vocalign_hf.adaptation import VocAlignTrainer
+
+    kept, train = [], VocAlignTrainer.train
+
+    def train_and_keep(self, *args, **kwargs):
+        kept.append(self)
+        return train(self, *args, **kwargs)
+
+    monkeypatch.setattr(VocAlignTrainer, "train", train_and_keep)
+    return kept
+
+
+def test_a_resume_with_another_learning_rate_trains_with_it(finished_run, base_model, tmp_path, monkeypatch):
+    domain, output, _ = finished_run  # lr 3e-05, weight decay 1e-4, constant schedule
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    kept = _keep_trainer(monkeypatch)
+    run(flags(domain, base_model, copy, "--max_steps", "3", "--learning_rate", "5e-3", "--weight_decay", "0.02",
+              "--eval_zero_shot", "false", "--resume_from_checkpoint", "true", "--resume_with_other_settings", "true"))
+    trainer = kept[-1]
+    groups = trainer.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == trainer.lr_scheduler.base_lrs == [5e-3] * len(groups)
+    assert [g["lr"] for g in groups] == [5e-3] * len(groups)
+    assert {g["weight_decay"] for g in groups} - {0.0} == {0.02}
+    settings = json.loads((copy / "adapter" / "vocalign.json").read_text())["settings"]
+    assert settings["learning_rate"] == 5e-3 and settings["weight_decay"] == 0.02
+    # A later plain resume keeps the record of the forced difference.
+    run(flags(domain, base_model, copy, "--max_steps", "4", "--learning_rate", "5e-3", "--weight_decay", "0.02",
+              "--eval_zero_shot", "false", "--resume_from_checkpoint", "true"))
+    resumed = json.loads((copy / "adapter" / "vocalign.json").read_text())["settings"]["resumed_from"]
+    assert (resumed["step"], resumed["other_settings"]) == (3, [])
+    assert resumed["earlier"]["step"] == 2
+    assert "learning_rate 3e-05 (this run: 0.005)" in resumed["earlier"]["other_settings"]
+
+
+def _evaluate_recipe():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("evaluate_recipe", ROOT / "recipes" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture
+def other_base(base_model, tmp_path) -> Path:
+    """The base model's folder with other weights (one tensor changed)."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "other_base"
+    shutil.copytree(base_model, folder)
+    weights = load_file(folder / "model.safetensors")
+    name = sorted(weights)[0]
+    weights[name] = weights[name] + 1
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_the_base_model_is_part_of_a_runs_identity(finished_run, base_model, other_base, tmp_path, capsys):
+    from vocalign_hf.adaptation.adapters import base_model_fingerprint
+
+    domain, output, _ = finished_run
+    digest = base_model_fingerprint(base_model)["sha256"]
+    assert digest == __import__("hashlib").sha256((base_model / "model.safetensors").read_bytes()).hexdigest()
+    for record in (output / "checkpoint-2" / "vocalign.json", output / "vocalign_run.json"):
+        assert json.loads(record.read_text())["base_model"] == {"name": str(base_model), "sha256": digest}
+    assert json.loads((output / "adapter" / "vocalign.json").read_text())["base_model_sha256"] == digest
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    for extra in ([], ["--resume_with_other_settings", "true"]):
+        with pytest.raises(UsageError, match=rf"--resume_from_checkpoint {copy / 'checkpoint-2'} was trained on the "
+                                              rf"base model {base_model} \(sha256 {digest[:12]}\); --base_model "
+                                              rf"{other_base} has other weights .*: resume on the checkpoint's base"):
+            run(flags(domain, other_base, copy, "--max_steps", "3", "--resume_from_checkpoint", "true", *extra))
+    argv = flags(domain, other_base, tmp_path / "eval", "--adapter", str(output / "adapter"))
+    _evaluate_recipe().main(argv)
+    assert (f"note: the adapter was trained on {base_model} (sha256 {digest[:12]}); {other_base} has other "
+            "weights") in capsys.readouterr().out
+
+
+def _cut(path: Path) -> None:
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+@pytest.mark.parametrize("name", ["adapter_model.safetensors", "teacher_lora.safetensors", "optimizer.pt",
+                                  "rng_state.pth", "scheduler.pt"])
+def test_a_cut_off_checkpoint_file_is_named(finished_run, base_model, tmp_path, no_model_load, name):
+    domain, output, _ = finished_run
+    copy = tmp_path / "copy"
+    shutil.copytree(output, copy)
+    _cut(copy / "checkpoint-2" / name)  # its completion mark is there: the file was damaged afterwards
+    with pytest.raises(UsageError, match=rf"^{copy / 'checkpoint-2' / name} is damaged \(.*\): resume from another "
+                                          rf"checkpoint \(--resume_from_checkpoint {copy / 'checkpoint-1'}\), or "
+                                          r"start a new run$"):
+        run(flags(domain, base_model, copy, "--max_steps", "3", "--resume_from_checkpoint", "true"))
+
+
+def test_a_cut_off_adapter_or_missing_folder_is_one_line(finished_run, base_model, tmp_path):
+    _, output, _ = finished_run
+    adapter = tmp_path / "adapter"
+    shutil.copytree(output / "adapter", adapter)
+    _cut(adapter / "adapter_model.safetensors")
+    merge = [sys.executable, "-m", "vocalign_hf.adaptation.merge"]
+    cases = [
+        (merge + [str(base_model), str(adapter), str(tmp_path / "m")],
+         f"error: adapter: {adapter / 'adapter_model.safetensors'} is damaged ("),
+        (merge + [str(tmp_path / "nobase"), str(output / "adapter"), str(tmp_path / "m")],
+         f"error: base model: folder not found: {tmp_path / 'nobase'}"),
+        (merge + [str(base_model), "runs/x/adapter", str(tmp_path / "m")],
+         "error: adapter: folder not found: runs/x/adapter"),
+        ([sys.executable, str(ROOT / "recipes" / "evaluate.py"), *flags(output.parent / "domain", base_model,
+                                                                          tmp_path / "e", "--adapter", str(adapter))],
+         f"error: --adapter: {adapter / 'adapter_model.safetensors'} is damaged ("),
+    ]
+    for command, start in cases:
+        done = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300, cwd=tmp_path)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        line, = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert line.startswith(start) and "huggingface.co" not in line, line
+    assert not (tmp_path / "m").exists()
+    from vocalign_hf.adaptation import load_adapted_model
+    from vocalign_hf.adaptation.adapters import AdapterLoadError
+
+    with pytest.raises(AdapterLoadError, match=r"adapter_model.safetensors is damaged .*: save or download the adapter"):
+        load_adapted_model(base_model, adapter)  # the library, without the recipe's checks
+
+
+def test_an_unknown_dataset_name_lists_the_valid_ones(tmp_path):
+    for script in ("adapt.py", "evaluate.py"):
+        command = [sys.executable, str(ROOT / "recipes" / script), "--dataset", "foldr", "--output_dir", str(tmp_path / "o")]
+        done = subprocess.run(command, capture_output=True, text=True, env=SUBPROCESS_ENV, timeout=300)
+        assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+        assert done.stderr.strip().splitlines()[-1] == (
+            "error: --dataset foldr is not a dataset this recipe knows (did you mean folder?): give one of world, "
+            "folder, cityscapes, ade20k_150, pascal_context_59, or a Hub dataset repo id (org/name)")
+    assert not (tmp_path / "o").exists()
+
+
+def test_a_disk_that_fills_during_the_run_is_one_line(domain, base_model, tmp_path, monkeypatch, capsys):
+    from vocalign_hf.adaptation import VocAlignTrainer
+    from vocalign_hf.errors import run_program
+
+    def disk_full(self, *args, **kwargs):
+        raise OSError(28, "No space left on device")  # what writing a checkpoint on a full disk raises
+
+    monkeypatch.setattr(VocAlignTrainer, "save_teacher", disk_full)
+    output = tmp_path / "out"
+    assert run_program(lambda argv: run(flags(domain, base_model, output, *argv)), ["--eval_zero_shot", "false"]) == 2
+    line, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert re.fullmatch(rf"error: the disk of --output_dir {output} filled up during the run \(No space left on "
+                        r"device; [\d.]+ MiB free now, the run needs about [\d.]+ MiB\): free some space or give "
+                        r"--output_dir on another disk, then --resume_from_checkpoint true continues from the last "
+                        r"complete checkpoint", line)
+    assert json.loads((output / "vocalign_run.json").read_text())["status"] == "failed"
+
+
+def test_the_free_space_asked_is_within_twice_what_a_run_writes(finished_run, base_model):
+    from vocalign_hf.adaptation import add_lora
+    from vocalign_hf.recipes import checkpoint_space_needed, parse_recipe_args
+
+    domain, output, _ = finished_run
+    _, args = parse_recipe_args(flags(domain, base_model, output), config_dir=CONFIG_DIR)
+    student = add_lora(CATSegForSemanticSegmentation.from_pretrained(base_model), args)
+    needed, _ = checkpoint_space_needed(student, args)
+    written = sum(p.stat().st_size for p in output.rglob("*") if p.is_file())
+    assert written <= needed <= 2 * written, (written, needed)
+    resumed, what = checkpoint_space_needed(student, args, start_step=1)  # a resume writes only what is left
+    assert what.startswith("1 checkpoint(s)") and resumed < needed
+
+
+def test_merge_into_a_link_to_its_earlier_output_replaces_the_target(finished_run, base_model, tmp_path):
+    _, output, _ = finished_run
+    target = merge_adapter(base_model, output / "adapter", tmp_path / "merged-1")
+    link = tmp_path / "current"
+    link.symlink_to(target, target_is_directory=True)
+    first = (target / "model.safetensors").stat().st_ino
+    assert merge_adapter(base_model, output / "adapter", link) == target.resolve()
+    assert link.is_symlink() and link.resolve() == target.resolve()
+    assert (target / "model.safetensors").stat().st_ino != first  # the target itself was rewritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "merged-1"]

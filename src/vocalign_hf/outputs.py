@@ -93,7 +93,11 @@ def write_output_folder(
 ) -> Path:
     """Check `destination` ([`check_not_overlapping`], [`check_replaceable`]), then write it whole with
     [`atomic_write_folder`]: `write(tmp)` fills a sibling folder that takes the destination's place when complete.
-    `write` must leave a `vocalign.json` whose `written_as` is `kind`."""
+    `write` must leave a `vocalign.json` whose `written_as` is `kind`. A destination that is a symbolic link is
+    followed: the folder it points to is replaced and the link kept (a link replaced by a folder would leave its
+    target stale)."""
+    if Path(destination).expanduser().is_symlink():
+        destination = Path(destination).expanduser().resolve()
     check_not_overlapping(destination, inputs, flag)
     check_replaceable(destination, kind, flag)
 

@@ -35,6 +35,7 @@ from .adaptation.checkpoints import (
 )
 from .atomic import read_json_object
 from .errors import UsageError
+from .file_checks import damaged_files
 from .output_lock import LOCK_FILE
 
 logger = logging.getLogger(__name__)
@@ -242,6 +243,13 @@ def _folder_hint(path: Path) -> str:
     return f" (similar folders in {parent}: {', '.join(close)})" if close else ""
 
 
+def _check_files_intact(folder: Path, flag: str, fix: str) -> None:
+    damaged = damaged_files(folder)
+    if damaged:
+        path, problem = damaged[0]
+        raise UsageError(f"{flag}: {path} is damaged ({problem}): {fix}")
+
+
 def _check_model_folder(folder: Path, flag: str) -> None:
     if (folder / "config.json").is_file():
         model_type = _check_json(folder / "config.json", flag).get("model_type")
@@ -250,6 +258,7 @@ def _check_model_folder(folder: Path, flag: str) -> None:
                 f"{flag} {folder} holds a {model_type or 'model without a model_type'} model, not CAT-Seg: give a "
                 "folder written by convert-catseg-checkpoint or CATSegForSemanticSegmentation.save_pretrained"
             )
+        _check_files_intact(folder, flag, "convert, save or download the model again")
         return
     if (folder / "adapter_config.json").is_file():
         raise UsageError(
@@ -271,6 +280,7 @@ def _check_json(path: Path, flag: str) -> dict[str, Any]:
 def _check_adapter_folder(folder: Path, flag: str) -> None:
     if (folder / "adapter_config.json").is_file():
         _check_json(folder / "adapter_config.json", flag)
+        _check_files_intact(folder, flag, "save or download the adapter again")
         return
     hint = " (it is a base model folder: pass it as --base_model)" if (folder / "config.json").is_file() else ""
     raise UsageError(f"{flag} {folder} has no adapter_config.json: give an adapter folder written by adapt.py{hint}")
@@ -393,9 +403,11 @@ def check_resume_checkpoint(
     settings: Mapping[str, Any] | None = None,
     concepts: Mapping[str, Sequence[str]] | None = None,
     allow_other_settings: bool = False,
+    base_model: Mapping[str, Any] | None = None,
 ) -> None:
-    """A `checkpoint-*` folder must hold a complete checkpoint of this run: its LoRA layout, class list, concepts
-    and settings, at a step before `max_steps` ([`~vocalign_hf.adaptation.checkpoints.check_same_run`]).
+    """A `checkpoint-*` folder must hold a complete checkpoint of this run: its base model's weights (`base_model`:
+    [`~vocalign_hf.adaptation.adapters.base_model_fingerprint`]), LoRA layout, class list, concepts and settings,
+    at a step before `max_steps` ([`~vocalign_hf.adaptation.checkpoints.check_same_run`]).
 
     Raises:
         UsageError: naming the missing file, the step, or each setting that differs.
@@ -403,4 +415,5 @@ def check_resume_checkpoint(
     check_same_run(
         Path(checkpoint), class_names=class_names, settings=settings or {}, concepts=concepts,
         expected_lora=expected_lora, needs_teacher=needs_teacher, allow_other_settings=allow_other_settings,
+        base_model=base_model,
     )

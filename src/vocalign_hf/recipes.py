@@ -3,9 +3,11 @@ overlays. The scripts themselves stay short; this module is importable and teste
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import math
+import shutil
 import sys
 import typing
 from dataclasses import dataclass, field, replace
@@ -17,9 +19,10 @@ import torch
 import yaml
 from transformers import HfArgumentParser
 
-from .atomic import atomic_write_file, atomic_write_json, atomic_write_text
+from .atomic import atomic_write_file, atomic_write_json, atomic_write_text, read_json_object
 from .errors import UsageError
 from .adaptation import ConceptVocabulary, VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
+from .adaptation.adapters import base_model_fingerprint
 from .adaptation.concept_audit import audit_concepts, format_audit, gate_concepts
 from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
@@ -46,6 +49,7 @@ from .world import WorldConfig
 from .world.pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_STEPS, PRETRAIN_THREADS
 from .data import (
     get_dataset_info,
+    known_dataset_names,
     load_cityscapes,
     load_class_names,
     load_hub_dataset,
@@ -272,6 +276,7 @@ def load_target_data(
     rank, see `SegmentationTrainTransform`). Without `with_train` (evaluation only) a folder dataset needs no
     `--data_root` and `train` is None.
     """
+    check_dataset_name(recipe.dataset)
     if recipe.dataset == "world":
         return _world_data(recipe, output_dir, seed, check_files, progress)
     from concept_generation import load_concepts
@@ -470,6 +475,27 @@ def check_recipe_args(recipe: RecipeArguments) -> None:
     for name, ok, wanted in checks:
         if not ok:
             raise UsageError(f"--{name} must be {wanted}, got {getattr(recipe, name)}")
+    check_dataset_name(recipe.dataset)
+
+
+def check_dataset_name(dataset: str) -> None:
+    """`--dataset` is `world`, `folder`, a known dataset (or alias) or a Hub dataset repo id (`org/name`).
+
+    Raises:
+        UsageError: naming the valid choices, and the closest one.
+    """
+    if dataset in ("world", "folder") or "/" in dataset:
+        return
+    try:
+        get_dataset_info(dataset)
+    except ValueError:
+        import difflib
+
+        valid = ["world", "folder", *known_dataset_names()]
+        close = difflib.get_close_matches(dataset.lower(), valid, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UsageError(f"--dataset {dataset} is not a dataset this recipe knows{hint}: give one of "
+                         f"{', '.join(valid)}, or a Hub dataset repo id (org/name)") from None
 
 
 def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | None = None) -> None:
@@ -490,7 +516,8 @@ def check_run_inputs(data: TargetData, args: VocAlignArguments, resume: str | No
         settings = run_settings(args)
         check_resume_checkpoint(resume, expected_lora=expected, class_names=data.class_names,
                                 needs_teacher=args.method in ("vocalign", "teacher_student"), settings=settings,
-                                concepts=data.concepts, allow_other_settings=args.resume_with_other_settings)
+                                concepts=data.concepts, allow_other_settings=args.resume_with_other_settings,
+                                base_model=base_model_fingerprint(data.base_model))
 
 
 def check_run_folders(recipe: RecipeArguments, args: VocAlignArguments) -> str | None:
@@ -517,21 +544,43 @@ def _resumes_in_place(resume: str | None, output_dir: str) -> bool:
     return resume is not None and Path(resume).resolve().parent == Path(output_dir).resolve()
 
 
-def checkpoint_space_needed(model: torch.nn.Module, args: VocAlignArguments) -> tuple[int, str]:
-    """Bytes the run's checkpoints and adapter will take at their peak, and a description for the message: per
-    checkpoint the trainable (LoRA) weights, AdamW's two moments, the teacher's copy and the processor's files; as
-    many checkpoints as are kept at once (rotation deletes the oldest only after writing the newest)."""
+#: What a checkpoint and a run write besides the LoRA weights: the processor (CLIP's tokenizer.json, 3.5 MiB), the
+#: small state files; and once per run the overlays and results.
+PROCESSOR_BYTES = 4 << 20
+RUN_EXTRA_BYTES = 1 << 20
+
+
+def checkpoint_space_needed(model: torch.nn.Module, args: VocAlignArguments, start_step: int = 0) -> tuple[int, str]:
+    """Bytes the run's checkpoints and adapter will take at their peak (with a quarter more as margin), and a
+    description for the message: per checkpoint the trainable (LoRA) weights, AdamW's two moments, the teacher's
+    copy and the processor's files; the checkpoints still to be written after `start_step` (a resume), as many as
+    are kept at once (rotation deletes the oldest only after writing the newest)."""
     trainable = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
-    checkpoint = 4 * trainable + (8 << 20)
+    checkpoint = 4 * trainable + PROCESSOR_BYTES
     count = 0
-    if str(getattr(args.save_strategy, "value", args.save_strategy)) == "steps" and args.max_steps > 0:
-        count = max(1, args.max_steps // max(int(args.save_steps), 1))
-    elif str(getattr(args.save_strategy, "value", args.save_strategy)) != "no":
+    strategy = str(getattr(args.save_strategy, "value", args.save_strategy))
+    if strategy == "steps" and args.max_steps > 0:
+        every = max(int(args.save_steps), 1)
+        count = max(0, args.max_steps // every - start_step // every)
+    elif strategy != "no":
         count = max(1, int(math.ceil(args.num_train_epochs)))
     if args.save_total_limit:
         count = min(count, args.save_total_limit + 1)
-    needed = int(1.2 * (count * checkpoint + trainable + (2 << 20))) + (16 << 20)
+    needed = int(1.25 * (count * checkpoint + trainable + RUN_EXTRA_BYTES))
     return needed, f"{count} checkpoint(s) of {checkpoint / 2**20:.1f} MiB and the adapter"
+
+
+def _disk_full(error: BaseException, output: Path, needed: int) -> UsageError | None:
+    """A full disk during the run, as one line naming the folder and the space the run needs."""
+    if not isinstance(error, OSError) or error.errno != errno.ENOSPC:
+        return None
+    probe = output if output.exists() else output.parent
+    free = shutil.disk_usage(probe).free if probe.exists() else 0
+    return UsageError(
+        f"the disk of --output_dir {output} filled up during the run ({error.strerror or error}; {free / 2**20:.1f} "
+        f"MiB free now, the run needs about {needed / 2**20:.1f} MiB): free some space or give --output_dir on another "
+        "disk, then --resume_from_checkpoint true continues from the last complete checkpoint"
+    )
 
 
 #: The training-free scorings a user gets without adapting: the class names alone, and with their concepts.
@@ -658,7 +707,8 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
     data = _audit_concepts(recipe, args, data, zero_shot_model, processor)
     set_seed(args.seed)
     student = add_lora(CATSegForSemanticSegmentation.from_pretrained(data.base_model), args)
-    needed, what = checkpoint_space_needed(student, args)
+    start_step = int(read_json_object(Path(resume) / "trainer_state.json").get("global_step", 0)) if resume else 0
+    needed, what = checkpoint_space_needed(student, args, start_step)
     check_free_space(args.output_dir, needed, what)
     trainer = trainer_for(student, args.method)
     replacing = args.overwrite_output_dir and not _resumes_in_place(resume, args.output_dir)
@@ -670,7 +720,8 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
                 logger.warning("%s (the run an interrupted --overwrite_output_dir set aside) is kept: this resumed run "
                                "never deletes it; delete it yourself once you no longer need it",
                                Path(args.output_dir) / PREVIOUS_RUN)
-            atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", trainer.run_settings()))
+            record = {**trainer.run_settings(), "base_model": trainer.base_model_record()}
+            atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", record))
     try:
         trainer.train(resume_from_checkpoint=resume)
         tables["adapted"] = _evaluate_into(results, trainer, "adapted")
@@ -689,6 +740,9 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
             _mark_stopped(Path(args.output_dir), trainer, error)
             if replacing:  # puts the previous run back, its mark included, if this one wrote no checkpoint
                 finish_replacing(args.output_dir, succeeded=False)
+        full = _disk_full(error, Path(args.output_dir), needed)
+        if full is not None:
+            raise full from error
         raise
     return results
 

@@ -3,6 +3,8 @@ commit, and a model card), load onto a CAT-Seg base, and push to the Hub."""
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import json
 import logging
 import os
@@ -15,6 +17,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
 from ..atomic import atomic_write_json, atomic_write_text, read_json_object
+from ..file_checks import damaged_files
 from ..outputs import write_output_folder
 from ..data.hub import hub_dataset_id
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
@@ -48,6 +51,57 @@ def base_model_reference(name_or_path: str | None, revision: str | None = None) 
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
     commit = Path(cached).parent.name if isinstance(cached, str) else None
     return repo_id, commit if commit and _COMMIT.fullmatch(commit) else None
+
+
+_WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
+
+
+def _weights_folder(name_or_path: str | os.PathLike | None) -> Path | None:
+    """The local folder that holds a base model's weights: its own folder, or the Hub cache's snapshot of it."""
+    if not name_or_path:
+        return None
+    if Path(name_or_path).expanduser().is_dir():
+        return Path(name_or_path).expanduser()
+    if not is_hub_repo_id(name_or_path):
+        return None
+    from huggingface_hub import try_to_load_from_cache
+
+    cached = try_to_load_from_cache(str(name_or_path), "config.json")
+    return Path(cached).parent if isinstance(cached, str) else None
+
+
+def base_model_fingerprint(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
+    """A base model's name and the sha256 of its weights (its `*.safetensors`, else `pytorch_model*.bin`, in name
+    order; None when its files are not on this machine): what makes two runs' base models the same."""
+    folder = _weights_folder(name_or_path)
+    files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)}) if folder else []
+    files = [p for p in files if p.suffix == ".safetensors"] or files
+    key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    return {"name": str(name_or_path) if name_or_path else None, "sha256": _files_sha256(key) if files else None}
+
+
+@functools.lru_cache(maxsize=8)
+def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
+    """sha256 over the files' bytes (one file: that file's own sha256); cached by path, size and modification time,
+    so each base model is read once per process."""
+    digest = hashlib.sha256()
+    for path, _, _ in files:
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def other_base_note(info: Mapping[str, Any], base_name_or_path: str | os.PathLike | None) -> str | None:
+    """A line saying that an adapter (its `vocalign.json` content) was trained on a base model whose weights differ
+    from those of `base_name_or_path`; None when they are the same or cannot be compared."""
+    trained = info.get("base_model_sha256")
+    loaded = base_model_fingerprint(base_name_or_path)["sha256"]
+    if not trained or not loaded or trained == loaded:
+        return None
+    return (f"the adapter was trained on {info.get('base_model')} (sha256 {trained[:12]}); {base_name_or_path} has "
+            f"other weights (sha256 {loaded[:12]}): its scores may differ from the adapter's model card. Load it onto "
+            "the base it was trained on")
 
 
 def _metric_value(value: Any) -> float | None:
@@ -189,6 +243,7 @@ def save_adapter(
         "base_model": base_model,
         "base_model_repo_id": repo_id,
         "base_model_revision": commit,
+        "base_model_sha256": base_model_fingerprint(base_model)["sha256"],
         "dataset": dataset,
         "class_names": list(class_names),
         "concepts": {k: list(v) for k, v in (concepts or {}).items()},
@@ -272,10 +327,22 @@ def _read_json_file(path: Path) -> dict[str, Any]:
         raise AdapterLoadError(f"{error}; the adapter folder is damaged") from None
 
 
+def _check_adapter_files(adapter: str | os.PathLike) -> None:
+    """Refuse a local adapter folder whose weights were cut off, naming the file."""
+    damaged = damaged_files(adapter) if Path(adapter).is_dir() else []
+    if damaged:
+        path, problem = damaged[0]
+        raise AdapterLoadError(f"{path} is damaged ({problem}): save or download the adapter again")
+
+
 def _warn_if_other_base(
     info: Mapping[str, Any], base: CATSegForSemanticSegmentation, base_revision: str | None
 ) -> None:
-    """Warn when the adapter was trained on another base model (repo id or commit) than the one it is loaded onto."""
+    """Warn when the adapter was trained on another base model (weights, repo id or commit) than the one it is
+    loaded onto."""
+    note = other_base_note(info, getattr(base.config, "_name_or_path", None))
+    if note:
+        logger.warning("%s", note[0].upper() + note[1:] + ".")
     trained_id, trained_commit = info.get("base_model_repo_id"), info.get("base_model_revision")
     if trained_id is None:
         return
@@ -321,6 +388,7 @@ def load_adapted_model(
         base_model = CATSegForSemanticSegmentation.from_pretrained(base_model, **from_pretrained_kwargs)
     hub_kwargs = {k: from_pretrained_kwargs[k] for k in ("token", "cache_dir") if k in from_pretrained_kwargs}
     info = _read_adapter_info(adapter, adapter_revision, **hub_kwargs)
+    _check_adapter_files(adapter)
     _warn_if_other_base(info, base_model, base_revision)
     from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
 

@@ -6,7 +6,8 @@ teacher's LoRA weights, and, written last, `checkpoint_complete.json`. A folder 
 while saving (a kill, a full disk): "resume from the last checkpoint" passes over it, with a warning.
 
 Resuming continues *the same run*. A checkpoint is refused, with each difference named, when its LoRA layout,
-class list, concepts or training settings differ from this run's, or when its step is already at or past
+class list, concepts or training settings differ from this run's (`resume_with_other_settings` lets the settings
+and classes differ, never the LoRA layout: the weights would not fit), or when its step is already at or past
 `max_steps` (there is nothing left to train: the "result" would be the other run's weights). `max_steps` itself may
 grow: the run is extended, and the record says from where.
 """
@@ -21,6 +22,7 @@ from typing import Any
 
 from ..atomic import read_json_object
 from ..errors import UsageError
+from ..file_checks import damaged_files
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +53,11 @@ RUN_SETTINGS = (
     "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
     "gradient_accumulation_steps", "max_steps", "seed", "data_seed",
 )
+
+#: What shapes the LoRA weights a checkpoint holds (settings, and `adapter_config.json` keys): never changed on resume.
+LORA_LAYOUT = frozenset({
+    "lora_rank", "lora_alpha", "lora_layers", "lora_use_rslora", "r", "target_modules", "use_rslora",
+})
 
 #: Settings added to `RUN_SETTINGS` after checkpoints began recording them, with the value every older run had.
 SETTINGS_ADDED_LATER = {"student_concepts": False, "concept_gate": None}
@@ -101,6 +108,16 @@ def _read_json(path: Path) -> dict[str, Any]:
         raise UsageError(f"{error}: resume from another checkpoint") from None
 
 
+def _check_intact(folder: Path) -> None:
+    """Refuse a checkpoint whose weights, optimiser, scheduler or RNG file was cut off, naming the file."""
+    damaged = damaged_files(folder)
+    if damaged:
+        path, problem = damaged[0]
+        earlier = [p for p in checkpoint_folders(folder.parent) if p != folder and is_complete(p)]
+        other = f" (--resume_from_checkpoint {earlier[-1]})" if earlier else ""
+        raise UsageError(f"{path} is damaged ({problem}): resume from another checkpoint{other}, or start a new run")
+
+
 def _layers_of(target_modules: Any) -> list[int] | None:
     match = re.search(r"layers\\\.\(\?:([\d|]+)\)", str(target_modules))
     return [int(i) for i in match.group(1).split("|")] if match else None
@@ -129,6 +146,12 @@ def checkpoint_differences(
     Returns:
         One line per difference (empty: the same run), and the checkpoint's global step.
     """
+    diffs, step = _differences(checkpoint, class_names, settings, concepts, expected_lora, needs_teacher)
+    return [line for _, line in diffs], step
+
+
+def _differences(checkpoint, class_names, settings, concepts, expected_lora, needs_teacher):
+    """[`checkpoint_differences`], each line with the key it is about."""
     folder = Path(checkpoint)
     required = ["trainer_state.json", "adapter_config.json", VOCALIGN_STATE]
     required += [TEACHER_WEIGHTS] if needs_teacher else []
@@ -137,6 +160,7 @@ def checkpoint_differences(
         raise UsageError(
             f"--resume_from_checkpoint {folder} is not a complete VocAlign checkpoint: {', '.join(missing)} missing"
         )
+    _check_intact(folder)
     step = int(_read_json(folder / "trainer_state.json").get("global_step", 0))
     max_steps = settings.get("max_steps")
     if max_steps is not None and max_steps > 0 and step >= max_steps:
@@ -149,20 +173,20 @@ def checkpoint_differences(
     for key, value in (expected_lora or {}).items():
         if key == "target_modules" and saved.get(key) != value:
             have, want = _layers_of(saved.get(key)), _layers_of(value)
-            diffs.append(f"LoRA layers {have if have is not None else saved.get(key)} (this run: {want})")
+            diffs.append((key, f"LoRA layers {have if have is not None else saved.get(key)} (this run: {want})"))
         elif key != "target_modules" and saved.get(key) != value:
-            diffs.append(f"{key} {saved.get(key)} (this run: {value})")
+            diffs.append((key, f"{key} {saved.get(key)} (this run: {value})"))
     state = _read_json(folder / VOCALIGN_STATE)
     if list(state.get("class_names", [])) != list(class_names):
-        diffs.append(f"class list {state.get('class_names')} (this run: {list(class_names)})")
+        diffs.append(("class_names", f"class list {state.get('class_names')} (this run: {list(class_names)})"))
     if concepts is not None and "concepts" in state and state["concepts"] != {k: list(v) for k, v in concepts.items()}:
-        diffs.append("concepts (the checkpoint's vocalign.json lists other concepts than this run's)")
+        diffs.append(("concepts", "concepts (the checkpoint's vocalign.json lists other concepts than this run's)"))
     recorded = state.get("settings", state)  # checkpoints written before `settings` kept a few keys at the top
     if "settings" in state:  # a setting added since the checkpoint was written: it ran with the old behaviour
         recorded = {**SETTINGS_ADDED_LATER, **recorded}
     for key, value in settings.items():
         if key != "max_steps" and key in recorded and _normal(recorded[key]) != _normal(value):
-            diffs.append(f"{key} {recorded[key]!r} (this run: {value!r})")
+            diffs.append((key, f"{key} {recorded[key]!r} (this run: {value!r})"))
     return diffs, step
 
 
@@ -170,19 +194,47 @@ def _normal(value: Any) -> Any:
     return list(value) if isinstance(value, tuple) else value
 
 
+def _check_same_base(checkpoint: str | Path, base_model: Mapping[str, Any] | None) -> None:
+    """Refuse a checkpoint trained on other base weights than `base_model` ([`base_model_fingerprint`]'s record);
+    a checkpoint or base without a hash (written before it was recorded, built in memory) is not compared."""
+    trained = _read_json(Path(checkpoint) / VOCALIGN_STATE).get("base_model") or {}
+    if not base_model or not trained.get("sha256") or not base_model.get("sha256"):
+        return
+    if trained["sha256"] != base_model["sha256"]:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} was trained on the base model {trained.get('name')} (sha256 "
+            f"{trained['sha256'][:12]}); --base_model {base_model.get('name')} has other weights (sha256 "
+            f"{base_model['sha256'][:12]}): resume on the checkpoint's base model, or start a new run"
+        )
+
+
 def check_same_run(
     checkpoint: str | Path, *, allow_other_settings: bool = False, **expected: Any
 ) -> tuple[list[str], int]:
-    """[`checkpoint_differences`] (`expected`: its keyword arguments), refused unless `allow_other_settings`, which
-    only warns. Used by the recipes before any model loads and by `VocAlignTrainer.train`.
+    """[`checkpoint_differences`] (`expected`: its keyword arguments, and `base_model`: this run's
+    [`~vocalign_hf.adaptation.adapters.base_model_fingerprint`]), refused unless `allow_other_settings`, which
+    only warns; another LoRA layout or other base weights are refused whatever the flag. Used by the recipes before
+    any model loads and by `VocAlignTrainer.train`.
 
     Raises:
-        UsageError: the checkpoint is incomplete, at `max_steps`, or of another run (each difference named).
+        UsageError: the checkpoint is incomplete, at `max_steps`, of another base model or LoRA layout, or of
+            another run (each difference named).
 
     Returns:
         The differences (empty: the same run) and the checkpoint's step.
     """
-    diffs, step = checkpoint_differences(checkpoint, **expected)
+    keyed, step = _differences(
+        checkpoint, expected["class_names"], expected["settings"], expected.get("concepts"),
+        expected.get("expected_lora"), expected.get("needs_teacher", False),
+    )
+    _check_same_base(checkpoint, expected.get("base_model"))
+    layout = [line for key, line in keyed if key in LORA_LAYOUT]
+    if layout:
+        raise UsageError(
+            f"--resume_from_checkpoint {checkpoint} has another LoRA layout ({'; '.join(dict.fromkeys(layout))}), "
+            "which a resume cannot change: resume with the checkpoint's LoRA settings, or start a new run"
+        )
+    diffs = [line for _, line in keyed]
     if diffs and not allow_other_settings:
         raise UsageError(
             f"--resume_from_checkpoint {checkpoint} was trained with {'; '.join(diffs)}: resume with that run's "

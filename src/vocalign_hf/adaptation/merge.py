@@ -82,6 +82,10 @@ def merge_adapter(
     The processor comes from the base model's folder when it has one, and the adapter's class names become the
     default vocabulary. Returns `output_dir`.
     """
+    from ..recipe_checks import resolve_adapter, resolve_base_model  # (it imports this package)
+
+    resolve_base_model(str(base_model), "base model")  # a missing or damaged folder named as such, not as a Hub id
+    resolve_adapter(str(adapter), "adapter")
     inputs = [("base model", base_model), ("adapter", adapter)]
     check_not_overlapping(output_dir, inputs, "output folder")  # before anything is loaded
     check_replaceable(output_dir, "merged_model")

@@ -50,13 +50,13 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 from transformers.utils import logging
 
-from ..atomic import atomic_write_file, atomic_write_json, atomic_write_text
+from ..atomic import atomic_write_file, atomic_write_json, atomic_write_text, read_json_object
 from ..errors import UsageError
 from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
 from ..metrics import StreamingMeanIoU
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
-from .adapters import CARD_FILE, base_model_reference, build_model_card
+from .adapters import CARD_FILE, base_model_fingerprint, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
 from .checkpoints import (
     CHECKPOINT_COMPLETE,
@@ -203,6 +203,7 @@ class VocAlignTrainer(Trainer):
             self.add_callback(_TeacherEMACallback(self))
         self.add_callback(_CheckpointCompletionCallback(self))
         self.resumed_from: dict[str, Any] | None = None
+        self._base_model: dict[str, Any] | None = None
         self._log_sums: dict[str, float] = {}
         self._log_count = 0
         self._place_tensorboard_logs()
@@ -349,7 +350,23 @@ class VocAlignTrainer(Trainer):
         for group in optimizer.param_groups:
             if all(id(p) in lora for p in group["params"]):
                 group["lr"] *= self.args.lora_lr_multiplier
+        # This run's own values: a resumed checkpoint's optimiser state brings the old run's (see below).
+        self._group_settings = [{"lr": g["lr"], "weight_decay": g["weight_decay"]} for g in optimizer.param_groups]
         return optimizer
+
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        """[`Trainer._load_optimizer_and_scheduler`], then this run's learning rates and weight decay in place of
+        the checkpoint's (they differ only under `resume_with_other_settings`, which the record lists): the
+        optimiser's moments and the schedule's step are the checkpoint's, its base rates this run's."""
+        super()._load_optimizer_and_scheduler(checkpoint)
+        scheduler, own_settings = self.lr_scheduler, getattr(self, "_group_settings", None)
+        if checkpoint is None or own_settings is None or not isinstance(scheduler, LambdaLR) or self.is_deepspeed_enabled:
+            return  # no checkpoint, or an optimiser / scheduler the caller made
+        for index, (group, own) in enumerate(zip(self.optimizer.param_groups, own_settings)):
+            group["initial_lr"] = scheduler.base_lrs[index] = own["lr"]
+            group["weight_decay"] = own["weight_decay"]
+            group["lr"] = own["lr"] * scheduler.lr_lambdas[index](scheduler.last_epoch)
+        scheduler._last_lr = [group["lr"] for group in self.optimizer.param_groups]
 
     def create_scheduler(self, num_training_steps: int, optimizer=None):
         """Linear warm-up from `learning_rate * warmup_start_factor` (5e-6 -> 5e-5 over 500 steps in the paper),
@@ -415,15 +432,27 @@ class VocAlignTrainer(Trainer):
         )
 
     def _check_resume(self, checkpoint: Path) -> dict[str, Any]:
+        """Where this run resumes from and what it changed; `earlier`: the checkpoint's own resume, if it had one, so
+        that a difference forced once stays in the record of every later resume."""
         diffs, step = check_same_run(
             checkpoint, class_names=self.class_names, concepts=self.concepts, settings=self.run_settings(),
             needs_teacher=self.teacher is not None, allow_other_settings=self.args.resume_with_other_settings,
+            base_model=self.base_model_record(),
         )
-        return {"checkpoint": str(checkpoint), "step": step, "other_settings": diffs}
+        resumed = {"checkpoint": str(checkpoint), "step": step, "other_settings": diffs}
+        earlier = read_json_object(checkpoint / VOCALIGN_STATE).get("resumed_from")
+        return {**resumed, "earlier": earlier} if earlier else resumed
 
     def run_settings(self) -> dict[str, Any]:
         """The settings that make this run what it is: a checkpoint's must equal them to be resumed."""
         return run_settings(self.args)
+
+    def base_model_record(self) -> dict[str, Any]:
+        """The base model this run adapts: its name and the sha256 of its weights files (read once; None for a
+        model built in memory). A checkpoint is resumed only on the same weights."""
+        if self._base_model is None:
+            self._base_model = base_model_fingerprint(getattr(self.model.config, "_name_or_path", None) or None)
+        return self._base_model
 
     def run_record(self) -> dict[str, Any]:
         """What this run really did, for `vocalign.json` and the model card: steps trained, where it resumed from,
@@ -431,6 +460,7 @@ class VocAlignTrainer(Trainer):
         record = {
             "steps_trained": self.state.global_step,
             "concepts_used": list(self.vocabulary.entries) != list(self.class_names),
+            "base_model": self.base_model_record(),
         }
         if self.resumed_from is not None:
             record["resumed_from"] = self.resumed_from
