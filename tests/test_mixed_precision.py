@@ -26,7 +26,7 @@ def _record_linear_dtypes(model: torch.nn.Module) -> list[torch.dtype]:
 def test_teacher_student_and_evaluation_run_under_autocast(bf16, tmp_path, tiny_model, tiny_processor):
     expected = torch.bfloat16 if bf16 else torch.float32
     trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, bf16=bf16, max_steps=2))
-    teacher = _record_linear_dtypes(trainer.teacher)
+    teacher = _record_linear_dtypes(trainer.teacher.model)
     student = _record_linear_dtypes(trainer.model)
     result = trainer.train()
     assert math.isfinite(result.training_loss)

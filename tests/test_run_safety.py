@@ -733,13 +733,13 @@ def test_an_unknown_dataset_name_lists_the_valid_ones(tmp_path):
 
 
 def test_a_disk_that_fills_during_the_run_is_one_line(domain, base_model, tmp_path, monkeypatch, capsys):
-    from vocalign_hf.adaptation import VocAlignTrainer
+    from vocalign_hf.adaptation.teacher import EMATeacher
     from vocalign_hf.errors import run_program
 
     def disk_full(self, *args, **kwargs):
         raise OSError(28, "No space left on device")  # what writing a checkpoint on a full disk raises
 
-    monkeypatch.setattr(VocAlignTrainer, "save_teacher", disk_full)
+    monkeypatch.setattr(EMATeacher, "save", disk_full)
     output = tmp_path / "out"
     assert run_program(lambda argv: run(flags(domain, base_model, output, *argv)), ["--eval_zero_shot", "false"]) == 2
     line, = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -93,13 +93,13 @@ def test_teacher_text_tower_can_stay_at_the_source_weights(tmp_path, tiny_model,
 
     trainer = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2, teacher_text_ema=False))
     before = {n: p.detach().clone() for n, p in trainer.teacher.named_parameters()}
-    text = trainer.teacher_class_probs(torch.randn(1, 3, 32, 32)) is not None and trainer._teacher_text
+    text = trainer.teacher_class_probs(torch.randn(1, 3, 32, 32)) is not None and trainer.teacher.encoded_vocabulary
     trainer.train()
     after = dict(trainer.teacher.named_parameters())
     names = lora_parameter_names(trainer.teacher)
     assert all(torch.equal(after[n], before[n]) for n in names if "text_model" in n)
     assert not all(torch.equal(after[n], before[n]) for n in names if "vision_model" in n)
-    assert trainer._teacher_text is text  # the vocabulary was encoded once
+    assert trainer.teacher.encoded_vocabulary is text  # the vocabulary was encoded once
 
 
 def test_vocabulary_alignment_sums_entry_probabilities(tmp_path, tiny_model, tiny_processor):
@@ -135,7 +135,7 @@ def _record_forward_inputs(module):
 
 def _student_and_teacher_calls(trainer, batch):
     student_calls = _record_forward_inputs(trainer.model)
-    teacher_calls = _record_forward_inputs(trainer.teacher)
+    teacher_calls = _record_forward_inputs(trainer.teacher.model)
     loss = trainer.compute_loss(trainer.model, batch)
     return student_calls[0], teacher_calls[0], loss
 

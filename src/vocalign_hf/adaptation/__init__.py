@@ -17,6 +17,7 @@ from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_bl
 from .pseudo_labels import entropy_loss, pseudo_labels_from_probs, weighted_cross_entropy
 from .topk import gather_class_probs, select_topk_classes, topk_pseudo_labels
 from .student_augmentation import StudentAugmentation
+from .teacher import EMATeacher, TeacherEMACallback
 from .trainer import SegmentationCollator, VocAlignTrainer, add_lora
 from .vocabulary import ConceptVocabulary
 
@@ -36,6 +37,8 @@ __all__ = [
     "push_adapter_to_hub",
     "save_adapter",
     "ConceptVocabulary",
+    "EMATeacher",
+    "TeacherEMACallback",
     "LoRASettings",
     "apply_block_mask",
     "count_trainable",

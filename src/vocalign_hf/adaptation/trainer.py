@@ -33,7 +33,6 @@ the student's forward does once Accelerate prepared it.
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import time
@@ -66,11 +65,11 @@ from .checkpoints import (
     last_complete_checkpoint,
     run_settings,
 )
-from .ema import ema_alpha, update_ema_
-from .lora import LoRASettings, lora_config_for_clip, lora_parameter_names
+from .lora import LoRASettings, lora_config_for_clip
 from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, weighted_cross_entropy
 from .student_augmentation import StudentAugmentation
+from .teacher import EMATeacher, TeacherEMACallback
 from .topk import gather_class_probs, topk_pseudo_labels
 from .vocabulary import ConceptVocabulary
 
@@ -108,16 +107,6 @@ def add_lora(model: CATSegForSemanticSegmentation, args: VocAlignArguments) -> P
     return get_peft_model(model, lora_config_for_clip(settings))
 
 
-class _TeacherEMACallback(TrainerCallback):
-    """Moves the teacher's LoRA weights towards the student's after every optimiser step."""
-
-    def __init__(self, trainer: "VocAlignTrainer") -> None:
-        self.trainer = trainer
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer.update_teacher(state.global_step)
-
-
 class _CheckpointCompletionCallback(TrainerCallback):
     """Finishes every checkpoint folder the Trainer saves (`on_save` runs once `checkpoint-<step>` is written): the
     teacher's LoRA weights, so that a resumed run continues with the same teacher, then the completion mark."""
@@ -133,7 +122,7 @@ class _CheckpointCompletionCallback(TrainerCallback):
             logger.warning(f"{folder} does not exist: the teacher's weights are not saved with this checkpoint")
             return
         if self.trainer.teacher is not None:
-            self.trainer.save_teacher(folder / TEACHER_WEIGHTS)
+            self.trainer.teacher.save(folder / TEACHER_WEIGHTS)
         atomic_write_json(folder / CHECKPOINT_COMPLETE, {"global_step": state.global_step})
 
 
@@ -194,13 +183,13 @@ class VocAlignTrainer(Trainer):
         self.student_augmentation = StudentAugmentation() if args.student_augmentation else None
         self._rng_step, self._rng_micro = -1, 0
         self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
-        self.teacher = None
-        self._teacher_text = None
-        self._ema_pairs = None
+        self.teacher: EMATeacher | None = None
         if args.method in ("vocalign", "teacher_student"):
-            self.teacher = copy.deepcopy(self.model).eval()
-            self.teacher.requires_grad_(False)
-            self.add_callback(_TeacherEMACallback(self))
+            self.teacher = EMATeacher(
+                self.model, self._entry_tokens, alpha=args.ema_alpha, text_follows_student=args.teacher_text_ema,
+                autocast=self.accelerator.autocast,
+            )
+            self.add_callback(TeacherEMACallback(self.teacher))
         self.add_callback(_CheckpointCompletionCallback(self))
         self.resumed_from: dict[str, Any] | None = None
         self._base_model: dict[str, Any] | None = None
@@ -220,34 +209,9 @@ class VocAlignTrainer(Trainer):
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
-    def update_teacher(self, step: int) -> None:
-        """EMA of the trainable (LoRA) weights: alpha_t = min(1 - 1/(t+1), alpha) (released code's warm-up).
-        With `teacher_text_ema=False` only the image tower's LoRA weights follow the student."""
-        if self.teacher is None:
-            return
-        if self._ema_pairs is None:  # the same parameter objects every step: pair them once
-            student = dict(self.accelerator.unwrap_model(self.model).named_parameters())
-            teacher = dict(self.teacher.named_parameters())
-            names = [n for n in lora_parameter_names(self.teacher) if self.args.teacher_text_ema or "text_model" not in n]
-            self._ema_pairs = ([teacher[n] for n in names], [student[n] for n in names])
-        update_ema_(*self._ema_pairs, ema_alpha(step, self.args.ema_alpha))
-        if self.args.teacher_text_ema:  # the teacher's text LoRA weights moved: its class embeddings are stale
-            self._teacher_text = None
-
-    @torch.no_grad()
     def teacher_class_probs(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Teacher probabilities over the target classes (B, Nc, H, W) at the input resolution (Eq. 7)."""
-        self.teacher.to(pixel_values.device)
-        # The teacher is a copy made before `accelerator.prepare`, which only wraps the student's forward in the
-        # mixed-precision autocast: the teacher's (largest) forward needs its own.
-        with self.accelerator.autocast():
-            text = self._teacher_text
-            if text is None or text.device != pixel_values.device:
-                # Encoded once per EMA update (`update_teacher` drops it when the text tower follows the student),
-                # or once in all with a frozen teacher text tower; gradient accumulation reuses it.
-                text = self.teacher.get_text_embeddings(self._entry_tokens.to(pixel_values.device))
-                self._teacher_text = text
-            logits = self.teacher(pixel_values=pixel_values, text_embeds=text).logits
+        logits = self.teacher.vocabulary_logits(pixel_values)
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
         return self.vocabulary.aggregate(logits, from_logits=True, reduce=self.args.concept_reduce)
 
@@ -425,7 +389,7 @@ class VocAlignTrainer(Trainer):
         if resume_from_checkpoint:
             self.resumed_from = self._check_resume(Path(resume_from_checkpoint))
         if resume_from_checkpoint and self.teacher is not None:
-            self.load_teacher(Path(resume_from_checkpoint) / TEACHER_WEIGHTS)
+            self.teacher.load(Path(resume_from_checkpoint) / TEACHER_WEIGHTS)
         return super().train(
             resume_from_checkpoint=str(resume_from_checkpoint) if resume_from_checkpoint else None, trial=trial,
             ignore_keys_for_eval=ignore_keys_for_eval, **kwargs,
@@ -507,26 +471,6 @@ class VocAlignTrainer(Trainer):
         )
         atomic_write_text(Path(self.args.output_dir) / CARD_FILE, str(card))
         return None
-
-    def save_teacher(self, path: str | Path) -> None:
-        """Write the teacher's LoRA weights atomically (tmp file + rename)."""
-        from safetensors.torch import save_file
-
-        tensors = {n: p.detach().cpu().contiguous() for n, p in self.teacher.named_parameters() if "lora_" in n}
-        atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)))
-
-    def load_teacher(self, path: str | Path) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(path))
-        params = dict(self.teacher.named_parameters())
-        missing = sorted(n for n in params if "lora_" in n and n not in tensors)
-        if missing:
-            raise ValueError(f"Teacher checkpoint {path} lacks {missing[:5]} (and {max(len(missing) - 5, 0)} more)")
-        with torch.no_grad():
-            for name, value in tensors.items():
-                params[name].copy_(value)
-        self._teacher_text = None
 
     # -------------------------------------------------------------------------------------- evaluation
     def evaluate(
