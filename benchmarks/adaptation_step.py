@@ -10,14 +10,14 @@ callback), after `--warmup` untimed steps. Random weights: the cost does not dep
 
 Each configuration runs in a fresh Python process (`--worker`), so that peak memory is that configuration's own:
 
-* CPU: resident set size. The baseline is the RSS once the model, its teacher copy and the trainer are built; the
+* CPU: resident set size. The baseline is the RSS once the model, its teacher and the trainer are built; the
   kernel's peak-RSS mark is reset there and read after the last step, so `peak` covers warm-up and timed steps,
   including the optimiser state created by the first step (large only without LoRA).
 * CUDA: `torch.cuda.max_memory_allocated()` after `reset_peak_memory_stats()` at the same point.
 
 Variants: `lora=on` is the paper's setting (peft LoRA rank 2 on q/k/v of CLIP layers 0-3, both towers; only those
-train). `lora=off` trains every parameter (both CLIP towers and the aggregator) through the same trainer; the teacher
-is then a full deep copy and the EMA has nothing to average (it follows LoRA weights only), so that variant measures
+train; the teacher is a second LoRA adapter on the same model). `lora=off` trains every parameter (both CLIP towers
+and the aggregator) through the same trainer; the teacher is then a full deep copy and the EMA has nothing to average (it follows LoRA weights only), so that variant measures
 the student's forward/backward/AdamW cost of full fine-tuning plus the teacher forward. `gc=on` sets
 `activation_checkpointing=True` (CLIP encoder layers of both towers and the aggregator layers are checkpointed).
 

@@ -90,7 +90,8 @@ def main() -> None:
     result.update(process_index=state.process_index, num_processes=state.num_processes)
     if adapting:
         trainer = adapting[-1]
-        lora = lambda model: {n: p.detach().cpu().clone() for n, p in model.named_parameters() if "lora_" in n}
+        lora = lambda model: {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+                              if "lora_" in n and ".teacher." not in n}  # the student's; the teacher's is its own
         result["student"] = lora(trainer.accelerator.unwrap_model(trainer.model))
         result["teacher"] = lora(trainer.teacher)
         image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))

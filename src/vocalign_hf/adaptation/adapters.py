@@ -254,7 +254,8 @@ def save_adapter(
                             base_model_revision=commit)
 
     def write(folder: Path) -> None:
-        model.save_pretrained(str(folder))
+        # The active adapter only: a trainer's model also carries its EMA teacher's adapter.
+        model.save_pretrained(str(folder), selected_adapters=[model.active_adapter])
         atomic_write_json(folder / VOCALIGN_FILE, info)
         atomic_write_text(folder / CARD_FILE, str(card))
 

@@ -40,6 +40,10 @@ __all__ = [
 
 _TOWER_MODULES = {"vision": "vision_model", "text": "text_model"}
 
+#: The peft adapter name of an EMA teacher kept on the student's own model (`adaptation/teacher.py`): its weights
+#: are not the model's trainable LoRA weights, and the helpers below leave them out.
+TEACHER_ADAPTER = "teacher"
+
 
 @dataclass(frozen=True)
 class LoRASettings:
@@ -117,12 +121,17 @@ def _is_lora_name(name: str) -> bool:
     return ".lora_" in name or name.startswith("lora_")
 
 
+def _is_student_lora_name(name: str) -> bool:
+    return _is_lora_name(name) and f".{TEACHER_ADAPTER}." not in name
+
+
 def lora_parameter_names(model: nn.Module) -> List[str]:
     """Names of the LoRA adapter parameters (``lora_A``/``lora_B``/...), in
-    ``named_parameters`` order, so student and teacher lists line up for the EMA."""
-    return [n for n, _ in model.named_parameters() if _is_lora_name(n)]
+    ``named_parameters`` order, so student and teacher lists line up for the EMA; an EMA
+    teacher's adapter on the same model is left out."""
+    return [n for n, _ in model.named_parameters() if _is_student_lora_name(n)]
 
 
 def lora_parameters(model: nn.Module) -> List[Tensor]:
     """The LoRA adapter parameters themselves, same order as :func:`lora_parameter_names`."""
-    return [p for n, p in model.named_parameters() if _is_lora_name(n)]
+    return [p for n, p in model.named_parameters() if _is_student_lora_name(n)]

@@ -6,15 +6,22 @@ embeddings of its vocabulary (encoded once per EMA update, or once in all when i
 student), and its checkpoint file. The trainer asks it for logits and tells it when a step ended
 ([`TeacherEMACallback`]).
 
+The teacher differs from the student only in its LoRA weights, so it shares the student's frozen base: its weights
+are a second peft adapter (`"teacher"`, the student's `LoraConfig`) on the student's own model, frozen, and its
+forward switches the active adapter to it and back (the model in eval mode meanwhile). That saves a whole copy of the
+base model (0.6 GB in fp32 at CAT-Seg-B). A student without LoRA (every weight trained) gets a deep copy instead.
+
 The checkpoint file (`teacher_lora.safetensors`) holds the teacher's LoRA weights under the *student's* parameter
-names, so that a teacher weight and the student weight it follows share a name.
+names (`...lora_A.default.weight`), so that a teacher weight and the student weight it follows share a name, and
+checkpoints written when the teacher was a deep copy load as they are. peft's own saving leaves the teacher out
+([`EMATeacher.hidden_from_peft`]): adapter folders and checkpoints hold the student only, as before.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +31,9 @@ from transformers import TrainerCallback
 
 from ..atomic import atomic_write_file
 from .ema import ema_alpha, update_ema_
-from .lora import lora_parameter_names
+from .lora import TEACHER_ADAPTER, _is_lora_name, lora_parameter_names
 
-__all__ = ["EMATeacher", "TeacherEMACallback"]
+__all__ = ["EMATeacher", "TeacherEMACallback", "TEACHER_ADAPTER"]
 
 
 class EMATeacher:
@@ -49,9 +56,17 @@ class EMATeacher:
         text_follows_student: bool = True,
         autocast: Callable[[], AbstractContextManager] = nullcontext,
     ) -> None:
+        from peft import PeftModel
+
         self.student = student
-        self.model = copy.deepcopy(student).eval()
-        self.model.requires_grad_(False)
+        self._peft = student if isinstance(student, PeftModel) else None
+        self._switched = False
+        if self._peft is not None:
+            self.student_adapter = self._peft.active_adapter
+            self.model = self._add_teacher_adapter(self._peft)
+        else:  # every weight trains: nothing to share
+            self.model = copy.deepcopy(student).eval()
+            self.model.requires_grad_(False)
         self.entry_tokens = entry_tokens
         self.alpha = alpha
         self.text_follows_student = text_follows_student
@@ -59,10 +74,30 @@ class EMATeacher:
         self.encoded_vocabulary: torch.Tensor | None = None  # the vocabulary's text embeddings, while valid
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
+    def _add_teacher_adapter(self, student) -> nn.Module:
+        """Add the teacher's adapter to `student` (its config, the student's LoRA weights, frozen); return the
+        model whose forward the teacher runs (the base model with both adapters injected)."""
+        if TEACHER_ADAPTER not in student.peft_config:  # else a second trainer on this model: it starts anew too
+            config = copy.deepcopy(student.peft_config[self.student_adapter])
+            student.add_adapter(TEACHER_ADAPTER, config)  # inactive, frozen by peft; frozen here too, explicitly
+        student_weights = dict(student.named_parameters())
+        with torch.no_grad():
+            for name, weight in self.named_parameters():
+                weight.requires_grad_(False)
+                weight.copy_(student_weights[name])
+        return student.get_base_model()
+
     # ------------------------------------------------------------------------------------------ weights
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """The teacher's weights, under the names of the student weights they mirror."""
-        return self.model.named_parameters()
+        """The teacher's weights, under the names of the student weights they mirror (its LoRA weights when it
+        shares the student's base, every weight of its copy otherwise)."""
+        if self._peft is None:
+            yield from self.model.named_parameters()
+            return
+        own, student = f".{TEACHER_ADAPTER}.", f".{self.student_adapter}."
+        for name, weight in self._peft.named_parameters():
+            if _is_lora_name(name) and own in name:
+                yield student.join(name.rsplit(own, 1)), weight
 
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for _, p in self.named_parameters())
@@ -81,21 +116,47 @@ class EMATeacher:
             self.encoded_vocabulary = None
 
     # ------------------------------------------------------------------------------------------ forward
+    @contextmanager
+    def active(self) -> Iterator[None]:
+        """Within: the shared model computes with the teacher's adapter, in eval mode. On leaving (also on an
+        error) the student's adapter, each module's train/eval mode and the student's `requires_grad` flags are
+        what they were. Re-entrant (the vocabulary is encoded inside the teacher's forward)."""
+        if self._peft is None or self._switched:
+            yield
+            return
+        modes = [(module, module.training) for module in self.model.modules()]
+        trainable = [(weight, weight.requires_grad) for weight in self._peft.parameters()]
+        self._switched = True
+        try:
+            self._peft.base_model.set_adapter(TEACHER_ADAPTER, inference_mode=True)
+            self.model.eval()
+            yield
+        finally:
+            self._peft.base_model.set_adapter(self.student_adapter)
+            for module, mode in modes:
+                module.training = mode
+            for weight, flag in trainable:  # set_adapter makes the whole student adapter trainable: restore exactly
+                weight.requires_grad_(flag)
+            self._switched = False
+
     @torch.no_grad()
     def __call__(self, **inputs: Any):
         """The teacher's forward (no gradients): the model's output for `inputs`."""
-        return self.model(**inputs)
+        with self.active():
+            return self.model(**inputs)
 
     @torch.no_grad()
     def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.get_text_embeddings(input_ids)
+        with self.active():
+            return self.model.get_text_embeddings(input_ids)
 
     @torch.no_grad()
     def vocabulary_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """The teacher's logits over its whole vocabulary `(B, N_entries, h, w)`, under `autocast` (the teacher
         is outside what `accelerator.prepare` wrapped, so the mixed-precision forward needs its own)."""
-        self.model.to(pixel_values.device)
-        with self.autocast():
+        if self._peft is None:
+            self.model.to(pixel_values.device)  # a copy made before the Trainer placed the student
+        with self.active(), self.autocast():
             text = self.encoded_vocabulary
             if text is None or text.device != pixel_values.device:
                 # Once per EMA update (`update` drops it when the text tower follows the student), or once in all;
@@ -103,6 +164,20 @@ class EMATeacher:
                 text = self.get_text_embeddings(self.entry_tokens.to(pixel_values.device))
                 self.encoded_vocabulary = text
             return self.model(pixel_values=pixel_values, text_embeds=text).logits
+
+    @contextmanager
+    def hidden_from_peft(self) -> Iterator[None]:
+        """Within: peft does not know the teacher's adapter, so that `save_pretrained` (the Trainer's checkpoints
+        and final model) writes the student only; the teacher has its own file ([`save`])."""
+        if self._peft is None:
+            yield
+            return
+        configs = self._peft.peft_config
+        teacher = configs.pop(TEACHER_ADAPTER)
+        try:
+            yield
+        finally:
+            configs[TEACHER_ADAPTER] = teacher
 
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, path: str | Path) -> None:

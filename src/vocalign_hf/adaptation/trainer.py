@@ -11,6 +11,9 @@ One training step (paper Sec. 3, Eq. 3-7):
    learns `q * CE(student, pseudo-label)`;
 4. after the optimiser step the teacher's LoRA weights follow the student's by EMA.
 
+The teacher is an [`~vocalign_hf.adaptation.teacher.EMATeacher`]: a second, frozen LoRA adapter on the student's
+own model (its weights, EMA, vocabulary embeddings and checkpoint file are its own).
+
 Only the LoRA weights (peft, q/k/v of the first CLIP layers of both towers) are trained. The student is what is
 evaluated and saved, as in the reference.
 
@@ -33,6 +36,7 @@ the student's forward does once Accelerate prepared it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import time
@@ -433,7 +437,8 @@ class VocAlignTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         """[`Trainer.save_model`] (model, processor, training arguments), plus `vocalign.json`: the class list,
         concepts, the run's settings and what it did so far."""
-        super().save_model(output_dir, _internal_call=_internal_call)
+        with self.teacher.hidden_from_peft() if self.teacher is not None else contextlib.nullcontext():
+            super().save_model(output_dir, _internal_call=_internal_call)  # the student's adapter only
         if self.args.should_save:
             info = {
                 "class_names": self.class_names,
