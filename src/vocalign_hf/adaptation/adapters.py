@@ -56,8 +56,9 @@ def base_model_reference(name_or_path: str | None, revision: str | None = None) 
 _WEIGHT_FILES = ("*.safetensors", "pytorch_model*.bin")
 
 
-def _weights_folder(name_or_path: str | os.PathLike | None) -> Path | None:
-    """The local folder that holds a base model's weights: its own folder, or the Hub cache's snapshot of it."""
+def _weights_folder(name_or_path: str | os.PathLike | None, revision: str | None = None) -> Path | None:
+    """The local folder that holds a base model's weights: its own folder, or the Hub cache's snapshot of it (of
+    `revision`, default the main branch's)."""
     if not name_or_path:
         return None
     if Path(name_or_path).expanduser().is_dir():
@@ -66,14 +67,14 @@ def _weights_folder(name_or_path: str | os.PathLike | None) -> Path | None:
         return None
     from huggingface_hub import try_to_load_from_cache
 
-    cached = try_to_load_from_cache(str(name_or_path), "config.json")
+    cached = try_to_load_from_cache(str(name_or_path), "config.json", revision=revision)
     return Path(cached).parent if isinstance(cached, str) else None
 
 
-def base_model_fingerprint(name_or_path: str | os.PathLike | None) -> dict[str, Any]:
+def base_model_fingerprint(name_or_path: str | os.PathLike | None, revision: str | None = None) -> dict[str, Any]:
     """A base model's name and the sha256 of its weights (its `*.safetensors`, else `pytorch_model*.bin`, in name
     order; None when its files are not on this machine): what makes two runs' base models the same."""
-    folder = _weights_folder(name_or_path)
+    folder = _weights_folder(name_or_path, revision)
     files = sorted({p for pattern in _WEIGHT_FILES for p in folder.glob(pattern)}) if folder else []
     files = [p for p in files if p.suffix == ".safetensors"] or files
     key = tuple((str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns) for p in files)
@@ -92,11 +93,14 @@ def _files_sha256(files: tuple[tuple[str, int, int], ...]) -> str:
     return digest.hexdigest()
 
 
-def other_base_note(info: Mapping[str, Any], base_name_or_path: str | os.PathLike | None) -> str | None:
+def other_base_note(
+    info: Mapping[str, Any], base_name_or_path: str | os.PathLike | None, revision: str | None = None
+) -> str | None:
     """A line saying that an adapter (its `vocalign.json` content) was trained on a base model whose weights differ
-    from those of `base_name_or_path`; None when they are the same or cannot be compared."""
+    from those of `base_name_or_path` (at `revision` for a Hub id); None when they are the same or cannot be
+    compared."""
     trained = info.get("base_model_sha256")
-    loaded = base_model_fingerprint(base_name_or_path)["sha256"]
+    loaded = base_model_fingerprint(base_name_or_path, revision)["sha256"]
     if not trained or not loaded or trained == loaded:
         return None
     return (f"the adapter was trained on {info.get('base_model')} (sha256 {trained[:12]}); {base_name_or_path} has "
@@ -341,7 +345,7 @@ def _warn_if_other_base(
 ) -> None:
     """Warn when the adapter was trained on another base model (weights, repo id or commit) than the one it is
     loaded onto."""
-    note = other_base_note(info, getattr(base.config, "_name_or_path", None))
+    note = other_base_note(info, getattr(base.config, "_name_or_path", None), base_revision)
     if note:
         logger.warning("%s", note[0].upper() + note[1:] + ".")
     trained_id, trained_commit = info.get("base_model_repo_id"), info.get("base_model_revision")
