@@ -472,6 +472,23 @@ def test_checkpoints_carry_the_processor_and_vocalign_settings(tmp_path, tiny_mo
     assert torch.equal(loaded.tokenize_classes(CLASSES)["input_ids"], tiny_processor.tokenize_classes(CLASSES)["input_ids"])
 
 
+def test_a_checkpoint_from_before_teacher_dtype_resumes_as_float32(tmp_path, tiny_model, tiny_processor):
+    """Checkpoints written before `teacher_dtype` existed ran a float32 teacher (under --bf16 the run's autocast):
+    they resume with the default and are refused, with the difference named, with another choice."""
+    args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(tiny_model, tiny_processor, args).train()
+    record = tmp_path / "checkpoint-1" / "vocalign.json"
+    state = json.loads(record.read_text())
+    assert state["settings"].pop("teacher_dtype") == "float32"
+    record.write_text(json.dumps(state))
+    other = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2, teacher_dtype="bfloat16"))
+    with pytest.raises(UsageError, match=r"teacher_dtype 'float32' \(this run: 'bfloat16'\)"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    resumed = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.state.global_step == 2
+
+
 def test_resuming_without_the_teacher_file_is_refused(tmp_path, tiny_model, tiny_processor):
     args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
     make_trainer(tiny_model, tiny_processor, args).train()

@@ -30,8 +30,9 @@ is an interrupted save, which `resume_from_checkpoint=True` passes over for the 
 `train(resume_from_checkpoint=...)` refuses a checkpoint of another run (other settings, or already at
 `max_steps`) with the differences named, and restores the teacher too.
 
-Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under `accelerator.autocast()`, as
-the student's forward does once Accelerate prepared it.
+Under `--bf16` / `--fp16` every evaluation path runs under `accelerator.autocast()`, as the student's forward does
+once Accelerate prepared it. The teacher's forward has its own precision, `teacher_dtype` (float32 by default, also
+under `--bf16`).
 """
 
 from __future__ import annotations
@@ -191,7 +192,7 @@ class VocAlignTrainer(Trainer):
         if args.method in ("vocalign", "teacher_student"):
             self.teacher = EMATeacher(
                 self.model, self._entry_tokens, alpha=args.ema_alpha, text_follows_student=args.teacher_text_ema,
-                autocast=self.accelerator.autocast,
+                dtype=args.teacher_dtype,
             )
             self.add_callback(TeacherEMACallback(self.teacher))
         self.add_callback(_CheckpointCompletionCallback(self))
