@@ -283,6 +283,53 @@ def test_loss_is_scaled_under_gradient_accumulation(tmp_path, tiny_config, tiny_
     assert any(g.abs().sum() > 0 for g in grads[1])
 
 
+class _RecordingTrainer(VocAlignTrainer):
+    """Notes each micro-batch's loss and pseudo-label weight, to compare the logs with (the logging is untouched)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.micro_losses, self.micro_weights = [], []
+
+    def teacher_targets(self, pixel_values):
+        indices, labels, weight = super().teacher_targets(pixel_values)
+        self.micro_weights.append(float(weight))
+        return indices, labels, weight
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        loss = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        self.micro_losses.append(float(loss.detach()))
+        return loss
+
+
+def test_logged_loss_and_pseudo_weight_are_the_means_of_the_micro_batches(tmp_path, tiny_model, tiny_processor):
+    """Logged every 2 steps of 2 accumulated micro-batches: each log is the mean of its 4 micro-batches, as when
+    every value was read on the host; between logs the recorded sums stay tensors (no read per micro-batch)."""
+    from transformers import TrainerCallback
+
+    pending = []
+
+    class SeeSums(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            pending.append(dict(trainer._log_sums))
+
+    args = make_args(tmp_path, max_steps=4, gradient_accumulation_steps=2, logging_steps=2, pseudo_threshold=0.5)
+    trainer = _RecordingTrainer(
+        model=add_lora(tiny_model, args), args=args, class_names=CLASSES, concepts=CONCEPTS,
+        processor=tiny_processor, train_dataset=RandomImages(), callbacks=[SeeSums()],
+    )
+    trainer.train()
+    logs = [entry for entry in trainer.state.log_history if "loss" in entry]
+    assert [entry["step"] for entry in logs] == [2, 4]
+    assert len(trainer.micro_losses) == len(trainer.micro_weights) == 8
+    assert len(set(trainer.micro_weights)) > 1, "equal weights would not tell a mean from a single value"
+    for entry, start in zip(logs, (0, 4)):
+        losses, weights = trainer.micro_losses[start:start + 4], trainer.micro_weights[start:start + 4]
+        assert entry["loss"] == pytest.approx(sum(losses) / 4, rel=1e-5)
+        assert entry["pseudo_weight"] == round(sum(weights) / 4, 4)  # the previous float arithmetic, exactly
+    sums = [step["pseudo_weight"] for step in pending if step]
+    assert sums and all(isinstance(total, torch.Tensor) and not total.requires_grad for total in sums)
+
+
 def test_lora_learning_rate_multiplier(tmp_path, tiny_model, tiny_processor):
     args = make_args(tmp_path, learning_rate=1e-3, lora_lr_multiplier=0.1, warmup_steps=0)
     trainer = make_trainer(tiny_model, tiny_processor, args)
@@ -423,6 +470,23 @@ def test_checkpoints_carry_the_processor_and_vocalign_settings(tmp_path, tiny_mo
     assert json.loads((checkpoint / "vocalign.json").read_text())["class_names"] == CLASSES
     loaded = CATSegProcessor.from_pretrained(checkpoint)
     assert torch.equal(loaded.tokenize_classes(CLASSES)["input_ids"], tiny_processor.tokenize_classes(CLASSES)["input_ids"])
+
+
+def test_a_checkpoint_from_before_teacher_dtype_resumes_as_float32(tmp_path, tiny_model, tiny_processor):
+    """Checkpoints written before `teacher_dtype` existed ran a float32 teacher (under --bf16 the run's autocast):
+    they resume with the default and are refused, with the difference named, with another choice."""
+    args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1)
+    make_trainer(tiny_model, tiny_processor, args).train()
+    record = tmp_path / "checkpoint-1" / "vocalign.json"
+    state = json.loads(record.read_text())
+    assert state["settings"].pop("teacher_dtype") == "float32"
+    record.write_text(json.dumps(state))
+    other = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2, teacher_dtype="bfloat16"))
+    with pytest.raises(UsageError, match=r"teacher_dtype 'float32' \(this run: 'bfloat16'\)"):
+        other.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    resumed = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, max_steps=2))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "checkpoint-1"))
+    assert resumed.state.global_step == 2
 
 
 def test_resuming_without_the_teacher_file_is_refused(tmp_path, tiny_model, tiny_processor):

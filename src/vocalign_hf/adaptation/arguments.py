@@ -8,6 +8,7 @@ from transformers import TrainingArguments
 from transformers.utils import logging
 
 from ..errors import UsageError
+from .teacher import TEACHER_DTYPES
 
 logger = logging.get_logger(__name__)
 
@@ -64,6 +65,15 @@ class VocAlignArguments(TrainingArguments):
             "help": "the teacher's text-tower LoRA follows the student by EMA (paper, released). False (extension): "
             "it stays at the source weights, so the concepts keep the meaning the source model gave them while "
             "the student's LoRA adapts the class names; the teacher's vocabulary is then encoded once"
+        },
+    )
+    teacher_dtype: str = field(
+        default="float32",
+        metadata={
+            "help": "precision of the teacher's no-grad forward, its own whatever --bf16 / --fp16 say: float32, "
+            "bfloat16 (autocast; its LoRA weights and their EMA stay float32), or auto: bfloat16 where the hardware "
+            "computes it natively (CUDA devices with bf16; CPUs whose /proc/cpuinfo flags include avx512_bf16 or "
+            "amx_bf16), float32 elsewhere (emulated bf16 is slower than float32)"
         },
     )
     pseudo_threshold: float | None = field(
@@ -206,6 +216,8 @@ class VocAlignArguments(TrainingArguments):
             raise UsageError(f"mask_ratio must be in [0, 1), got {self.mask_ratio}")
         if self.concept_reduce not in ("sum", "max"):
             raise UsageError(f"concept_reduce must be 'sum' or 'max', got {self.concept_reduce!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise UsageError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.mask_space not in ("clip", "input"):
             raise UsageError(f"mask_space must be 'clip' or 'input', got {self.mask_space!r}")
         if self.lora_lr_multiplier <= 0:

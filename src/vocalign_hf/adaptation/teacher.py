@@ -11,6 +11,11 @@ are a second peft adapter (`"teacher"`, the student's `LoraConfig`) on the stude
 forward switches the active adapter to it and back (the model in eval mode meanwhile). That saves a whole copy of the
 base model (0.6 GB in fp32 at CAT-Seg-B). A student without LoRA (every weight trained) gets a deep copy instead.
 
+Its precision is its own (`teacher_dtype`): its no-grad forward runs in float32 or under bfloat16 autocast,
+whatever the student's `--bf16` / `--fp16`; its weights stay float32, so the EMA accumulates in float32. "auto"
+picks bfloat16 where the hardware computes it natively ([`resolve_teacher_dtype`]): there the teacher's forward,
+the largest part of a step, is faster; elsewhere bfloat16 is emulated and slower than float32.
+
 The checkpoint file (`teacher_lora.safetensors`) holds the teacher's LoRA weights under the *student's* parameter
 names (`...lora_A.default.weight`), so that a teacher weight and the student weight it follows share a name, and
 checkpoints written when the teacher was a deep copy load as they are. peft's own saving leaves the teacher out
@@ -20,8 +25,9 @@ checkpoints written when the teacher was a deep copy load as they are. peft's ow
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager
+from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +39,47 @@ from ..atomic import atomic_write_file
 from .ema import ema_alpha, update_ema_
 from .lora import TEACHER_ADAPTER, _is_lora_name, lora_parameter_names
 
-__all__ = ["EMATeacher", "TeacherEMACallback", "TEACHER_ADAPTER"]
+__all__ = ["EMATeacher", "TeacherEMACallback", "TEACHER_ADAPTER", "TEACHER_DTYPES", "resolve_teacher_dtype"]
+
+TEACHER_DTYPES = ("auto", "float32", "bfloat16")
+#: /proc/cpuinfo flags of CPUs that compute bfloat16 natively (AVX512-BF16, AMX); without them it is emulated.
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
+
+
+@lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags from /proc/cpuinfo (empty where there is no such file, e.g. macOS)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return frozenset(line.partition(":")[2].split())
+    return frozenset()
+
+
+def has_native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bfloat16 natively: a CUDA device with bf16 (Ampere and later), a CPU with
+    AVX512-BF16 or AMX. Emulated bf16 is slower than float32, so it does not count."""
+    if device.type == "cuda":
+        try:
+            return torch.cuda.is_bf16_supported(including_emulation=False)
+        except TypeError:  # torch without the argument
+            return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return bool(cpu_flags() & NATIVE_BF16_CPU_FLAGS)
+    return False
+
+
+def resolve_teacher_dtype(choice: str, device: torch.device | str) -> torch.dtype:
+    """The dtype of the teacher's forward for `teacher_dtype` `choice` on `device`: "auto" is bfloat16 where
+    [`has_native_bf16`], float32 elsewhere."""
+    if choice not in TEACHER_DTYPES:
+        raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {choice!r}")
+    if choice == "auto":
+        return torch.bfloat16 if has_native_bf16(torch.device(device)) else torch.float32
+    return getattr(torch, choice)
 
 
 class EMATeacher:
@@ -45,7 +91,8 @@ class EMATeacher:
         alpha: the EMA momentum (paper: 0.99).
         text_follows_student: the text tower's LoRA weights follow the student too (paper); if not, they stay at
             their initial values and the vocabulary is encoded once.
-        autocast: a context-manager factory the forward runs under (`accelerator.autocast`: `--bf16` / `--fp16`).
+        dtype: "float32", "bfloat16" or "auto" ([`resolve_teacher_dtype`], on the device of the first batch): the
+            precision of the teacher's forward, independent of the student's.
     """
 
     def __init__(
@@ -54,7 +101,7 @@ class EMATeacher:
         entry_tokens: torch.Tensor,
         alpha: float = 0.99,
         text_follows_student: bool = True,
-        autocast: Callable[[], AbstractContextManager] = nullcontext,
+        dtype: str = "float32",
     ) -> None:
         from peft import PeftModel
 
@@ -70,7 +117,10 @@ class EMATeacher:
         self.entry_tokens = entry_tokens
         self.alpha = alpha
         self.text_follows_student = text_follows_student
-        self.autocast = autocast
+        if dtype not in TEACHER_DTYPES:  # here, not at the first step
+            raise ValueError(f"dtype must be one of {TEACHER_DTYPES}, got {dtype!r}")
+        self.dtype_choice = dtype
+        self.compute_dtype: torch.dtype | None = None  # resolved on the first batch's device
         self.encoded_vocabulary: torch.Tensor | None = None  # the vocabulary's text embeddings, while valid
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -150,13 +200,21 @@ class EMATeacher:
         with self.active():
             return self.model.get_text_embeddings(input_ids)
 
+    def precision(self, device: torch.device) -> torch.autocast:
+        """The autocast context of the teacher's forward on `device`: bfloat16, or disabled (float32) -- also inside
+        a student's `--bf16` / `--fp16` autocast, so that the teacher's precision is its own."""
+        if self.compute_dtype is None:
+            self.compute_dtype = resolve_teacher_dtype(self.dtype_choice, device)
+        bf16 = self.compute_dtype == torch.bfloat16
+        return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
+
     @torch.no_grad()
     def vocabulary_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The teacher's logits over its whole vocabulary `(B, N_entries, h, w)`, under `autocast` (the teacher
-        is outside what `accelerator.prepare` wrapped, so the mixed-precision forward needs its own)."""
+        """The teacher's logits over its whole vocabulary `(B, N_entries, h, w)`, in its own [`precision`] (the
+        logits of a bfloat16 forward are bfloat16)."""
         if self._peft is None:
             self.model.to(pixel_values.device)  # a copy made before the Trainer placed the student
-        with self.active(), self.autocast():
+        with self.active(), self.precision(pixel_values.device):
             text = self.encoded_vocabulary
             if text is None or text.device != pixel_values.device:
                 # Once per EMA update (`update` drops it when the text tower follows the student), or once in all;

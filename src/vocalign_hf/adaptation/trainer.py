@@ -30,8 +30,9 @@ is an interrupted save, which `resume_from_checkpoint=True` passes over for the 
 `train(resume_from_checkpoint=...)` refuses a checkpoint of another run (other settings, or already at
 `max_steps`) with the differences named, and restores the teacher too.
 
-Under `--bf16` / `--fp16` the teacher's forward and every evaluation path run under `accelerator.autocast()`, as
-the student's forward does once Accelerate prepared it.
+Under `--bf16` / `--fp16` every evaluation path runs under `accelerator.autocast()`, as the student's forward does
+once Accelerate prepared it. The teacher's forward has its own precision, `teacher_dtype` (float32 by default, also
+under `--bf16`).
 """
 
 from __future__ import annotations
@@ -191,13 +192,13 @@ class VocAlignTrainer(Trainer):
         if args.method in ("vocalign", "teacher_student"):
             self.teacher = EMATeacher(
                 self.model, self._entry_tokens, alpha=args.ema_alpha, text_follows_student=args.teacher_text_ema,
-                autocast=self.accelerator.autocast,
+                dtype=args.teacher_dtype,
             )
             self.add_callback(TeacherEMACallback(self.teacher))
         self.add_callback(_CheckpointCompletionCallback(self))
         self.resumed_from: dict[str, Any] | None = None
         self._base_model: dict[str, Any] | None = None
-        self._log_sums: dict[str, float] = {}
+        self._log_sums: dict[str, torch.Tensor] = {}
         self._log_count = 0
         self._place_tensorboard_logs()
 
@@ -242,7 +243,6 @@ class VocAlignTrainer(Trainer):
             names_only = torch.arange(len(self.class_names), device=device)  # not concepts the base may hold
             logits = model(pixel_values=pixel_values, input_ids=class_tokens, entry_class_ids=names_only).logits
             loss = entropy_loss(logits.float())
-            self._record(loss=loss.item())
             return (loss, {"logits": logits}) if return_outputs else loss
         if self.args.method == "zero_shot":
             raise RuntimeError("method='zero_shot' does not train; call evaluate() instead of train().")
@@ -263,7 +263,7 @@ class VocAlignTrainer(Trainer):
             logits = F.interpolate(logits.float(), size=pseudo_labels.shape[-2:], mode="bilinear", align_corners=False)
             log_probs = self.student_vocabulary.log_class_probs(logits, positions, indices.shape[1])
             loss = weighted_cross_entropy(log_probs, pseudo_labels, weight)
-        self._record(loss=loss.item(), pseudo_weight=float(weight))
+        self._record(pseudo_weight=weight)  # the loss itself the Trainer logs (its own on-device sum)
         return (loss, {"logits": logits}) if return_outputs else loss
 
     def step_generator(self) -> torch.Generator:
@@ -294,16 +294,22 @@ class VocAlignTrainer(Trainer):
             view = apply_block_mask(view, mask.to(view.device), fill=self._mask_fill)
         return view
 
-    def _record(self, **values: float) -> None:
+    def _record(self, **values: torch.Tensor) -> None:
+        """Add this micro-batch's scalars to the sums logged at the next logging step. They stay on the device,
+        detached: reading one here (`.item()`) would make the host wait for the GPU on every micro-batch. Summed
+        in order in float64 (float32 on MPS, which lacks it): the same arithmetic as a sum of Python floats."""
         for key, value in values.items():
-            self._log_sums[key] = self._log_sums.get(key, 0.0) + value
+            value = value.detach().to(_log_sum_dtype(value.device))
+            total = self._log_sums.get(key)
+            self._log_sums[key] = value if total is None else total + value
         self._log_count += 1
 
     def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        """[`Trainer.log`]; a training log (it has "loss") gets the means of the recorded values since the last
+        one, read from the device here, once per logging step."""
         if self._log_count and "loss" in logs:
             for key, total in self._log_sums.items():
-                if key != "loss":
-                    logs[key] = round(total / self._log_count, 4)
+                logs[key] = round(total.item() / self._log_count, 4)
             self._log_sums, self._log_count = {}, 0
         super().log(logs, *args, **kwargs)
 
@@ -578,6 +584,11 @@ class VocAlignTrainer(Trainer):
         if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
             return batch_size
         return max(0, min(batch_size, state.remainder - self.accelerator.process_index * batch_size))
+
+
+def _log_sum_dtype(device: torch.device) -> torch.dtype:
+    """float64 for the logged sums, except on MPS, which has no float64."""
+    return torch.float32 if device.type == "mps" else torch.float64
 
 
 def _schedule_after_warmup(
