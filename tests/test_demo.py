@@ -292,3 +292,12 @@ def test_browser_reports_an_empty_class_list(server, browser, examples):
     browser.find_element(By.CSS_SELECTOR, "#segment").click()
     wait.until(lambda d: "The class list is empty" in d.find_element(By.TAG_NAME, "body").text)
     assert not browser.find_elements(By.CSS_SELECTOR, "#legend tr.legend-row")
+
+
+def test_app_scores_the_zero_shot_side_with_the_concepts_on_request(base_model, adapter, examples):
+    """Vocabulary alignment without training in the demo: the zero-shot side with the adapter's concepts (Eq. 7)."""
+    app = DemoApp(ModelStore())
+    plain = app.run(str(examples[1]), CLASS_TEXT, str(base_model), str(adapter))
+    aligned = app.run(str(examples[1]), CLASS_TEXT, str(base_model), str(adapter), zero_shot_concepts=True)
+    assert not np.array_equal(np.asarray(plain[0]), np.asarray(aligned[0]))  # the zero-shot side changed
+    assert np.array_equal(np.asarray(plain[1]), np.asarray(aligned[1]))  # the adapted side did not
