@@ -8,7 +8,7 @@ from PIL import Image
 from transformers import pipeline
 
 from conftest import tiny_catseg_config
-from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+from vocalign_hf import CATSegForSemanticSegmentation
 from vocalign_hf.adaptation.vocabulary import ConceptVocabulary
 
 NAMES = ["sky", "road", "car"]

@@ -21,6 +21,7 @@ from peft import PeftModel
 
 from ..atomic import atomic_write_json
 from ..errors import run_program
+from ..model_sources import resolve_adapter, resolve_base_model
 from ..outputs import check_not_overlapping, check_replaceable, write_output_folder
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
 from .adapters import VOCALIGN_FILE, AdapterLoadError, load_adapted_model
@@ -82,8 +83,6 @@ def merge_adapter(
     The processor comes from the base model's folder when it has one, and the adapter's class names become the
     default vocabulary. Returns `output_dir`.
     """
-    from ..recipe_checks import resolve_adapter, resolve_base_model  # (it imports this package)
-
     resolve_base_model(str(base_model), "base model")  # a missing or damaged folder named as such, not as a Hub id
     resolve_adapter(str(adapter), "adapter")
     inputs = [("base model", base_model), ("adapter", adapter)]

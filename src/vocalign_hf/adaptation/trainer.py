@@ -54,7 +54,7 @@ from transformers import Trainer, TrainerCallback, get_scheduler
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
 from transformers.utils import logging
 
-from ..atomic import atomic_write_file, atomic_write_json, atomic_write_text, read_json_object
+from ..atomic import atomic_write_json, atomic_write_text, read_json_object
 from ..errors import UsageError
 from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
