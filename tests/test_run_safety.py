@@ -774,3 +774,31 @@ def test_merge_into_a_link_to_its_earlier_output_replaces_the_target(finished_ru
     assert link.is_symlink() and link.resolve() == target.resolve()
     assert (target / "model.safetensors").stat().st_ino != first  # the target itself was rewritten
     assert sorted(p.name for p in tmp_path.iterdir()) == ["current", "merged-1"]
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (a device that is always full)")
+def test_a_full_disk_outside_the_run_is_one_line(capsys):
+    """Pretraining, evaluate.py, merge: any program run through run_program names a full disk in one line."""
+    from vocalign_hf.errors import run_program
+
+    def write_results(argv):
+        with open("/dev/full", "w") as handle:  # a real ENOSPC from the kernel, on flush
+            handle.write("x" * 8192)
+
+    assert run_program(write_results, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("error: the disk filled up (No space left on device)")
+    assert "write to another disk" in err
+
+    def save_weights(argv):  # an error that names its file also names the space left on that file's disk
+        raise OSError(28, "No space left on device", str(Path.cwd() / "adapter" / "weights.safetensors"))
+
+    assert run_program(save_weights, []) == 2
+    err = capsys.readouterr().err.strip()
+    assert "writing " + str(Path.cwd() / "adapter" / "weights.safetensors") in err and "MiB free on its disk now" in err
+
+    def read_failed(argv):
+        raise OSError(5, "Input/output error")
+
+    with pytest.raises(OSError):  # other OS errors stay what they are, with their traceback
+        run_program(read_failed, [])

@@ -10,7 +10,9 @@ instead. Any other exception is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
 import os
+import shutil
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -32,7 +34,8 @@ def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extr
     """Run a program's `main(argv)`; return its exit status: 0, or 2 for a user error, printed as one line on stderr.
 
     `-v` / `--verbose` are taken out of `argv` (default `sys.argv[1:]`) and, like `VOCALIGN_TRACEBACK=1`, let the
-    traceback through. `extra_errors` are further exception types the program's users can cause.
+    traceback through. `extra_errors` are further exception types the program's users can cause. A full disk (or
+    quota) anywhere in the program is one line too: the file it was writing and the space left.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     verbose = bool(os.environ.get("VOCALIGN_TRACEBACK")) or any(flag in argv for flag in ("-v", "--verbose"))
@@ -48,3 +51,25 @@ def run_program(main: Callable[..., Any], argv: list[str] | None = None, *, extr
             message = f"{message}: {error.filename}"
         print(f"error: {message}", file=sys.stderr)
         return 2
+    except OSError as error:
+        if verbose or error.errno not in _DISK_FULL:
+            raise
+        print(f"error: {disk_full_message(error)}", file=sys.stderr)
+        return 2
+
+
+#: A full disk or an exhausted quota: caused by where the user writes, not a bug.
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full_message(error: OSError) -> str:
+    """One line for a write that failed on a full disk: the file, the space left on its disk, and the fix."""
+    where = f" writing {error.filename}" if error.filename else ""
+    free = ""
+    probe = os.path.dirname(os.path.abspath(error.filename)) if error.filename else ""
+    while probe and not os.path.isdir(probe):
+        probe = os.path.dirname(probe)
+    if probe:
+        free = f"; {shutil.disk_usage(probe).free / 2**20:.1f} MiB free on its disk now"
+    return (f"the disk filled up{where} ({error.strerror or 'no space left on device'}{free}): free some space or "
+            "write to another disk, then run the command again")
