@@ -1,13 +1,23 @@
-"""vocalign-hf: source-free domain adaptation of open-vocabulary segmentation (CAT-Seg + VocAlign) on Hugging Face."""
+"""vocalign-hf: source-free domain adaptation of open-vocabulary segmentation (CAT-Seg + VocAlign) on Hugging Face.
 
-from .models.catseg import (
-    CATSegConfig,
-    CATSegForSemanticSegmentation,
-    CATSegImageProcessor,
-    CATSegModel,
-    CATSegProcessor,
-    clip_tokenizer,
-)
+The model names load lazily (PEP 562), so that `import vocalign_hf.class_names` (the concept command) imports
+neither torch nor transformers; `from vocalign_hf import CATSegForSemanticSegmentation` loads the model package and
+registers it with the Auto classes, as before.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .models.catseg import (
+        CATSegConfig,
+        CATSegForSemanticSegmentation,
+        CATSegImageProcessor,
+        CATSegModel,
+        CATSegProcessor,
+        clip_tokenizer,
+    )
 
 __version__ = "0.1.0"
 
@@ -19,3 +29,18 @@ __all__ = [
     "CATSegProcessor",
     "clip_tokenizer",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    """Load a model name from `models.catseg` on first use (PEP 562)."""
+    if name not in __all__:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    from .models import catseg  # lazily: the heavy part of the package (see the docstring)
+
+    value = getattr(catseg, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

@@ -1,4 +1,4 @@
-"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes on import (and for remote code).
+"""CAT-Seg on the transformers CLIP backbone, registered with the Auto classes when first used (and for remote code).
 
 The folder has the shape of transformers' `models/segformer`, with what an open-vocabulary model adds:
 
@@ -14,36 +14,41 @@ The folder has the shape of transformers' `models/segformer`, with what an open-
 - `convert_catseg_checkpoint.py`: the official checkpoints' converter (`convert-catseg-checkpoint`);
 - `pipeline_catseg.py`: the `zero-shot-image-segmentation` task, which transformers does not have (in-tree it
   would live in `transformers/pipelines/`); registered here because this package is where the model is.
+
+The names below load lazily: importing the package (or its torch-free `class_list`, which the concept generator
+reads) imports neither torch nor transformers. The first use of any of them imports the model files and registers
+CAT-Seg with the Auto classes and the pipeline registry, as an eager import did. transformers' `_LazyModule` is not
+used because importing it runs `transformers/__init__` (about 1.5 s), which the concept command must not pay.
 """
 
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForSemanticSegmentation,
-    AutoProcessor,
-)
+from __future__ import annotations
 
-from .configuration_catseg import CATSegConfig
-from .image_processing_catseg import CATSegImageProcessor
-from .modeling_catseg import CATSegForSemanticSegmentation, CATSegModel, CATSegPreTrainedModel
-from .pipeline_catseg import ZERO_SHOT_TASK, ZeroShotImageSegmentationPipeline, register_pipelines
-from .processing_catseg import CATSegProcessor, clip_tokenizer, validate_class_names
-from .prompt_templates import PROMPT_TEMPLATE_SETS, resolve_prompt_templates
+import importlib
+from typing import TYPE_CHECKING, Any
 
-AutoConfig.register(CATSegConfig.model_type, CATSegConfig, exist_ok=True)
-AutoModel.register(CATSegConfig, CATSegModel, exist_ok=True)
-AutoModelForSemanticSegmentation.register(CATSegConfig, CATSegForSemanticSegmentation, exist_ok=True)
-AutoImageProcessor.register(CATSegConfig, slow_image_processor_class=CATSegImageProcessor, exist_ok=True)
-AutoProcessor.register(CATSegConfig, CATSegProcessor, exist_ok=True)
-register_pipelines()
-# `save_pretrained` also writes an `auto_map` and copies the code files, so a saved or pushed model loads in a
-# plain transformers install: `AutoModelForSemanticSegmentation.from_pretrained(repo, trust_remote_code=True)`.
-CATSegConfig.register_for_auto_class()
-CATSegModel.register_for_auto_class("AutoModel")
-CATSegForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
-CATSegImageProcessor.register_for_auto_class("AutoImageProcessor")
-CATSegProcessor.register_for_auto_class("AutoProcessor")
+if TYPE_CHECKING:
+    from .configuration_catseg import CATSegConfig
+    from .image_processing_catseg import CATSegImageProcessor
+    from .modeling_catseg import CATSegForSemanticSegmentation, CATSegModel, CATSegPreTrainedModel
+    from .pipeline_catseg import ZERO_SHOT_TASK, ZeroShotImageSegmentationPipeline
+    from .processing_catseg import CATSegProcessor, clip_tokenizer, validate_class_names
+    from .prompt_templates import PROMPT_TEMPLATE_SETS, resolve_prompt_templates
+
+#: Public name -> the module of this folder that defines it.
+_EXPORTS = {
+    "CATSegConfig": "configuration_catseg",
+    "CATSegModel": "modeling_catseg",
+    "CATSegPreTrainedModel": "modeling_catseg",
+    "CATSegForSemanticSegmentation": "modeling_catseg",
+    "CATSegImageProcessor": "image_processing_catseg",
+    "CATSegProcessor": "processing_catseg",
+    "ZeroShotImageSegmentationPipeline": "pipeline_catseg",
+    "ZERO_SHOT_TASK": "pipeline_catseg",
+    "clip_tokenizer": "processing_catseg",
+    "validate_class_names": "processing_catseg",
+    "PROMPT_TEMPLATE_SETS": "prompt_templates",
+    "resolve_prompt_templates": "prompt_templates",
+}
 
 __all__ = [
     "CATSegConfig",
@@ -59,3 +64,49 @@ __all__ = [
     "PROMPT_TEMPLATE_SETS",
     "resolve_prompt_templates",
 ]
+
+_registered = False
+
+
+def _register_auto_classes() -> None:
+    """Register CAT-Seg with transformers' Auto classes and pipeline registry, once."""
+    global _registered
+    if _registered:
+        return
+    # Imported here, not at the top: the package itself stays free of torch and transformers (see the docstring).
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, AutoProcessor
+
+    from . import configuration_catseg, image_processing_catseg, modeling_catseg, pipeline_catseg, processing_catseg
+
+    config, image_processor = configuration_catseg.CATSegConfig, image_processing_catseg.CATSegImageProcessor
+    model, head = modeling_catseg.CATSegModel, modeling_catseg.CATSegForSemanticSegmentation
+    processor = processing_catseg.CATSegProcessor
+    AutoConfig.register(config.model_type, config, exist_ok=True)
+    AutoModel.register(config, model, exist_ok=True)
+    AutoModelForSemanticSegmentation.register(config, head, exist_ok=True)
+    AutoImageProcessor.register(config, slow_image_processor_class=image_processor, exist_ok=True)
+    AutoProcessor.register(config, processor, exist_ok=True)
+    pipeline_catseg.register_pipelines()
+    # `save_pretrained` also writes an `auto_map` and copies the code files, so a saved or pushed model loads in a
+    # plain transformers install: `AutoModelForSemanticSegmentation.from_pretrained(repo, trust_remote_code=True)`.
+    config.register_for_auto_class()
+    model.register_for_auto_class("AutoModel")
+    head.register_for_auto_class("AutoModelForSemanticSegmentation")
+    image_processor.register_for_auto_class("AutoImageProcessor")
+    processor.register_for_auto_class("AutoProcessor")
+    _registered = True
+
+
+def __getattr__(name: str) -> Any:
+    """Load a public name on first use (PEP 562), registering the Auto classes first."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    _register_auto_classes()
+    value = getattr(importlib.import_module(f".{module}", __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_EXPORTS))

@@ -41,8 +41,8 @@ import torch
 from ...atomic import atomic_write_json, atomic_write_text
 from ...errors import run_program
 from ...outputs import OUTPUT_INFO_FILE, check_not_overlapping, check_replaceable, write_output_folder
-from .configuration_catseg import CATSegConfig
-from .modeling_catseg import CATSegForSemanticSegmentation
+# Through the package, which registers the Auto classes: the converted model's config then has its `auto_map`.
+from . import CATSegConfig, CATSegForSemanticSegmentation
 
 CLIP_PREFIX = "sem_seg_head.predictor.clip_model."
 V1_CLIP_PREFIX = "backbone.clip_model."
