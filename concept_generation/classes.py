@@ -1,8 +1,8 @@
 """Reading and validating target class lists.
 
-Names are compared after Unicode NFC normalisation: ``"café"`` typed with a precomposed ``é`` and
-``"café"`` written as ``e`` + combining accent are the same class (they look identical, and a model
-answer may use either form).
+Names are compared under the one name key (:func:`name_key`, from ``vocalign_hf.class_names``):
+``"café"`` typed with a precomposed ``é`` and ``"café"`` written as ``e`` + combining accent are the
+same class (they look identical, and a model answer may use either form).
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
-from vocalign_hf.class_names import CLASS_LIST_SUFFIXES, load_class_names
+from vocalign_hf.class_names import CLASS_LIST_SUFFIXES, load_class_names, name_key
 from vocalign_hf.class_names import normalize_name as _normalize_whitespace
 from vocalign_hf.class_names import validate_class_names as _validate
 
@@ -38,12 +38,6 @@ _FILE_LIKE = re.compile(r"^[^\s,]+\.[A-Za-z][A-Za-z0-9]{0,4}$")
 def normalize_name(text: str) -> str:
     """Strip ``text``, collapse inner whitespace to one space and apply Unicode NFC."""
     return unicodedata.normalize("NFC", _normalize_whitespace(text))
-
-
-def name_key(text: str) -> str:
-    """Comparison key for class names and concepts: :func:`normalize_name`, case-folded (then NFC again,
-    since case folding can decompose characters)."""
-    return unicodedata.normalize("NFC", normalize_name(text).casefold())
 
 
 def validate_class_names(names: Iterable[Any], *, source: str = "class list") -> list[str]:

@@ -11,7 +11,7 @@ from typing import Any
 
 from .classes import name_key, normalize_name, validate_class_names
 from .errors import ClassListError, ConceptFileError
-from vocalign_hf.concept_phrases import MAX_CONCEPT_CHARS, phrase_form, same_phrase
+from vocalign_hf.models.catseg.concept_phrases import MAX_CONCEPT_CHARS, ConceptOwners
 from .validation import excerpt
 
 __all__ = ["SHIPPED_CONCEPT_SETS", "list_shipped_concepts", "shipped_concepts_path", "load_concepts"]
@@ -144,16 +144,16 @@ def _refuse_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
 def _check_shared(cleaned: dict[str, list[str]], names: dict[str, str], fail: Any) -> None:
     """Fail on a concept that two classes share (up to plural, article and spacing): VocAlign sums
     one entry's probability into one class only."""
-    owner: dict[str, tuple[str, str]] = {}
+    owners = ConceptOwners(names.values())
     for key, kept in cleaned.items():
         for text in kept:
-            form = phrase_form(text)
-            first = owner.setdefault(form, (key, text))
-            if form and first[0] != key:
+            hit = owners.collision(text, names[key])
+            if hit is not None and not hit.is_name:  # names were checked class by class already
                 raise fail(
-                    f"concept {text!r} of class {names[key]!r} is also listed under class {names[first[0]]!r} "
-                    f"(as {first[1]!r}); a concept may belong to one class only"
+                    f"concept {text!r} of class {names[key]!r} is also listed under class {hit.other_class!r} "
+                    f"(as {hit.other_text!r}); a concept may belong to one class only"
                 )
+            owners.claim(text, names[key])
 
 
 def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) -> dict[str, list[str]]:
@@ -192,6 +192,7 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
         for n in wanted:
             all_classes.setdefault(name_key(n), n)
 
+    class_owners = ConceptOwners(all_classes.values())
     cleaned: dict[str, list[str]] = {}
     for key, raw_name in file_classes.items():
         values = data[raw_name]
@@ -218,16 +219,16 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
             seen.add(ckey)
             if ckey == key:
                 continue
-            if ckey in all_classes:
+            hit = class_owners.collision(text, all_classes[key], names_only=True)
+            if hit is not None and hit.exact:
                 raise fail(
-                    f"class {name!r}: concept {text!r} is the name of another class ({all_classes[ckey]!r}); "
+                    f"class {name!r}: concept {text!r} is the name of another class ({hit.other_class!r}); "
                     "it would steal probability from that class"
                 )
-            other = next((c for k, c in all_classes.items() if k != key and same_phrase(text, c)), None)
-            if other is not None:
+            if hit is not None:
                 raise fail(
                     f"class {name!r}: concept {text!r} is a form (plural, article or spacing) of the name of "
-                    f"another class ({other!r}); it would steal probability from that class"
+                    f"another class ({hit.other_class!r}); it would steal probability from that class"
                 )
             kept.append(text)
         cleaned[key] = kept

@@ -10,7 +10,7 @@ from typing import Any
 
 from .classes import name_key, normalize_name
 from .errors import ConceptGenerationError
-from vocalign_hf.concept_phrases import MAX_CONCEPT_CHARS, contains_phrase, phrase_form, same_phrase
+from vocalign_hf.models.catseg.concept_phrases import MAX_CONCEPT_CHARS, ConceptOwners, contains_phrase, phrase_form
 
 __all__ = ["parse_answer", "clean_concepts", "excerpt"]
 
@@ -106,7 +106,7 @@ def clean_concepts(
 
     Rules (names and concepts are compared after Unicode NFC normalisation, ignoring case and extra
     whitespace; "names" and "contains" below also ignore plurals, a leading article, and spacing or
-    hyphenation, see :mod:`vocalign_hf.concept_phrases`):
+    hyphenation, see :mod:`vocalign_hf.models.catseg.concept_phrases`):
 
     * answer class names are matched to the targets; unknown (extra) classes are **dropped with a
       warning** naming them; a class given twice has its lists merged (with a warning);
@@ -143,7 +143,9 @@ def clean_concepts(
             warnings.append(message)
 
     collected = _match_classes(pairs, class_names, warn)
-    cleaned = {name: _clean_class(name, collected[name], class_names, max_concept_chars, warn) for name in class_names}
+    owners = ConceptOwners(class_names)
+    cleaned = {name: _clean_class(name, collected[name], class_names, owners, max_concept_chars, warn)
+               for name in class_names}
     _remove_shared(cleaned, warn)
 
     result: dict[str, list[str]] = {}
@@ -195,7 +197,12 @@ def _match_classes(
 
 
 def _clean_class(
-    name: str, concepts: list[Any], class_names: Sequence[str], max_chars: int, warn: Callable[[str], None]
+    name: str,
+    concepts: list[Any],
+    class_names: Sequence[str],
+    owners: ConceptOwners,
+    max_chars: int,
+    warn: Callable[[str], None],
 ) -> list[str]:
     """One class's concepts, normalised, de-duplicated and without concepts that are too long or
     name or contain another target class (each removal is warned about)."""
@@ -219,9 +226,9 @@ def _clean_class(
         if len(text) > max_chars:
             too_long.append(f"{excerpt(text, 60)!r} ({len(text)} characters)")
             continue
-        named = next((o for o in others if name_key(o) == key or same_phrase(text, o)), None)
+        named = owners.collision(text, name, names_only=True)
         if named is not None:
-            naming.append(f"{text!r} (names {named!r})")
+            naming.append(f"{text!r} (names {named.other_class!r})")
             continue
         inside = next((o for o in others if contains_phrase(text, o, own=name)), None)
         if inside is not None:
@@ -245,7 +252,7 @@ def _clean_class(
 
 def _remove_shared(cleaned: dict[str, list[str]], warn: Callable[[str], None]) -> None:
     """Remove, from every class, concepts that two or more classes share (same
-    :func:`~vocalign_hf.concept_phrases.phrase_form`: up to case, plural, article and spacing)."""
+    :func:`~vocalign_hf.models.catseg.concept_phrases.phrase_form`: up to case, plural, article and spacing)."""
     owners: dict[str, list[tuple[str, str]]] = {}
     for name, kept in cleaned.items():
         for text in kept:

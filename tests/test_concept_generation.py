@@ -639,6 +639,41 @@ def test_module_runs_from_any_directory(tmp_path):
     assert "--num-concepts" in proc.stdout and "OPENAI_API_KEY" in proc.stdout
 
 
+# The concept command must start fast: neither torch nor transformers may load on its way (issue 27).
+_HEAVY_MODULES_PROBE = """
+import json, sys
+from concept_generation.cli import main
+code = main(sys.argv[1:]) if len(sys.argv) > 1 else None
+heavy = sorted(m for m in ("torch", "transformers", "openai") if m in sys.modules)
+print(json.dumps({"code": code, "heavy": heavy}))
+"""
+
+
+def _probe_heavy_modules(tmp_path: Path, *cli_args: str) -> dict[str, Any]:
+    env = {k: v for k, v in os.environ.items() if k != "OPENAI_API_KEY"}
+    proc = subprocess.run([sys.executable, "-c", _HEAVY_MODULES_PROBE, *cli_args], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout.splitlines()[-1])
+
+
+def test_concept_command_imports_no_torch(tmp_path):
+    assert _probe_heavy_modules(tmp_path) == {"code": None, "heavy": []}
+
+
+def test_cached_concept_run_imports_no_torch(server, tmp_path, sleeps):
+    server.script = [ok(GOOD_ANSWER)]
+    run(server, tmp_path, sleeps)  # fills the cache
+    out = tmp_path / "concepts.json"
+    result = _probe_heavy_modules(
+        tmp_path, "--classes", ",".join(CLASSES), "--description", "dashcam images of German cities",
+        "--base-url", server.base_url, "--cache-dir", str(tmp_path / "cache"), "--out", str(out),
+    )
+    assert result == {"code": 0, "heavy": []}  # a cache hit: no key, no request, no openai client either
+    assert len(server.requests) == 1
+    assert json.loads(out.read_text(encoding="utf-8"))["concepts"]["road"] == ["street", "asphalt road"]
+
+
 # ----------------------------------------------------------------------------------------------
 # Shipped concept files and load_concepts
 # ----------------------------------------------------------------------------------------------
@@ -877,7 +912,7 @@ def test_load_concepts_accepts_concepts_containing_another_class_as_a_word(tmp_p
 
 
 def test_phrase_helpers():
-    from vocalign_hf.concept_phrases import contains_phrase, same_phrase, singular
+    from vocalign_hf.models.catseg.concept_phrases import contains_phrase, same_phrase, singular
 
     assert [singular(w) for w in ["sidewalks", "benches", "shelves", "knives", "bodies", "people", "glass", "bus"]] == [
         "sidewalk", "bench", "shelf", "knife", "body", "person", "glass", "bus"

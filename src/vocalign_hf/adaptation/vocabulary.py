@@ -16,21 +16,49 @@ so whether it repeats the class names cannot be checked there.
 
 from __future__ import annotations
 
-import unicodedata
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from ..concept_phrases import phrase_form
+from ..models.catseg.class_list import name_key, validate_class_names
+from ..models.catseg.concept_phrases import ConceptOwners
+from ..models.catseg.vocabulary_catseg import class_log_probs
 
 __all__ = ["ConceptVocabulary"]
 
 
-def _norm(text: str) -> str:
-    """Comparison key: CLIP's tokenizer lower-cases and collapses whitespace (NFC first, so that one
-    name written with a precomposed or a combining accent is one name)."""
-    return unicodedata.normalize("NFC", " ".join(unicodedata.normalize("NFC", text).split()).casefold())
+def _check_collision(concept: str, name: str, owners: ConceptOwners) -> None:
+    """Raise when `concept` of class `name` would also score for another class (the one collision check)."""
+    hit = owners.collision(concept, name)
+    if hit is None:
+        return
+    if hit.exact and hit.is_name:
+        raise ValueError(f"concept {concept!r} of class {name!r} equals the name of class {hit.other_class!r}")
+    if hit.exact:
+        raise ValueError(f"concept {concept!r} of class {name!r} is also an entry of class {hit.other_class!r}")
+    raise ValueError(
+        f"concept {concept!r} of class {name!r} is a form (plural, article, spacing) of the name "
+        f"or an entry of class {hit.other_class!r}"
+    )
+
+
+def _class_entries(name: str, items: object, owners: ConceptOwners, include_class_names: bool) -> List[str]:
+    """One class's entries: its name (when included), then its concepts, checked and de-duplicated."""
+    if isinstance(items, str) or not isinstance(items, (list, tuple)):
+        raise ValueError(f"concepts for class {name!r} must be a list of strings, got {type(items).__name__}")
+    entries: List[str] = [name.strip()] if include_class_names else []
+    keys = {name_key(name)} if include_class_names else set()
+    for concept in items:
+        if not isinstance(concept, str) or not concept.strip():
+            raise ValueError(f"empty or non-string concept {concept!r} for class {name!r}")
+        _check_collision(concept, name, owners)
+        if name_key(concept) in keys:
+            continue  # duplicate within the class: de-duplicate
+        keys.add(name_key(concept))
+        owners.claim(concept, name)
+        entries.append(concept.strip())
+    return entries
 
 
 class ConceptVocabulary:
@@ -43,12 +71,13 @@ class ConceptVocabulary:
         entry_to_class: ``LongTensor (n_tot,)`` mapping each entry to its class index.
         class_to_entries: ``{class index: [entry indices]}`` (the released ``classes_to_concepts``).
 
-    Raises ``ValueError`` on: an empty class list; duplicate class names; concept keys that
-    are not class names; empty/blank concepts or non-list concept values; a concept equal
-    (case-, whitespace- and Unicode-form-insensitively) to another class's name or entry, or a
-    form of one (plural, leading article, spacing or hyphens: ``"sidewalks"`` under ``"road"``
-    when ``"sidewalk"`` is a class), since its probability would be summed into the wrong class;
-    a class left with no entry. Duplicate concepts within one class are dropped (first kept).
+    Raises ``ValueError`` on: a class list that fails ``validate_class_names`` (empty, blank or
+    duplicate names); concept keys that are not class names; empty/blank concepts or non-list concept
+    values; a concept that collides with another class (``ConceptOwners``: equal, under the one name
+    key, to another class's name or entry, or a form of one: plural, leading article, spacing or
+    hyphens, ``"sidewalks"`` under ``"road"`` when ``"sidewalk"`` is a class), since its probability
+    would be summed into the wrong class; a class left with no entry. Duplicate concepts within one
+    class are dropped (first kept).
     """
 
     def __init__(
@@ -59,63 +88,12 @@ class ConceptVocabulary:
     ) -> None:
         class_names = list(class_names)
         concepts = dict(concepts or {})
-        if not class_names:
-            raise ValueError("class_names is empty")
-        for name in class_names:
-            if not isinstance(name, str) or not name.strip():
-                raise ValueError(f"class names must be non-empty strings, got {name!r}")
-        seen: Dict[str, str] = {}
-        dup_classes = []
-        for name in class_names:
-            key = _norm(name)
-            if key in seen:
-                dup_classes.append(name)
-            seen[key] = name
-        if dup_classes:
-            raise ValueError(f"duplicate class names: {sorted(set(dup_classes))}")
+        validate_class_names(class_names, source="class_names")  # the one validator; names are kept as given
         unknown = [k for k in concepts if k not in class_names]
         if unknown:
             raise ValueError(f"concept keys are not class names: {unknown}")
-
-        per_class: List[List[str]] = []
-        owner: Dict[str, int] = {}  # normalised entry -> class index
-        form_owner: Dict[str, int] = {phrase_form(name): ci for ci, name in enumerate(class_names)}
-        if include_class_names:
-            for ci, name in enumerate(class_names):
-                owner[_norm(name)] = ci
-        for ci, name in enumerate(class_names):
-            items = concepts.get(name, [])
-            if isinstance(items, str) or not isinstance(items, (list, tuple)):
-                raise ValueError(f"concepts for class {name!r} must be a list of strings, got {type(items).__name__}")
-            entries_c: List[str] = [name.strip()] if include_class_names else []
-            keys_c = {_norm(name)} if include_class_names else set()
-            for concept in items:
-                if not isinstance(concept, str) or not concept.strip():
-                    raise ValueError(f"empty or non-string concept {concept!r} for class {name!r}")
-                key = _norm(concept)
-                other_name = seen.get(key)
-                if other_name is not None and other_name != name:
-                    raise ValueError(
-                        f"concept {concept!r} of class {name!r} equals the name of class {other_name!r}"
-                    )
-                if key in owner and owner[key] != ci:
-                    raise ValueError(
-                        f"concept {concept!r} of class {name!r} is also an entry of class "
-                        f"{class_names[owner[key]]!r}"
-                    )
-                # Looser than `key`: also plurals, a leading article, spacing ("the side-walks" ~ "sidewalk").
-                form = phrase_form(concept)
-                if form and form != phrase_form(name) and form_owner.setdefault(form, ci) != ci:
-                    raise ValueError(
-                        f"concept {concept!r} of class {name!r} is a form (plural, article, spacing) of the name "
-                        f"or an entry of class {class_names[form_owner[form]]!r}"
-                    )
-                if key in keys_c:
-                    continue  # duplicate within the class: de-duplicate
-                keys_c.add(key)
-                owner[key] = ci
-                entries_c.append(concept.strip())
-            per_class.append(entries_c)
+        owners = ConceptOwners(class_names)
+        per_class = [_class_entries(name, concepts.get(name, []), owners, include_class_names) for name in class_names]
         empty = [class_names[i] for i, e in enumerate(per_class) if not e]
         if empty:
             raise ValueError(f"classes without any entry (give concepts or include_class_names=True): {empty}")
@@ -221,12 +199,5 @@ class ConceptVocabulary:
             a class is only lost to underflow (log-probability clamped, no gradient) when all of its entries trail
             the best entry by more than ~87 nats in fp32.
         """
-        positions = positions.expand(logits.shape[0], -1) if positions.dim() == 1 else positions
-        valid = (positions >= 0).view(positions.shape + (1,) * (logits.dim() - 2))
-        logits = logits.masked_fill(~valid, float("-inf"))
-        shifted = (logits - logits.amax(dim=1, keepdim=True)).exp()
-        index = positions.clamp_min(0).view(valid.shape).expand_as(shifted)
-        out_shape = (logits.shape[0], num_classes) + tuple(logits.shape[2:])
-        sums = shifted.new_zeros(out_shape).scatter_add(1, index, shifted)
-        return sums.clamp_min(torch.finfo(sums.dtype).tiny).log() - shifted.sum(dim=1, keepdim=True).log()
-
+        # The model's reduction (in float32), returned in the dtype of `logits` as before.
+        return class_log_probs(logits, positions, num_classes).to(logits.dtype)

@@ -29,6 +29,7 @@ from ..data import make_palette
 from ..errors import UsageError
 from ..recipe_checks import resolve_base_model
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
+from ..models.catseg.concept_phrases import ConceptOwners
 from ..models.catseg.vocabulary_catseg import aligned_entries
 from ..visualization import colorize
 
@@ -275,22 +276,26 @@ class DemoSegmenter:
     def adapter_concepts(self, class_names: Sequence[str]) -> tuple[dict[str, list[str]], list[str]]:
         """The adapter's concepts for the classes of `class_names` it knows (names compared ignoring case).
 
-        A concept equal to another listed class's name, or already a concept of another listed class, is left out
-        (it would make two classes share a prompt); those are returned second, as "concept (class)".
+        A concept that collides with another listed class (the one check, `ConceptOwners`: equal to its name or to a
+        concept already kept for it, or a plural, article or spacing form of one) is left out; those are returned
+        second, as "concept (class)".
         """
+        # Dropped, not raised (as `aligned_entries` would): the adapter's concepts were checked against the adapter's
+        # own class list, and a class the demo's user adds may collide with one; that is no error of the user's, and
+        # the page shows what was left out.
         known = {name_key(name): list(concepts) for name, concepts in (self.adapter_info.get("concepts") or {}).items()}
-        owner = {name_key(name): name for name in class_names}
+        owners = ConceptOwners(class_names)
         concepts: dict[str, list[str]] = {}
         dropped: list[str] = []
         for name in class_names:
             kept: list[str] = []
+            seen = {name_key(name)}
             for concept in known.get(name_key(name), []):
-                key = name_key(concept)
-                if owner.get(key, name) != name:
+                if owners.collision(concept, name) is not None:
                     dropped.append(f"{concept} ({name})")
-                    continue
-                if key not in owner:
-                    owner[key] = name
+                elif name_key(concept) not in seen:  # a repeat within the class, or its own name: nothing to add
+                    seen.add(name_key(concept))
+                    owners.claim(concept, name)
                     kept.append(concept)
             if kept:
                 concepts[name] = kept

@@ -16,11 +16,6 @@ def normalize_name(text: str) -> str:
     return _WHITESPACE.sub(" ", text).strip()
 
 
-def name_key(text: str) -> str:
-    """Comparison key for class names and concepts: whitespace-normalised and case-folded."""
-    return normalize_name(text).casefold()
-
-
 def _invisible_or_space(char: str) -> bool:
     return char.isspace() or unicodedata.category(char) == "Cf"  # Cf: BOM, zero-width space and joiners, ...
 
@@ -36,10 +31,12 @@ def _clean_name(text: str) -> str:
     return unicodedata.normalize("NFC", normalize_name(text[start:end]))
 
 
-def _duplicate_key(name: str) -> str:
-    """Names that look or read the same are one class: equal after NFKC (fullwidth `ｓｋｙ` is `sky`), without
-    invisible format characters (`sky\u200b` is `sky`), whitespace-normalised and case-folded."""
-    visible = "".join(c for c in unicodedata.normalize("NFKC", name) if unicodedata.category(c) != "Cf")
+def name_key(text: str) -> str:
+    """The one comparison key for class names and concepts, everywhere (the validator, the concept files, the
+    vocabularies, the demo): names that look or read the same are one name. Equal after NFKC (fullwidth `ｓｋｙ` is
+    `sky`), without invisible format characters (`sky\u200b` is `sky`), whitespace-normalised, case-folded, NFC (a
+    precomposed `é` and `e` + combining accent are one letter)."""
+    visible = "".join(c for c in unicodedata.normalize("NFKC", text) if unicodedata.category(c) != "Cf")
     return unicodedata.normalize("NFC", normalize_name(visible).casefold())
 
 
@@ -64,7 +61,7 @@ def validate_class_names(names: Iterable[Any], *, source: str = "class list") ->
         name = _clean_name(raw)
         if not name:
             raise ValueError(f"{source}: entry {index} is blank")
-        key = _duplicate_key(name)
+        key = name_key(name)
         if key in seen:
             shown = name if name == raw.strip() else raw  # what was given, where stripping hid the difference
             raise ValueError(f"{source}: duplicate class name {shown!r} (entry {index}; same as {seen[key]!r} once "

@@ -1,7 +1,8 @@
 """Word-level comparison of concepts with class names: plurals, articles, spacing and sub-phrases.
 
-Shared by :mod:`concept_generation` (cleaning model answers, loading concept files) and
-:class:`~vocalign_hf.adaptation.ConceptVocabulary`.
+Shared by :mod:`concept_generation` (cleaning model answers, loading concept files),
+:class:`~vocalign_hf.adaptation.ConceptVocabulary`, the model's `aligned_entries` and the demo, through the one
+concept-collision check :class:`ConceptOwners` (beside the model, so that the Hub's remote code carries it).
 
 Summing concept probabilities back to their class (VocAlign Eq. 7) goes wrong when a concept of
 class A names another class B: the softmax mass that CLIP gives to "sidewalks" is mass that
@@ -12,7 +13,8 @@ helpers also catch the forms that look different but name the same thing:
   name the class ``"sidewalk"``;
 * :func:`contains_phrase`: ``"wet sidewalk edge"`` contains the class ``"sidewalk"`` as whole words.
 
-Words are compared after Unicode NFC normalisation and case folding; plurals are reduced by a few
+Words are compared under the one name key (`class_list.name_key`: NFKC, invisible characters dropped,
+case-folded, NFC); plurals are reduced by a few
 English rules (:func:`singular`), not by a dictionary, so this is a heuristic that errs on the
 side of the forms an LLM writes (regular plurals, ``-ies``, ``-ves``, ``-ches``, a few irregulars).
 """
@@ -20,8 +22,10 @@ side of the forms an LLM writes (regular plurals, ``-ies``, ``-ves``, ``-ches``,
 from __future__ import annotations
 
 import re
-import unicodedata
 from functools import lru_cache
+from typing import NamedTuple
+
+from .class_list import name_key
 
 __all__ = [
     "MAX_CONCEPT_CHARS",
@@ -31,6 +35,8 @@ __all__ = [
     "phrase_form",
     "same_phrase",
     "contains_phrase",
+    "Collision",
+    "ConceptOwners",
 ]
 
 MAX_CONCEPT_CHARS = 100
@@ -79,10 +85,9 @@ def singular(word: str) -> str:
 
 @lru_cache(maxsize=8192)
 def phrase_words(text: str) -> tuple[str, ...]:
-    """The words of ``text``: NFC-normalised, case-folded, split on anything that is not a letter or
-    digit (so hyphens and spaces are alike), each reduced by :func:`singular`."""
-    folded = unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold())
-    return tuple(singular(w) for w in _WORD.findall(folded))
+    """The words of ``text``: its name key (NFC, case-folded, ...), split on anything that is not a letter
+    or digit (so hyphens and spaces are alike), each reduced by :func:`singular`."""
+    return tuple(singular(w) for w in _WORD.findall(name_key(text)))
 
 
 def phrase_key(text: str) -> tuple[str, ...]:
@@ -125,3 +130,50 @@ def contains_phrase(concept: str, other: str, own: str | None = None) -> bool:
         for span in _occurrences(words, phrase_words(own)):
             covered.update(span)
     return any(not covered.issuperset(span) for span in _occurrences(words, other_words))
+
+
+class Collision(NamedTuple):
+    """A concept that would also score for another class (see :class:`ConceptOwners`)."""
+
+    other_class: str  # the class it collides with
+    other_text: str  # what it matches there: that class's name, or one of its concepts
+    is_name: bool  # whether `other_text` is the other class's name
+    exact: bool  # equal under `name_key`; otherwise a form of it (plural, leading article, spacing)
+
+
+class ConceptOwners:
+    """The one concept-collision check: which class each class name and accepted concept scores for.
+
+    Summing concept probabilities back to their class (Eq. 7) goes wrong when a concept of one class names another
+    class, or is a concept of another class, exactly (under `name_key`) or as a form (:func:`phrase_form`: plural,
+    leading article, spacing). Callers decide what a collision means: the concept files and the vocabularies raise,
+    the answer cleaner and the demo drop the concept.
+    """
+
+    def __init__(self, class_names) -> None:
+        self._by_key: dict[str, list[tuple[str, str, bool]]] = {}
+        self._by_form: dict[str, list[tuple[str, str, bool]]] = {}
+        for name in class_names:
+            self._add(name, name, is_name=True)
+
+    def _add(self, text: str, owner: str, is_name: bool) -> None:
+        self._by_key.setdefault(name_key(text), []).append((owner, text, is_name))
+        form = phrase_form(text)
+        if form:  # punctuation-only text has no words to compare
+            self._by_form.setdefault(form, []).append((owner, text, is_name))
+
+    def collision(self, concept: str, owner: str, *, names_only: bool = False) -> Collision | None:
+        """The other class `concept` (a concept of class `owner`) would also score for, or `None`.
+
+        An exact match wins over a form, a name over a concept; with `names_only`, accepted concepts of other
+        classes do not count."""
+        for table, key, exact in ((self._by_key, name_key(concept), True), (self._by_form, phrase_form(concept), False)):
+            hits = [hit for hit in table.get(key, ()) if hit[0] != owner and (hit[2] or not names_only)]
+            if hits:
+                other, text, is_name = max(hits, key=lambda hit: hit[2])  # the first name, else the first concept
+                return Collision(other, text, is_name, exact)
+        return None
+
+    def claim(self, concept: str, owner: str) -> None:
+        """Record `concept` as accepted for class `owner` (later concepts of other classes then collide with it)."""
+        self._add(concept, owner, is_name=False)

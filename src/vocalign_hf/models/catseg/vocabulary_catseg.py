@@ -23,6 +23,7 @@ from collections.abc import Mapping, Sequence
 import torch
 
 from .class_list import name_key, normalize_name, validate_class_names
+from .concept_phrases import ConceptOwners
 
 __all__ = ["aligned_entries", "class_log_probs", "concept_token_table", "expand_with_concepts", "is_one_per_class"]
 
@@ -37,8 +38,9 @@ def aligned_entries(
 
     Raises:
         ValueError: a concept key that is not one of `class_names`, a concept list that is not a list of non-blank
-            strings, or a concept equal (ignoring case and spacing) to another class's name or concept: its
-            probability would be summed into the wrong class.
+            strings, or a concept that collides with another class's name or concept (`ConceptOwners`: equal under
+            `name_key`, or a plural, article or spacing form of it): its probability would be summed into the wrong
+            class.
     """
     names = validate_class_names(class_names)
     concepts = {normalize_name(str(key)): value for key, value in concepts.items()}
@@ -46,7 +48,7 @@ def aligned_entries(
     if unknown:
         raise ValueError(f"concepts given for {unknown}, which are not among the class names {names}; "
                          "give concepts only for the classes you segment")
-    owner = {name_key(name): name for name in names}
+    owners = ConceptOwners(names)
     entries, classes = [], []
     for index, name in enumerate(names):
         items = concepts.get(name, [])
@@ -58,11 +60,14 @@ def aligned_entries(
         for concept in items:
             if not isinstance(concept, str) or not concept.strip():
                 raise ValueError(f"the concepts of {name!r} hold a blank or non-string entry {concept!r}")
+            hit = owners.collision(concept, name)
+            if hit is not None:
+                form = "" if hit.exact else " a form (plural, article, spacing) of"
+                raise ValueError(f"concept {concept!r} of {name!r} is also{form} the class or a concept of "
+                                 f"{hit.other_class!r}: it would score both; remove it from one of them")
             key = name_key(concept)
-            if owner.setdefault(key, name) != name:
-                raise ValueError(f"concept {concept!r} of {name!r} is also the class or a concept of "
-                                 f"{owner[key]!r}: it would score both; remove it from one of them")
             if key not in kept:
+                owners.claim(concept, name)
                 kept.add(key)
                 entries.append(normalize_name(concept))
                 classes.append(index)
@@ -74,14 +79,27 @@ def is_one_per_class(entry_class_ids: torch.Tensor) -> bool:
     return bool(torch.equal(entry_class_ids.cpu(), torch.arange(len(entry_class_ids))))
 
 
-def class_log_probs(entry_logits: torch.Tensor, entry_class_ids: torch.Tensor) -> torch.Tensor:
+def class_log_probs(
+    entry_logits: torch.Tensor, entry_class_ids: torch.Tensor, num_classes: int | None = None
+) -> torch.Tensor:
     """Eq. 7 in log space: `(B, num_entries, ...)` entry logits -> `(B, num_classes, ...)` class log-probabilities.
 
+    `entry_class_ids` is `(num_entries,)`, or `(B, num_entries)` when each image scores its own entries (the trainer's
+    Top-K); an id of -1 leaves that entry out of the softmax (padding). `num_classes` defaults to the largest id + 1.
     Computed in float32 with the per-pixel maximum subtracted before `exp`; differentiable."""
     logits = entry_logits.float()
     owner = entry_class_ids.to(logits.device)
-    shifted = (logits - logits.amax(dim=1, keepdim=True)).exp()
-    sums = shifted.new_zeros((logits.shape[0], int(owner.max()) + 1, *logits.shape[2:])).index_add_(1, owner, shifted)
+    num_classes = int(owner.max()) + 1 if num_classes is None else num_classes
+    if owner.dim() == 1 and int(owner.min()) >= 0:
+        shifted = (logits - logits.amax(dim=1, keepdim=True)).exp()
+        sums = shifted.new_zeros((logits.shape[0], num_classes, *logits.shape[2:])).index_add_(1, owner, shifted)
+    else:
+        owner = owner.expand(logits.shape[0], -1)
+        valid = (owner >= 0).view(owner.shape + (1,) * (logits.dim() - 2))
+        logits = logits.masked_fill(~valid, float("-inf"))
+        shifted = (logits - logits.amax(dim=1, keepdim=True)).exp()
+        index = owner.clamp_min(0).view(valid.shape).expand_as(shifted)
+        sums = shifted.new_zeros((logits.shape[0], num_classes, *logits.shape[2:])).scatter_add(1, index, shifted)
     return sums.clamp_min(torch.finfo(sums.dtype).tiny).log() - shifted.sum(dim=1, keepdim=True).log()
 
 
