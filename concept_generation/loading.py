@@ -167,6 +167,25 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
     if not data:
         raise fail("the file has no classes")
 
+    file_classes = _file_classes(data, fail)
+    all_classes: dict[str, str] = {k: normalize_name(v) for k, v in file_classes.items()}
+    if class_names is not None:
+        _add_wanted_classes(all_classes, file_classes, class_names, fail)
+    class_owners = ConceptOwners(all_classes.values())
+    cleaned = {
+        key: _file_class_concepts(normalize_name(raw_name), data[raw_name], class_owners, fail)
+        for key, raw_name in file_classes.items()
+    }
+    _check_shared(cleaned, {k: normalize_name(v) for k, v in file_classes.items()}, fail)
+
+    if class_names is None:
+        return {normalize_name(file_classes[k]): v for k, v in cleaned.items()}
+    # Keys keep the caller's exact spelling (e.g. SceneParse150's "bed " with its trailing space).
+    return {raw: cleaned.get(name_key(raw), []) for raw in class_names}
+
+
+def _file_classes(data: dict[str, Any], fail: Any) -> dict[str, str]:
+    """`{name key: the file's spelling}` of the file's classes; fails on a blank or repeated class."""
     file_classes: dict[str, str] = {}
     for raw in data:
         name = normalize_name(raw)
@@ -175,67 +194,64 @@ def _validate_mapping(data: Any, path: Path, class_names: Sequence[str] | None) 
         if name_key(name) in file_classes:
             raise fail(f"class {name!r} appears more than once (ignoring case, spaces and Unicode form)")
         file_classes[name_key(name)] = raw
+    return file_classes
 
-    all_classes: dict[str, str] = {k: normalize_name(v) for k, v in file_classes.items()}
-    wanted: list[str] | None = None
-    if class_names is not None:
-        try:
-            wanted = validate_class_names(list(class_names), source="class_names")
-        except ClassListError as exc:
-            raise ConceptFileError(str(exc)) from None
-        wanted_keys = {name_key(n) for n in wanted}
-        unknown = [file_classes[k] for k in file_classes if k not in wanted_keys]
-        if unknown:
+
+def _add_wanted_classes(
+    all_classes: dict[str, str], file_classes: dict[str, str], class_names: Sequence[str], fail: Any
+) -> None:
+    """Add the caller's `class_names` to `all_classes`; fails on a file class that is not one of them."""
+    try:
+        wanted = validate_class_names(list(class_names), source="class_names")
+    except ClassListError as exc:
+        raise ConceptFileError(str(exc)) from None
+    wanted_keys = {name_key(n) for n in wanted}
+    unknown = [file_classes[k] for k in file_classes if k not in wanted_keys]
+    if unknown:
+        raise fail(f"{len(unknown)} class(es) are not in class_names: {', '.join(map(repr, unknown))}")
+    for n in wanted:
+        all_classes.setdefault(name_key(n), n)
+
+
+def _file_class_concepts(name: str, values: Any, class_owners: ConceptOwners, fail: Any) -> list[str]:
+    """Class `name`'s concepts, normalised, without its own name; fails on a bad entry or one that names another
+    class (concepts shared between classes are checked after, by `_check_shared`)."""
+    if not isinstance(values, list):
+        raise fail(f"class {name!r}: expected a list of concept strings, got a {type(values).__name__}")
+    seen: set[str] = set()
+    kept: list[str] = []
+    for index, concept in enumerate(values):
+        text = _concept_text(name, index, concept, fail)
+        if name_key(text) in seen:
+            raise fail(f"class {name!r}: concept {text!r} is listed twice")
+        seen.add(name_key(text))
+        if name_key(text) == name_key(name):
+            continue
+        hit = class_owners.collision(text, name, names_only=True)
+        if hit is not None and hit.exact:
             raise fail(
-                f"{len(unknown)} class(es) are not in class_names: {', '.join(map(repr, unknown))}"
+                f"class {name!r}: concept {text!r} is the name of another class ({hit.other_class!r}); "
+                "it would steal probability from that class"
             )
-        for n in wanted:
-            all_classes.setdefault(name_key(n), n)
+        if hit is not None:
+            raise fail(
+                f"class {name!r}: concept {text!r} is a form (plural, article or spacing) of the name of "
+                f"another class ({hit.other_class!r}); it would steal probability from that class"
+            )
+        kept.append(text)
+    return kept
 
-    class_owners = ConceptOwners(all_classes.values())
-    cleaned: dict[str, list[str]] = {}
-    for key, raw_name in file_classes.items():
-        values = data[raw_name]
-        name = normalize_name(raw_name)
-        if not isinstance(values, list):
-            raise fail(f"class {name!r}: expected a list of concept strings, got a {type(values).__name__}")
-        seen: set[str] = set()
-        kept: list[str] = []
-        for index, concept in enumerate(values):
-            if not isinstance(concept, str):
-                kind = type(concept).__name__
-                raise fail(f"class {name!r}: concept {index} is {kind} {concept!r}, expected a string")
-            text = normalize_name(concept)
-            ckey = name_key(text)
-            if not text:
-                raise fail(f"class {name!r}: concept {index} is blank")
-            if len(text) > MAX_CONCEPT_CHARS:
-                raise fail(
-                    f"class {name!r}: concept {index} has {len(text)} characters, more than {MAX_CONCEPT_CHARS} "
-                    f"(concepts are short phrases): {excerpt(text, 60)!r}"
-                )
-            if ckey in seen:
-                raise fail(f"class {name!r}: concept {text!r} is listed twice")
-            seen.add(ckey)
-            if ckey == key:
-                continue
-            hit = class_owners.collision(text, all_classes[key], names_only=True)
-            if hit is not None and hit.exact:
-                raise fail(
-                    f"class {name!r}: concept {text!r} is the name of another class ({hit.other_class!r}); "
-                    "it would steal probability from that class"
-                )
-            if hit is not None:
-                raise fail(
-                    f"class {name!r}: concept {text!r} is a form (plural, article or spacing) of the name of "
-                    f"another class ({hit.other_class!r}); it would steal probability from that class"
-                )
-            kept.append(text)
-        cleaned[key] = kept
-    _check_shared(cleaned, {k: normalize_name(v) for k, v in file_classes.items()}, fail)
 
-    if wanted is None:
-        return {normalize_name(file_classes[k]): v for k, v in cleaned.items()}
-    # Keys keep the caller's exact spelling (e.g. SceneParse150's "bed " with its trailing space).
-    assert class_names is not None
-    return {raw: cleaned.get(name_key(raw), []) for raw in class_names}
+def _concept_text(name: str, index: int, concept: Any, fail: Any) -> str:
+    """Entry `index` of class `name`, normalised; fails on a non-string, blank or overlong entry."""
+    if not isinstance(concept, str):
+        raise fail(f"class {name!r}: concept {index} is {type(concept).__name__} {concept!r}, expected a string")
+    text = normalize_name(concept)
+    if not text:
+        raise fail(f"class {name!r}: concept {index} is blank")
+    if len(text) > MAX_CONCEPT_CHARS:
+        raise fail(
+            f"class {name!r}: concept {index} has {len(text)} characters, more than {MAX_CONCEPT_CHARS} "
+            f"(concepts are short phrases): {excerpt(text, 60)!r}"
+        )
+    return text
