@@ -34,7 +34,7 @@ from .prompt_templates import PROMPT_TEMPLATE_SETS, resolve_prompt_templates
 AutoConfig.register(CATSegConfig.model_type, CATSegConfig, exist_ok=True)
 AutoModel.register(CATSegConfig, CATSegModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(CATSegConfig, CATSegForSemanticSegmentation, exist_ok=True)
-AutoImageProcessor.register(CATSegConfig, slow_image_processor_class=CATSegImageProcessor, exist_ok=True)
+AutoImageProcessor.register(CATSegConfig, image_processor_classes={"pil": CATSegImageProcessor}, exist_ok=True)
 AutoProcessor.register(CATSegConfig, CATSegProcessor, exist_ok=True)
 register_pipelines()
 # `save_pretrained` also writes an `auto_map` and copies the code files, so a saved or pushed model loads in a
