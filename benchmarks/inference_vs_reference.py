@@ -183,8 +183,9 @@ def measure(cfg: dict) -> dict:
             pixel_values = ((raw / 255.0 - mean) / std).unsqueeze(0)
             with autocast:
                 if mode == "sliding":
-                    probs = model.predict_sliding_window(pixel_values, text_embeds=text["embeds"], output_size=out_size)
-                    return probs[0].float()
+                    logits = model.predict_sliding_window(pixel_values, text_embeds=text["embeds"],
+                                                          output_size=out_size)
+                    return logits[0].float().sigmoid()  # the reference's averaged sigmoid probabilities
                 logits = model(pixel_values=pixel_values, text_embeds=text["embeds"]).logits.float()
             head_out.append(logits)
             return F.interpolate(logits.sigmoid(), size=out_size, mode="bilinear", align_corners=False)[0]

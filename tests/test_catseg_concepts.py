@@ -71,12 +71,13 @@ def test_default_vocabulary_and_sliding_window_use_the_concepts(tiny_model, tiny
     with torch.no_grad():
         torch.testing.assert_close(tiny_model(pixel_values=pixel_values).logits, explicit)
         window = tiny_model.predict_sliding_window(pixel_values, kernel=16, overlap=0.5, out_res=(32, 32))
-        entry_probs = tiny_model.predict_sliding_window(
+        entry_logits = tiny_model.predict_sliding_window(
             pixel_values, input_ids=tiny_processor(text=NAMES, concepts=CONCEPTS)["input_ids"],
             entry_class_ids=torch.arange(6), kernel=16, overlap=0.5, out_res=(32, 32))
-    # "catseg" mode: the entries' sigmoid probabilities read back as logits, then Eq. 7.
+    # "catseg" mode: the entries' averaged sigmoid probabilities read back as logits, then Eq. 7 (log-probabilities).
+    entry_probs = entry_logits.sigmoid()
     expected = ConceptVocabulary(NAMES, CONCEPTS).aggregate(torch.logit(entry_probs.clamp(1e-6, 1 - 1e-6)))
-    torch.testing.assert_close(window, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(window.exp(), expected, atol=1e-6, rtol=1e-5)
 
 
 def test_mmseg_sliding_window_reduces_the_averaged_entry_logits(tiny_processor, images):

@@ -262,7 +262,7 @@ def test_post_processing_returns_segmentation_scores_as_transformers_does(tiny_p
                                                           return_segmentation_scores=True)
     assert [tuple(s.segmentation_scores.shape) for s in scored] == [(3, 16, 16), (3, 4, 8)]
     assert all(torch.equal(s.segmentation, m) for s, m in zip(scored, maps))
-    assert torch.equal(scored[1].segmentation_scores.argmax(0), maps[1])  # the raw (resized) logits
+    assert torch.equal(scored[1].segmentation_scores.argmax(0), maps[1])  # probabilities of the resized logits
     with pytest.raises(ValueError, match="3 target sizes for a batch of 2"):
         processor.post_process_semantic_segmentation(logits, target_sizes=[(4, 4)] * 3)
 

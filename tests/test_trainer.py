@@ -425,8 +425,8 @@ def test_sliding_window_evaluation_matches_a_manual_loop(tmp_path, tiny_model, t
         text = tiny_model.get_text_embeddings(tiny_processor(text=CLASSES)["input_ids"])
         for index in range(len(RandomImages())):
             batch = trainer.data_collator([RandomImages()[index]])
-            probs = tiny_model.predict_sliding_window(batch["pixel_values"], text_embeds=text, output_size=(32, 32))
-            metric.update(probs.argmax(1), batch["labels"])
+            logits = tiny_model.predict_sliding_window(batch["pixel_values"], text_embeds=text, output_size=(32, 32))
+            metric.update(logits.argmax(1), batch["labels"])
     assert metrics["eval_mean_iou"] == pytest.approx(100 * metric.compute()["mean_iou"], abs=1e-9)
 
 

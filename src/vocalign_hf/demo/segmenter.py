@@ -30,6 +30,7 @@ from ..errors import UsageError
 from ..recipe_checks import resolve_base_model
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
 from ..models.catseg.concept_phrases import ConceptOwners
+from ..models.catseg.pipeline_catseg import mean_class_probabilities
 from ..models.catseg.vocabulary_catseg import aligned_entries
 from ..visualization import colorize
 
@@ -176,6 +177,9 @@ class SegmentationResult:
         entries: the prompts scored: the class names, plus concepts when the adapter's were added.
         concepts: the concepts added per class (empty without).
         seconds: wall time of the forward and post-processing.
+        scores: `(num_classes,)` each class's mean probability over its pixels (0 without any), as the
+            zero-shot pipeline's `score`: the softmax over the classes that `post_process_semantic_segmentation`
+            returns with the labels.
     """
 
     labels: np.ndarray
@@ -183,6 +187,7 @@ class SegmentationResult:
     entries: list[str]
     concepts: dict[str, list[str]] = field(default_factory=dict)
     seconds: float = 0.0
+    scores: np.ndarray | None = None
 
 
 def _default_device() -> torch.device:
@@ -368,9 +373,12 @@ class DemoSegmenter:
                 logits = model(pixel_values=pixel_values, text_embeds=text_embeds,
                                entry_class_ids=entry_class_ids.to(self.device)).logits.float()
         sizes = [output_size] if output_size is not None else None
-        labels = self.processor.post_process_semantic_segmentation(logits, target_sizes=sizes)[0].cpu().numpy()
+        result = self.processor.post_process_semantic_segmentation(logits, target_sizes=sizes,
+                                                                   return_segmentation_scores=True)[0]
+        scores = mean_class_probabilities(result.segmentation_scores, result.segmentation).cpu().numpy()
+        labels = result.segmentation.cpu().numpy()
         shares = np.bincount(labels.ravel(), minlength=len(class_names)) / labels.size
-        return SegmentationResult(labels, shares, list(entries), concepts, time.perf_counter() - start)
+        return SegmentationResult(labels, shares, list(entries), concepts, time.perf_counter() - start, scores)
 
 
 def _first_line(error: BaseException) -> str:

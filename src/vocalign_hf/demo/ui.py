@@ -54,7 +54,9 @@ def legend_html(
         shares = [f"{100 * results[column].shares[index]:.1f} %" for column in columns]
         concepts = sorted({c for column in columns for c in results[column].concepts.get(name, [])})
         label = html.escape(name) + (f" <small>(+ {html.escape(', '.join(concepts))})</small>" if concepts else "")
-        tooltip = html.escape(f"{name}: " + ", ".join(f"{s} {c}" for s, c in zip(shares, columns)), quote=True)
+        numbers = [f"{share}{_mean_probability(results[column], index)} {column}"
+                   for share, column in zip(shares, columns)]
+        tooltip = html.escape(f"{name}: " + ", ".join(numbers), quote=True)
         cells = "".join(f'<td class="share">{share}</td>' for share in shares)
         rows.append(
             f'<tr class="legend-row" data-class="{html.escape(name, quote=True)}" data-color="{colour}" '
@@ -64,8 +66,16 @@ def legend_html(
     return (
         f'<table class="vocalign-legend"><thead><tr><th></th><th>class</th>{head}</tr></thead>'
         f"<tbody>{''.join(rows)}</tbody></table>"
-        "<p><small>Share of the image's pixels given to each class. Hover a row for the numbers.</small></p>"
+        "<p><small>Share of the image's pixels given to each class. Hover a row for the numbers (p: the class's "
+        "mean probability over its pixels).</small></p>"
     )
+
+
+def _mean_probability(result: SegmentationResult, index: int) -> str:
+    """" (p 0.81)": the class's mean probability over the pixels it wins, where it wins some."""
+    if result.scores is None or not result.shares[index]:
+        return ""
+    return f" (p {result.scores[index]:.2f})"
 
 
 class ModelStore:

@@ -84,7 +84,7 @@ def _register_auto_classes() -> None:
     AutoConfig.register(config.model_type, config, exist_ok=True)
     AutoModel.register(config, model, exist_ok=True)
     AutoModelForSemanticSegmentation.register(config, head, exist_ok=True)
-    AutoImageProcessor.register(config, slow_image_processor_class=image_processor, exist_ok=True)
+    AutoImageProcessor.register(config, image_processor_classes={"pil": image_processor}, exist_ok=True)
     AutoProcessor.register(config, processor, exist_ok=True)
     pipeline_catseg.register_pipelines()
     # `save_pretrained` also writes an `auto_map` and copies the code files, so a saved or pushed model loads in a

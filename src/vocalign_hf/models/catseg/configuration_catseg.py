@@ -66,9 +66,10 @@ class CATSegConfig(PreTrainedConfig):
         set from the backbone (the channels of its stride-8 and stride-4 maps) and `pad_len` is 0 in its checkpoints.
         sliding_window_kernel, sliding_window_overlap, sliding_window_out_res: the reference's sliding-window
             inference (kernel 384, overlap 0.333, 640x640 canvas).
-        sliding_window_mode (`str`): `"catseg"` (the CVPR'24 reference: canvas resize, sigmoid, global view) or
-            `"mmseg"` (v1 / VocAlign: `kernel` crops of the image at its own size every `sliding_window_stride`
-            pixels, logits averaged where crops overlap). Defaults to `"mmseg"` for v1 and `"catseg"` otherwise.
+        sliding_window_mode (`str`): `"catseg"` (the CVPR'24 reference: canvas resize, sigmoid probabilities
+            averaged with a global view) or `"mmseg"` (v1 / VocAlign: `kernel` crops of the image at its own size
+            every `sliding_window_stride` pixels, logits averaged where crops overlap). Defaults to `"mmseg"` for v1
+            and `"catseg"` otherwise. Both return logits (`"catseg"`: the logit of the averaged probabilities).
         sliding_window_stride (`int`): crop stride of the `"mmseg"` mode (VocAlign's configs: 384, no overlap).
         class_mlp_adds_input (`bool`): the class-aggregation MLP adds its (normalised) input once more,
             `x + norm2(x) + MLP(norm2(x))`, as mmcv's `FFN` does in the mmsegmentation CAT-Seg v1 (the detectron2

@@ -1,12 +1,20 @@
 """Image processor for CAT-Seg: any PIL/numpy/torch image in, normalised CLIP tensors out.
 
-It follows the `transformers` image-processor protocol (`BaseImageProcessor`): the usual flags (`do_resize`, `size`,
-`resample`, `do_rescale`, `rescale_factor`, `do_normalize`, `image_mean`, `image_std`, `do_convert_rgb`,
-`return_tensors`) are attributes saved in `preprocessor_config.json` and can be overridden per call; their types are
-checked by `validate_typed_dict` and their consistency by `validate_preprocess_arguments`. The image operations run
-in torch (bilinear resize as the model's own resize to `clip_resolution`) rather than through PIL, so that
-processing an image and letting the model resize it give the same numbers. There is no torchvision backend: the
-torchvision wheel does not load with the CPU torch the project supports, and these torch operations need none.
+It follows the `transformers` image-processor protocol (`BaseImageProcessor`) through its documented extension
+points only: the options are declared as a `TypedDict` of `ImagesKwargs` fields (`valid_kwargs`, plus detectron2's
+`size_divisibility`) with class defaults, so they are attributes saved in `preprocessor_config.json`, can be
+overridden per call, are type-checked by `validate_typed_dict` and checked for consistency by
+`validate_preprocess_arguments`; `process_image` turns one input into a channels-first tensor and `_preprocess`
+runs the batch, as the `BaseImageProcessor` docstring describes; `preprocess` (public) only adds the rejection of
+unknown options and a channel axis for (H, W) images. Inputs are everything transformers' processors take: PIL
+images, numpy arrays and torch tensors, channels first or last (`input_data_format`, else inferred), single images,
+lists and (B, C, H, W) batches, paths and URLs.
+
+It is the model's PIL/numpy-backend processor (`backend == "pil"`, registered under `"pil"` with
+`AutoImageProcessor`), not a torchvision one: the torchvision wheel does not load with the CPU torch the project
+supports. Its image operations run in plain torch on CPU (bilinear resize as the model's own resize to
+`clip_resolution`) rather than through PIL, so that processing an image and letting the model resize it give the
+same numbers.
 """
 
 from collections.abc import Sequence
@@ -24,7 +32,6 @@ from transformers.image_utils import (
     PILImageResampling,
     SizeDict,
     infer_channel_dimension_format,
-    validate_preprocess_arguments,
 )
 from transformers.processing_utils import ImagesKwargs
 
@@ -33,21 +40,15 @@ from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 
-_SHARED = ImagesKwargs.__annotations__
-# The per-call options this processor implements: the standard ones (with transformers' own type validators) and
+# The per-call options this processor implements: these standard ones (with transformers' own type validators) and
 # detectron2's `size_divisibility`. Anything else is rejected instead of being silently ignored.
+_STANDARD_OPTIONS = (
+    "do_convert_rgb", "do_resize", "size", "default_to_square", "resample", "do_rescale", "rescale_factor",
+    "do_normalize", "image_mean", "image_std", "return_tensors", "input_data_format",
+)
 CATSegImageProcessorKwargs = TypedDict(
     "CATSegImageProcessorKwargs",
-    {
-        **{
-            name: _SHARED[name]
-            for name in (
-                "do_convert_rgb", "do_resize", "size", "resample", "do_rescale", "rescale_factor", "do_normalize",
-                "image_mean", "image_std", "return_tensors", "input_data_format",
-            )
-        },
-        "size_divisibility": int | None,
-    },
+    {**{name: ImagesKwargs.__annotations__[name] for name in _STANDARD_OPTIONS}, "size_divisibility": int | None},
     total=False,
 )
 
@@ -84,6 +85,21 @@ def _to_channels_first(image: ImageLike, input_data_format: ChannelDimension | s
     return tensor
 
 
+def _with_channel_axis(images: Any, input_data_format: ChannelDimension | str | None) -> Any:
+    """`images` with each (H, W) array or tensor given a channel axis (where `input_data_format` puts it, else
+    last for numpy and first for torch), since transformers' batching takes only 3-d images."""
+    def expand(image: Any) -> Any:
+        if not isinstance(image, (np.ndarray, torch.Tensor)) or image.ndim != 2:
+            return image
+        last = isinstance(image, np.ndarray) if input_data_format is None else (
+            ChannelDimension(input_data_format) == ChannelDimension.LAST)
+        return image[..., None] if last else image[None]
+
+    if isinstance(images, (list, tuple)):
+        return [expand(image) for image in images]
+    return expand(images)
+
+
 def to_rgb_tensor(
     image: ImageLike, do_convert_rgb: bool = True, input_data_format: ChannelDimension | str | None = None
 ) -> torch.Tensor:
@@ -113,6 +129,12 @@ def to_rgb_tensor(
     return torch.from_numpy(composite_alpha_array(tensor.permute(1, 2, 0).numpy())).permute(2, 0, 1)
 
 
+def class_probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities (float32) of class logits (..., C, H, W): the softmax over the classes, the activation of
+    the project's score convention (see `CATSegImageProcessor.post_process_semantic_segmentation`)."""
+    return logits.float().softmax(dim=-3)
+
+
 class CATSegImageProcessor(BaseImageProcessor):
     r"""Prepares images for [`CATSegForSemanticSegmentation`] and post-processes its outputs.
 
@@ -123,7 +145,8 @@ class CATSegImageProcessor(BaseImageProcessor):
         do_convert_rgb (`bool`, defaults to `True`): make every image RGB: transparency composited over black,
             grayscale repeated (the same conversion as the data pipeline's).
         do_resize (`bool`, defaults to `True`): resize every image to `size`.
-        size (`dict`, defaults to `{"height": 384, "width": 384}`): output size when resizing.
+        size (`dict`, defaults to `{"height": 384, "width": 384}`): output size when resizing (an int is a square
+            while `default_to_square` is `True`, the default).
         resample (`PILImageResampling`, defaults to `BILINEAR`): `NEAREST`, `BILINEAR` or `BICUBIC` (run with
             `torch.nn.functional.interpolate`, `align_corners=False`, as the model's own resize).
         do_rescale (`bool`, defaults to `True`): scale integer images (uint8 0..255) by `rescale_factor`. Float images
@@ -151,10 +174,16 @@ class CATSegImageProcessor(BaseImageProcessor):
     image_std = CLIP_PIXEL_STD
     size_divisibility = None
     return_tensors = None
+    default_to_square = True  # an int `size` is a square
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._set_attributes(**kwargs)
+
+    @property
+    def backend(self) -> str:
+        """`"pil"`, as transformers' PIL/numpy backend (`PilBackend`) names itself (no torchvision needed)."""
+        return "pil"
 
     def preprocess(self, images: ImageLike | Sequence[ImageLike], **kwargs: Any) -> BatchFeature:
         """Turn one image or a list of images into `pixel_values` (B, 3, H, W) (a torch tensor unless
@@ -166,37 +195,7 @@ class CATSegImageProcessor(BaseImageProcessor):
                 f"{type(self).__name__}.preprocess() got unexpected keyword argument(s) {unknown}; it accepts "
                 f"{sorted(self._valid_kwargs_names)}"
             )
-        return super().preprocess(images, **kwargs)
-
-    def _standardize_kwargs(self, **kwargs: Any) -> dict:
-        kwargs.setdefault("default_to_square", True)
-        kwargs = super()._standardize_kwargs(**kwargs)
-        for unused in ("crop_size", "pad_size", "default_to_square"):  # added by the parent, not options here
-            kwargs.pop(unused, None)
-        return kwargs
-
-    def _validate_preprocess_kwargs(self, **kwargs: Any) -> None:
-        validate_preprocess_arguments(
-            do_rescale=kwargs["do_rescale"], rescale_factor=kwargs["rescale_factor"],
-            do_normalize=kwargs["do_normalize"], image_mean=kwargs["image_mean"], image_std=kwargs["image_std"],
-            do_resize=kwargs["do_resize"], size=kwargs["size"], resample=kwargs["resample"],
-        )
-        size = kwargs["size"]
-        if kwargs["do_resize"] and not (size.height and size.width):
-            raise ValueError(f"size must give 'height' and 'width' (the model takes a fixed square input); got {size}")
-        if kwargs["do_resize"] and kwargs["resample"] not in _INTERPOLATION:
-            raise ValueError(f"resample must be one of NEAREST, BILINEAR, BICUBIC; got {kwargs['resample']!r}")
-
-    def _prepare_images_structure(self, images: Any, expected_ndims: int = 3) -> list[ImageLike]:
-        images = self.fetch_images(images)  # paths and URLs -> PIL images
-        if isinstance(images, (Image.Image, np.ndarray)) or (isinstance(images, torch.Tensor) and images.dim() < 4):
-            images = [images]
-        elif isinstance(images, torch.Tensor):  # a (B, C, H, W) batch
-            images = list(images)
-        images = list(images)
-        if not images:
-            raise ValueError("No images given.")
-        return images
+        return super().preprocess(_with_channel_axis(images, kwargs.get("input_data_format")), **kwargs)
 
     def process_image(
         self, image: ImageLike, do_convert_rgb: bool = True, input_data_format: str | None = None, **kwargs: Any
@@ -219,6 +218,8 @@ class CATSegImageProcessor(BaseImageProcessor):
         return_tensors: str | None,
         **kwargs: Any,
     ) -> BatchFeature:
+        if not images:
+            raise ValueError("No images given.")
         processed = []
         for index, image in enumerate(images):
             image = self._rescale(image, index, do_rescale, rescale_factor)
@@ -261,6 +262,10 @@ class CATSegImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _resize(image: torch.Tensor, size: SizeDict, resample: PILImageResampling) -> torch.Tensor:
+        if not (size.height and size.width):
+            raise ValueError(f"size must give 'height' and 'width' (the model takes a fixed square input); got {size}")
+        if resample not in _INTERPOLATION:
+            raise ValueError(f"resample must be one of NEAREST, BILINEAR, BICUBIC; got {resample!r}")
         mode = _INTERPOLATION[resample]
         align = {} if mode == "nearest" else {"align_corners": False}
         return F.interpolate(image[None], size=(size.height, size.width), mode=mode, **align)[0]
@@ -286,16 +291,24 @@ class CATSegImageProcessor(BaseImageProcessor):
         target_sizes: Sequence[tuple[int, int]] | None = None,
         return_segmentation_scores: bool = False,
     ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
-        """Per-image class-index maps from model outputs.
+        """Per-image class-index maps from model outputs, optionally with the class probabilities.
 
         Args:
-            outputs: a `SemanticSegmenterOutput` (or anything with `.logits` (B, C, h, w)), or a tensor of scores
+            outputs: a `SemanticSegmenterOutput` (or anything with `.logits` (B, C, h, w)), or a tensor of logits
                 (B, C, h, w) such as `predict_sliding_window`'s.
-            target_sizes: (height, width) per image; scores are resized bilinearly before the argmax. None keeps
-                the scores' resolution.
+            target_sizes: (height, width) per image; logits are resized bilinearly before the argmax (and before the
+                softmax). None keeps the logits' resolution.
             return_segmentation_scores: return, per image, a `SemanticSegmentationPostProcessorOutput` with the map
-                `segmentation` (H, W) and the scores it was taken from, `segmentation_scores` (C, H, W), as
-                transformers' segmentation processors do (the model's raw logits, resized).
+                `segmentation` (H, W) and `segmentation_scores` (C, H, W), the class probabilities: a softmax over
+                the classes of the resized logits (float32), whose argmax is the map.
+
+        The activation is a softmax across classes, not CAT-Seg's per-class sigmoid, because the classes compete:
+        the models here are trained with the softmax cross-entropy (`config.loss_type="cross_entropy"`, VocAlign's
+        loss, its pseudo-labels and its Eq. 7 are softmaxes over the vocabulary), and with concepts the model's
+        logits are Eq. 7 log-probabilities, whose softmax is exactly those probabilities. The reference CVPR'24
+        CAT-Seg trains with a one-hot BCE and averages sigmoid probabilities in its sliding window: for such a
+        checkpoint the softmax gives the same map, and `logits.sigmoid()` its per-class probabilities.
+
         Returns:
             a list of (H, W) long tensors, or of `SemanticSegmentationPostProcessorOutput`.
         """
@@ -311,12 +324,14 @@ class CATSegImageProcessor(BaseImageProcessor):
             raise ValueError(f"Got {len(target_sizes)} target sizes for a batch of {logits.shape[0]} images")
         results = []
         for index in range(logits.shape[0]):
-            scores = logits[index : index + 1]
+            resized = logits[index : index + 1]
             if target_sizes is not None:
-                scores = F.interpolate(scores, size=tuple(target_sizes[index]), mode="bilinear", align_corners=False)
-            segmentation = scores[0].argmax(dim=0)
+                resized = F.interpolate(resized, size=tuple(target_sizes[index]), mode="bilinear", align_corners=False)
+            segmentation = resized[0].argmax(dim=0)
             results.append(
-                SemanticSegmentationPostProcessorOutput(data={"segmentation": segmentation, "segmentation_scores": scores[0]})
+                SemanticSegmentationPostProcessorOutput(
+                    data={"segmentation": segmentation, "segmentation_scores": class_probabilities(resized[0])}
+                )
                 if return_segmentation_scores
                 else segmentation
             )

@@ -68,6 +68,13 @@ def _class_scores(logits: torch.Tensor, entry_class_ids: torch.Tensor | None) ->
     return class_log_probs(logits, entry_class_ids)
 
 
+def _order_keeping_logit(probs: torch.Tensor) -> torch.Tensor:
+    """The logit of probabilities in [0, 1], finite and (in float64, before the float32 result) strictly increasing
+    over every float32 value, so their argmax is kept: 0 and 1 are clamped just beyond float32's extremes."""
+    logits = torch.logit(probs.double().clamp(2.0**-150, 1 - 2.0**-25))
+    return logits.to(torch.promote_types(probs.dtype, torch.float32))
+
+
 def _check_class_indices(class_indices: torch.Tensor, num_classes: int, batch_size: int) -> None:
     """A clear error for `class_indices` that are not (B, K) integer indices into the vocabulary."""
     if class_indices.dtype.is_floating_point or class_indices.dtype == torch.bool or class_indices.dim() != 2:
@@ -586,22 +593,24 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         out_res: tuple[int, int] | None = None,
         entry_class_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The reference's sliding-window inference, batched over images and windows.
+        """The reference's sliding-window inference, batched over images and windows; returns logits, as `forward`.
 
         `config.sliding_window_mode == "catseg"` (CVPR'24): each image is resized to `out_res` (640x640), cut into
-        `kernel` (384) windows with `overlap` (0.333), and also resized whole to one global window; sigmoid
-        probabilities of the windows are folded back (averaging overlaps) and averaged with the global view, then
-        resized to `output_size` (default: the input size). Returns class probabilities.
+        `kernel` (384) windows with `overlap` (0.333), and also resized whole to one global window; the per-class
+        sigmoid probabilities of the windows are folded back (averaging overlaps) and averaged with the global view,
+        then resized to `output_size` (default: the input size), as the reference does. The logits returned are
+        those averaged probabilities read back through the logit (their `sigmoid()` gives the reference's numbers).
 
-        `"mmseg"` (v1, what VocAlign evaluates with): see [`predict_sliding_window_mmseg`]; returns logits.
+        `"mmseg"` (v1, what VocAlign evaluates with): see [`predict_sliding_window_mmseg`]; the averaged logits.
 
         The vocabulary is that of `forward` (concepts the model holds, or `entry_class_ids`). With concepts the
-        entries' scores are reduced to classes at `output_size` (Eq. 7): `"catseg"` returns class probabilities (the
-        sigmoid probabilities read back as logits), `"mmseg"` class log-probabilities.
+        entries' logits are reduced to classes at `output_size`: the classes' Eq. 7 log-probabilities, as `forward`.
         `attention_mask` is taken so that `**processor(text=...)` can be passed, and not needed (see `forward`).
 
         Returns:
-            (B, num_classes, *output_size) class scores whose argmax is the prediction.
+            (B, num_classes, *output_size) class logits whose argmax is the prediction (for `"catseg"` the argmax of
+            the averaged probabilities, up to float32 ties); `post_process_semantic_segmentation` turns them into
+            class probabilities.
         """
         text_embeds, entry_class_ids = self._resolve_vocabulary(input_ids, text_embeds, entry_class_ids)
         if self.config.sliding_window_mode == "mmseg":
@@ -609,8 +618,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
                                                      kernel=kernel, entry_class_ids=entry_class_ids)
         probs = self._predict_sliding_window_catseg(pixel_values, text_embeds, output_size, kernel, overlap, out_res)
         if entry_class_ids is None or is_one_per_class(entry_class_ids):
-            return probs
-        return class_log_probs(torch.logit(probs.float().clamp(1e-6, 1 - 1e-6)), entry_class_ids).exp()
+            return _order_keeping_logit(probs)
+        return class_log_probs(torch.logit(probs.float().clamp(1e-6, 1 - 1e-6)), entry_class_ids)
 
     def _predict_sliding_window_catseg(self, pixel_values, text_embeds, output_size, kernel, overlap, out_res):
         """The CVPR'24 sliding window over the rows of `text_embeds` (see `predict_sliding_window`)."""

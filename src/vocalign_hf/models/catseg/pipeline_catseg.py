@@ -13,7 +13,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 from transformers import AutoModelForSemanticSegmentation, Pipeline
 from transformers.image_utils import load_image
@@ -26,6 +25,16 @@ from .processing_catseg import CATSegProcessor, validate_class_names
 from .vocabulary_catseg import aligned_entries
 
 ZERO_SHOT_TASK = "zero-shot-image-segmentation"
+
+
+def mean_class_probabilities(probabilities: torch.Tensor, segmentation: torch.Tensor) -> torch.Tensor:
+    """(C,) each class's mean probability over the pixels it wins in `segmentation` (H, W); 0 for a class that wins
+    none. `probabilities` (C, H, W) as `post_process_semantic_segmentation(..., return_segmentation_scores=True)`
+    gives them."""
+    means = probabilities.new_zeros(probabilities.shape[0])
+    for index in segmentation.unique().tolist():
+        means[index] = probabilities[index][segmentation == index].mean()
+    return means
 
 
 class ZeroShotImageSegmentationPipeline(Pipeline):
@@ -46,7 +55,9 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
     concepts unless the call gives `concepts=` (`{}`: the names alone).
 
     Returns, per image, a list of `{"label", "score", "mask"}` sorted by score: `mask` is a PIL image of the input's
-    size (255 where the class wins the per-pixel argmax), `score` the class's mean softmax probability over its mask.
+    size (255 where the class wins the per-pixel argmax), `score` the class's mean probability over its mask. Masks and
+    probabilities are those of `processor.post_process_semantic_segmentation(..., return_segmentation_scores=True)`:
+    the logits resized to the image, their argmax, and their softmax over the classes.
     """
 
     _load_processor = None  # loaded with the model when it is a path; otherwise built from its config
@@ -149,15 +160,17 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
 
     def postprocess(self, model_outputs, candidate_labels=None) -> list[dict[str, Any]]:
         labels = self._labels(candidate_labels)
-        logits = model_outputs["logits"].float()
-        logits = F.interpolate(logits, size=model_outputs["target_size"], mode="bilinear", align_corners=False)
-        probs = logits[0].softmax(dim=0)
-        segmentation = probs.argmax(dim=0)
+        result = self.processor.post_process_semantic_segmentation(
+            model_outputs["logits"].float(), target_sizes=[model_outputs["target_size"]],
+            return_segmentation_scores=True,
+        )[0]
+        segmentation = result.segmentation
+        scores = mean_class_probabilities(result.segmentation_scores, segmentation)
         segments = []
         for index in segmentation.unique().tolist():
             mask = segmentation == index
             segments.append({
-                "score": float(probs[index][mask].mean()),
+                "score": float(scores[index]),
                 "label": labels[index],
                 "mask": Image.fromarray(mask.numpy().astype(np.uint8) * 255, mode="L"),
             })
