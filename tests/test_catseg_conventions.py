@@ -402,3 +402,73 @@ def test_merged_export_loads_without_peft_and_gives_the_adapted_logits(tmp_path,
     with torch.no_grad():
         again = CATSegForSemanticSegmentation.from_pretrained(merged).eval()(**inputs).logits
     assert torch.equal(again, got)
+
+
+# ----------------------------------------------------------------------------------------- issue 25: names, dense layer
+def test_flash_attention_is_declared_unsupported_with_transformers_error(tmp_path, tiny_model):
+    # The shifted windows need an additive mask that flash-attention kernels cannot take (the model's docstring).
+    assert tiny_model._supports_flash_attn is False and tiny_model._supports_sdpa is True
+    with pytest.raises(ValueError, match="does not support Flash Attention 2"):
+        tiny_model.set_attn_implementation("flash_attention_2")
+    assert tiny_model.config._attn_implementation == "sdpa"
+    tiny_model.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="does not support Flash Attention 2"):
+        CATSegForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation="flash_attention_2")
+
+
+def test_checkpoints_with_the_old_mlp_key_names_load_and_are_written_as_transformers_does(tmp_path, tiny_model,
+                                                                                       tiny_processor):
+    from safetensors.torch import load_file, save_file
+
+    tiny_model.save_pretrained(tmp_path / "new", save_original_format=False)
+    saved = load_file(tmp_path / "new" / "model.safetensors")
+    assert set(saved) == set(tiny_model.state_dict())
+    assert any(".attention.mlp.0." in k for k in saved) and not any(".MLP." in k for k in saved)
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "config.json").write_text((tmp_path / "new" / "config.json").read_text())
+    old = {k.replace(".attention.mlp.", ".attention.MLP."): v for k, v in saved.items()}
+    assert sum(".attention.MLP." in k for k in old) == 4 * tiny_model.config.num_layers
+    save_file(old, tmp_path / "old" / "model.safetensors", metadata={"format": "pt"})
+
+    inputs = tiny_processor(images=[random_array(32, 32)], text=["a", "b"])
+    for folder, keys in (("old", set(old)), ("new", set(saved))):
+        loaded, info = CATSegForSemanticSegmentation.from_pretrained(tmp_path / folder, output_loading_info=True)
+        assert not any(info.values()), info
+        expected = tiny_model.state_dict()
+        assert all(torch.equal(value, expected[key]) for key, value in loaded.state_dict().items())
+        with torch.no_grad():
+            assert torch.equal(loaded.eval()(**inputs).logits, tiny_model(**inputs).logits)
+        # transformers' default (`save_original_format=True`) keeps the layout a checkpoint was loaded from
+        loaded.save_pretrained(tmp_path / f"{folder}-resaved")
+        assert set(load_file(tmp_path / f"{folder}-resaved" / "model.safetensors")) == keys
+        loaded.save_pretrained(tmp_path / f"{folder}-current", save_original_format=False)
+        assert set(load_file(tmp_path / f"{folder}-current" / "model.safetensors")) == set(saved)
+    # ... and writes a new model as the conversion mapping reads it, under the old names
+    tiny_model.save_pretrained(tmp_path / "default")
+    assert set(load_file(tmp_path / "default" / "model.safetensors")) == set(old)
+
+
+@pytest.mark.parametrize("factory", [tiny_catseg_config, tiny_catseg_v1_config])
+def test_dense_clip_layer_keeps_clip_keys_and_attends_to_no_other_token(factory):
+    from transformers import CLIPModel
+
+    from vocalign_hf.models.catseg.modeling_catseg import CATSegDenseCLIPLayer
+
+    config = factory()
+    torch.manual_seed(0)
+    model = CATSegForSemanticSegmentation(config).eval()
+    dense = model.catseg.clip.vision_model.encoder.layers[-1]
+    assert type(dense) is CATSegDenseCLIPLayer and dense.cls_residual == (config.variant != "v1")
+    clip_keys = {f"catseg.clip.{key}" for key in CLIPModel(config.clip_config).state_dict()}
+    assert clip_keys <= set(model.state_dict())
+    tokens = torch.randn(1, 5, config.clip_config.vision_config.hidden_size)
+    moved = tokens.clone()
+    moved[:, 3] += 1  # a patch token: only its own output may change
+    with torch.no_grad():
+        changed = (dense(moved) != dense(tokens)).any(-1)[0]
+        cls_moved = tokens.clone()
+        cls_moved[:, 0] += 1
+        cls_changed = (dense(cls_moved) != dense(tokens)).any(-1)[0]
+    assert changed.tolist() == [False, False, False, True, False]
+    # CVPR'24: every token's residual is the CLS token; v1: each token's own input
+    assert cls_changed.tolist() == ([True] * 5 if dense.cls_residual else [True, False, False, False, False])

@@ -370,7 +370,7 @@ class CATSegClassAggregation(nn.Module):
         self.mlp_adds_input = mlp_adds_input
         self.pool = nn.AvgPool2d(tuple(pooling_size)) if pooling_size is not None else nn.Identity()
         self.attention = CATSegClassAttention(hidden_dim, guidance_dim, num_heads, attention_type)
-        self.MLP = nn.Sequential(nn.Linear(hidden_dim, hidden_dim * 4), nn.ReLU(), nn.Linear(hidden_dim * 4, hidden_dim))
+        self.mlp = nn.Sequential(nn.Linear(hidden_dim, hidden_dim * 4), nn.ReLU(), nn.Linear(hidden_dim * 4, hidden_dim))
         self.norm1 = nn.LayerNorm(hidden_dim)
         self.norm2 = nn.LayerNorm(hidden_dim)
         self.pad_len = pad_len
@@ -395,7 +395,7 @@ class CATSegClassAggregation(nn.Module):
         pad_g = self.padding_guidance if (num_pad and guidance is not None) else None
         tokens = tokens + self.attention(self.norm1(tokens), guidance, pad_x, pad_g, num_pad)
         normed = self.norm2(tokens)
-        mlp = feed_forward(normed, *self.MLP)
+        mlp = feed_forward(normed, *self.mlp)
         tokens = tokens + (normed + mlp if self.mlp_adds_input else mlp)
         tokens = tokens.view(b, hp, wp, t, c).permute(0, 3, 1, 2, 4).reshape(b * t, hp, wp, c).permute(0, 3, 1, 2)
         tokens = F.interpolate(tokens, size=(h, w), mode="bilinear", align_corners=True)  # stays channels last

@@ -20,7 +20,8 @@ Three layouts are recognised from their keys:
 
 The checkpoints are `hamacojr/CAT-Seg-weights` (`model_base.pth`, `model_large.pth`, a Space repo). OpenAI-CLIP keys
 (with CAT-Seg's separate `q/k/v_proj_weight` or a fused `in_proj_weight`) are mapped onto the transformers
-`CLIPModel`; the aggregator keeps its names. Every key must be used and every parameter of the port filled: an
+`CLIPModel`; the aggregator keeps its names but one: the class aggregation's `MLP` is the port's `mlp`
+(`CVPR24_AGGREGATOR_RENAMES`). Every key must be used and every parameter of the port filled: an
 unknown or missing key is an error that names it. Derivable buffers (the Swin shift masks) are checked for shape
 and dropped.
 """
@@ -49,6 +50,8 @@ V1_CLIP_PREFIX = "backbone.clip_model."
 V1_RESNET_PREFIX = "backbone.feature_extractor."
 AGGREGATOR_PREFIX = "sem_seg_head.predictor.transformer."
 DROPPED_BUFFER = re.compile(r"\.attn_mask$")
+# The CVPR'24 aggregator's keys that the port names otherwise (lowercase module names, as in transformers).
+CVPR24_AGGREGATOR_RENAMES = ((re.compile(r"\.attention\.MLP\."), ".attention.mlp."),)
 
 _LAYER_RENAMES = (
     ("attn.out_proj.", "self_attn.out_proj."),
@@ -187,8 +190,8 @@ _V1_NECK_RENAMES = (
     (re.compile(r"^layers\.(\d+)\.spatial_agg\.(block_\d)\.ffn\.layers\.0\.0\.(.*)$"), r"layers.\1.swin_block.\2.mlp.fc1.\3"),
     (re.compile(r"^layers\.(\d+)\.spatial_agg\.(block_\d)\.ffn\.layers\.1\.(.*)$"), r"layers.\1.swin_block.\2.mlp.fc2.\3"),
     (re.compile(r"^layers\.(\d+)\.class_agg\.attention\.(q|k|v)\.(.*)$"), r"layers.\1.attention.attention.\2.\3"),
-    (re.compile(r"^layers\.(\d+)\.class_agg\.MLP\.layers\.0\.0\.(.*)$"), r"layers.\1.attention.MLP.0.\2"),
-    (re.compile(r"^layers\.(\d+)\.class_agg\.MLP\.layers\.1\.(.*)$"), r"layers.\1.attention.MLP.2.\2"),
+    (re.compile(r"^layers\.(\d+)\.class_agg\.MLP\.layers\.0\.0\.(.*)$"), r"layers.\1.attention.mlp.0.\2"),
+    (re.compile(r"^layers\.(\d+)\.class_agg\.MLP\.layers\.1\.(.*)$"), r"layers.\1.attention.mlp.2.\2"),
     (re.compile(r"^layers\.(\d+)\.class_agg\.(norm\d)\.(.*)$"), r"layers.\1.attention.\2.\3"),
     (re.compile(r"^((?:conv1|guidance_projection\.0|text_guidance_projection\.0)\..*)$"), r"\1"),
 )
@@ -305,6 +308,13 @@ def _convert_d2_resnet(state: dict, out: dict, used: set) -> None:
             out["catseg.backbone." + name.replace("running_var", "num_batches_tracked")] = torch.tensor(0)
 
 
+def _port_aggregator_key(rest: str) -> str:
+    """A CVPR'24 aggregator key (after `AGGREGATOR_PREFIX`) as the port names it."""
+    for pattern, replacement in CVPR24_AGGREGATOR_RENAMES:
+        rest = pattern.sub(replacement, rest)
+    return rest
+
+
 def convert_state_dict(state: Mapping[str, torch.Tensor], num_templates: int | None = None) -> dict[str, torch.Tensor]:
     """Map reference CAT-Seg keys to `CATSegForSemanticSegmentation` keys (raises on keys it cannot place).
 
@@ -323,7 +333,7 @@ def convert_state_dict(state: Mapping[str, torch.Tensor], num_templates: int | N
         if key.startswith(AGGREGATOR_PREFIX):
             used.add(key)
             if not DROPPED_BUFFER.search(key):
-                out["catseg.aggregator." + key[len(AGGREGATOR_PREFIX) :]] = value
+                out["catseg.aggregator." + _port_aggregator_key(key[len(AGGREGATOR_PREFIX) :])] = value
         elif key.startswith(("upsample1.", "upsample2.")):
             used.add(key)
             out["catseg." + key] = value

@@ -41,7 +41,11 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoBackbone, CLIPModel, PreTrainedModel
 from transformers import initialization as init
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.modeling_outputs import BaseModelOutputWithPooling, SemanticSegmenterOutput
+from transformers.models.clip.configuration_clip import CLIPVisionConfig
+from transformers.models.clip.modeling_clip import CLIPEncoderLayer
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
@@ -124,8 +128,56 @@ class CATSegModelOutput(ModelOutput):
     hidden_states: tuple[torch.Tensor, ...] | None = None
 
 
+# Checkpoint key names from before the port followed transformers' lowercase module names (issue 25), through
+# transformers' conversion mapping: `from_pretrained` renames them while loading, and `save_pretrained` writes them
+# back by default (transformers' `save_original_format=True`, which older versions of this package read);
+# `save_pretrained(..., save_original_format=False)` writes the module names.
+LEGACY_KEY_RENAMES = {r"\.attention\.MLP\.": ".attention.mlp."}
+register_checkpoint_conversion_mapping(
+    CATSegConfig.model_type, [WeightRenaming(old, new) for old, new in LEGACY_KEY_RENAMES.items()], overwrite=True
+)
+
+
+class CATSegDenseCLIPLayer(CLIPEncoderLayer):
+    """CLIP's last vision layer as CAT-Seg runs it: a feature for every token, no attention between tokens.
+
+    Each token keeps only the value path of the attention, `out_proj(v_proj(layer_norm1(x)))`, adds a residual and
+    goes through the MLP block as in CLIP. The residual is the CLS token's input for every token in the CVPR'24
+    model (`ResidualAttentionBlock.forward_dense` of CAT-Seg's `third_party/model_vpt.py`) and each token's own
+    input in v1 (`cls_residual=False`; `forward_dense` of VocAlign's `cat_seg/utils/clip_model.py`). It replaces
+    `vision_model.encoder.layers[-1]` with that layer's own modules, so parameter names and checkpoint keys stay
+    CLIP's; the queries and keys are unused (`CATSegModel` freezes them). CLIP's own forward
+    (`model.catseg.clip.vision_model(...)`) runs it too, so it gives the dense features, not CLIP's pooled embedding.
+    """
+
+    def __init__(self, config: CLIPVisionConfig, cls_residual: bool = True) -> None:
+        super().__init__(config)
+        self.cls_residual = cls_residual
+
+    @classmethod
+    def from_clip_layer(cls, layer: CLIPEncoderLayer, config: CLIPVisionConfig, cls_residual: bool):
+        """The dense layer made of `layer`'s submodules (the same parameters, already initialised)."""
+        with torch.device("meta"):  # placeholders, replaced by `layer`'s modules: no memory, no random numbers
+            dense = cls(config, cls_residual)
+        for name, module in layer.named_children():
+            setattr(dense, name, module)
+        return dense
+
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs):
+        """(B, 1 + N, D) tokens -> (B, 1 + N, D); `attention_mask` is not used (no token attends to another)."""
+        values = self.self_attn.out_proj(self.self_attn.v_proj(self.layer_norm1(hidden_states)))
+        hidden_states = values + (hidden_states[:, :1] if self.cls_residual else hidden_states)
+        return hidden_states + self.mlp(self.layer_norm2(hidden_states))
+
+
 class CATSegPreTrainedModel(PreTrainedModel):
-    """Weight initialisation and loading for CAT-Seg models."""
+    """Weight initialisation and loading for CAT-Seg models.
+
+    Flash attention is not supported: the shifted-window blocks of the spatial aggregation need an additive mask
+    (tokens of different regions must not attend to each other), which the flash-attention kernels cannot take, so
+    `attn_implementation="flash_attention_2"` (or `_3`, or a flash kernel) is transformers' "does not support" error.
+    Flex attention is not wired either: the window attention runs eager or SDPA.
+    """
 
     config_class = CATSegConfig
     config: CATSegConfig
@@ -134,7 +186,9 @@ class CATSegPreTrainedModel(PreTrainedModel):
     input_modalities = ("image", "text")
     supports_gradient_checkpointing = True
     _supports_sdpa = True
-    _no_split_modules = ["CLIPEncoderLayer", "CATSegAggregatorLayer"]
+    _supports_flash_attn = False  # see the class docstring
+    _supports_flex_attn = False
+    _no_split_modules = ["CLIPEncoderLayer", "CATSegDenseCLIPLayer", "CATSegAggregatorLayer"]
     # The cost embedding (the first layer's input), then each aggregation layer's output.
     _can_record_outputs = {"hidden_states": OutputRecorder(CATSegAggregatorLayer, num_hidden_layers_key="num_layers")}
 
@@ -176,6 +230,10 @@ class CATSegModel(CATSegPreTrainedModel):
     def __init__(self, config: CATSegConfig) -> None:
         super().__init__(config)
         self.clip = CLIPModel(config.clip_config)
+        layers = self.clip.vision_model.encoder.layers
+        layers[-1] = CATSegDenseCLIPLayer.from_clip_layer(
+            layers[-1], config.clip_config.vision_config, cls_residual=config.variant != "v1"
+        )
         if config.variant == "v1":
             self.backbone = AutoBackbone.from_config(config.backbone_config)
         else:
@@ -185,7 +243,7 @@ class CATSegModel(CATSegPreTrainedModel):
         self.aggregator = CATSegAggregator(config)
         # CAT-Seg never uses CLIP's logit scale nor the queries and keys of the dense last layer: frozen, so that
         # optimisers and gradient checks do not expect gradients for them.
-        last = self.clip.vision_model.encoder.layers[-1].self_attn
+        last = layers[-1].self_attn
         for unused in (self.clip.logit_scale, *last.q_proj.parameters(), *last.k_proj.parameters()):
             unused.requires_grad_(False)
         self.post_init()
@@ -234,12 +292,10 @@ class CATSegModel(CATSegPreTrainedModel):
         guidance_pixel_values: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
     ) -> CATSegImageFeatures:
-        """Dense CLIP features (CAT-Seg's modified last layer) and the guidance maps.
+        """Dense CLIP features and the guidance maps.
 
-        The last vision layer keeps only its value path, `v = out_proj(v_proj(ln1(x)))`, adds a residual and applies
-        the MLP; all tokens then go through `post_layernorm` and `visual_projection`. The residual is the CLS token
-        for every token in the CVPR'24 model (`ResidualAttentionBlock.forward_dense` of `third_party/model_vpt.py`)
-        and each token's own input in v1 (`forward_dense` of VocAlign's `cat_seg/utils/clip_model.py`).
+        The last vision layer is a [`CATSegDenseCLIPLayer`] (a feature per token, no attention between tokens); all
+        tokens then go through `post_layernorm` and `visual_projection`.
 
         Args:
             pixel_values: (B, 3, H, W) CLIP-normalised images.
@@ -257,24 +313,17 @@ class CATSegModel(CATSegPreTrainedModel):
         v1 = self.config.variant == "v1"
         vision = self.clip.vision_model
         hidden = vision.embeddings(pixel_values.to(self.clip.dtype), interpolate_pos_encoding=True)
-        # The layers run one by one (not through CLIP's forward) because the last one is replaced by its value path.
-        # Only the guidance layers' outputs are kept unless all states are asked for (inference frees the others).
+        # The layers run one by one (not through CLIP's forward): only the guidance layers' outputs are kept unless
+        # all states are asked for (inference frees the others).
         hidden = vision.pre_layrnorm(hidden)
         states = [hidden] if output_hidden_states else None
         guiding = {} if v1 else dict.fromkeys(self.config.guidance_layers)
-        layers = vision.encoder.layers
-        for index, layer in enumerate(layers[:-1]):
+        for index, layer in enumerate(vision.encoder.layers):  # the last is the CATSegDenseCLIPLayer
             hidden = layer(hidden, None)
             if states is not None:
                 states.append(hidden)
             if index in guiding:
                 guiding[index] = hidden
-        last = layers[-1]
-        values = last.self_attn.out_proj(last.self_attn.v_proj(last.layer_norm1(hidden)))
-        hidden = values + (hidden if v1 else hidden[:, :1])
-        hidden = hidden + last.mlp(last.layer_norm2(hidden))
-        if states is not None:
-            states.append(hidden)
         dense = self.clip.visual_projection(vision.post_layernorm(hidden))
 
         grid = self.config.feature_resolution
