@@ -61,6 +61,9 @@ def run_row(seed: int, row: str, options, source_model: Path) -> dict[str, float
     results = run_adaptation(recipe, replace(args, **ABLATIONS[row]))
     prefix = "zero_shot" if ABLATIONS[row]["method"] == "zero_shot" else "adapted"
     numbers = {"miou": results[f"{prefix}_miou"], **{c: results.get(f"{prefix}_iou_{c}", math.nan) for c in CLASSES}}
+    if "adapted_names_miou" in results:  # a student scored with concepts: also the class names alone
+        numbers["names_miou"] = results["adapted_names_miou"]
+        numbers.update({f"names_{c}": results.get(f"adapted_names_iou_{c}", math.nan) for c in CLASSES})
     atomic_write_json(done, numbers)
     return numbers
 

@@ -270,6 +270,30 @@ def test_the_shipped_source_model_is_the_default_main_jobs():
     assert shipped_settings_hash() == expected
 
 
+def test_pretraining_with_synonyms_trains_the_other_words_in_the_source_sense(tiny_world, tmp_path):
+    """With `synonyms`, steps name a class by one of its other words half of the time, so their token rows train
+    (issue 40's world of known words); without, those rows get no gradient and weight decay only shrinks them. The
+    settings record the synonyms; a run without them keeps the settings hash of the shipped model (test above)."""
+    from safetensors.torch import load_file
+    from vocalign_hf.world.generator import SOURCE_SYNONYMS
+
+    settings = dict(steps=12, batch_size=4, warmup_steps=2, seed=5, num_threads=1, progress=False, use_shipped=False)
+    plain = pretrain_source_model(tiny_world, tmp_path / "plain", **settings)
+    known = pretrain_source_model(tiny_world, tmp_path / "known", synonyms=SOURCE_SYNONYMS, **settings)
+    assert json.loads((known / "pretrain_info.json").read_text())["settings"]["synonyms"]["ground"] == ["terrain", "dirt"]
+    assert "synonyms" not in json.loads((plain / "pretrain_info.json").read_text())["settings"]
+
+    processor = CATSegProcessor.from_pretrained(known)
+    rows = [processor.tokenizer(w, add_special_tokens=False).input_ids[0] for ws in SOURCE_SYNONYMS.values() for w in ws]
+    key = "catseg.clip.text_model.embeddings.token_embedding.weight"
+    torch.manual_seed(settings["seed"])  # the initial weights pretraining starts from
+    init = CATSegForSemanticSegmentation(tiny_catseg_config(tiny_world.config.image_size)).state_dict()[key][rows]
+    cosine = {name: torch.nn.functional.cosine_similarity(load_file(f / "model.safetensors")[key][rows], init, dim=1)
+              for name, f in (("plain", plain), ("known", known))}
+    assert cosine["plain"].min() > 0.9999  # no gradient: the rows keep their direction
+    assert cosine["known"].max() < cosine["plain"].min()  # every other word trained, in its source sense
+
+
 def test_pretraining_is_reproducible(tiny_world, tmp_path):
     """The same world and settings give bit-identical source models (seeded init, batches, flips, vocabularies)."""
     from safetensors.torch import load_file

@@ -126,6 +126,11 @@ class RecipeArguments:
     world_num_target_eval: int = WorldConfig.num_target_eval
     world_pretrain_steps: int = PRETRAIN_STEPS
     world_pretrain_batch_size: int = PRETRAIN_BATCH_SIZE
+    world_source_synonyms: bool = field(
+        default=False,
+        metadata={"help": "pretrain the source model on other words for its classes too (world.SOURCE_SYNONYMS): "
+                          "every target name and concept is then a word it knows, in the source's sense"},
+    )
     world_source_model_dir: str | None = field(
         default=None,
         metadata={"help": "where the world's source model is pretrained or unpacked (default <output_dir>/source_model)"},
@@ -389,6 +394,7 @@ def _world_data(
     from accelerate import PartialState
 
     from .world import build_world, default_world_cache, pretrain_source_model
+    from .world.generator import SOURCE_SYNONYMS
 
     # One process renders the world in memory; several share it through the on-disk cache (`VOCALIGN_WORLD_CACHE`),
     # written by the process that gets here first (see `run_adaptation`) and read by the others.
@@ -400,6 +406,7 @@ def _world_data(
         pretrain_source_model(
             world, base, steps=recipe.world_pretrain_steps, batch_size=recipe.world_pretrain_batch_size,
             seed=recipe.world_seed, num_threads=recipe.world_pretrain_threads,
+            synonyms=SOURCE_SYNONYMS if recipe.world_source_synonyms else None,
         )
     size = world.config.image_size
     train = _limit(world.target_train, recipe.max_train_images)

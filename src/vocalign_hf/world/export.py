@@ -27,7 +27,7 @@ import torch
 from ..atomic import atomic_write_file
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
 from .datasets import World, build_world
-from .generator import WorldConfig
+from .generator import SOURCE_SYNONYMS, WorldConfig
 from .pretrain import DISTRACTOR_WORDS, PRETRAIN_THREADS, pretrain_source_model
 from .shipped import SHIPPED_SOURCE_MODEL
 from .source_folder import INFO_FILE
@@ -39,6 +39,7 @@ def world_token_ids(world: World, processor: CATSegProcessor) -> torch.Tensor:
     """Every token id the world's texts use with the processor's prompt templates (sorted, unique)."""
     texts = set(world.source_class_names) | set(world.target_class_names) | set(DISTRACTOR_WORDS)
     texts |= {concept for concepts in world.target_concepts.values() for concept in concepts}
+    texts |= {word for words in SOURCE_SYNONYMS.values() for word in words}  # trained with `synonyms`
     ids = processor.tokenize_classes(sorted(texts))["input_ids"]
     return torch.unique(ids)
 

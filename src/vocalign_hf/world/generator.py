@@ -32,6 +32,7 @@ __all__ = [
     "ClassSpec",
     "DomainShift",
     "GENERATOR_VERSION",
+    "SOURCE_SYNONYMS",
     "SPLITS",
     "WorldConfig",
     "image_rng",
@@ -118,6 +119,17 @@ CLASSES: tuple[ClassSpec, ...] = (
 )
 
 SKY, TREE, GRASS, EARTH, ROAD, BUILDING, CAR, WATER = range(len(CLASSES))
+
+#: Other words for source classes, trained in pretraining with `synonyms=SOURCE_SYNONYMS` (issue 40): web text names
+#: a thing in several ways, so a CLIP-like text tower knows every target name and concept, in the *source's* sense.
+#: The target then uses "terrain" for grass (here: bare earth, like its use for natural ground) and "ground" for the
+#: road (here: bare earth); "automobile" stays a synonym of car; every concept is a word for its class's source class.
+SOURCE_SYNONYMS: dict[str, tuple[str, ...]] = {
+    "grass": ("lawn",),
+    "ground": ("terrain", "dirt"),
+    "road": ("street",),
+    "car": ("automobile", "vehicle"),
+}
 #: Standard deviation of the per-image hue jitter present in both domains (degrees).
 SOURCE_HUE_JITTER_DEGREES = 8.0
 #: Standard deviation of the per-image, per-class colour jitter (0..1 RGB).

@@ -126,13 +126,17 @@ def pretrain_settings(
     min_classes: int = 2,
     max_distractors: int = 4,
     seed: int = 0,
+    synonyms: dict[str, tuple[str, ...]] | None = None,
 ) -> dict[str, Any]:
     """The training settings of `pretrain_source_model` as recorded in `pretrain_info.json` (and hashed)."""
-    return dict(
+    settings = dict(
         steps=steps, batch_size=batch_size, lr=lr, weight_decay=weight_decay, warmup_steps=warmup_steps,
         subset_probability=subset_probability, min_classes=min_classes, max_distractors=max_distractors, seed=seed,
         augment="hflip", distractor_words=list(DISTRACTOR_WORDS),
     )
+    if synonyms:  # only when given, so that the source model made before this option keeps its settings hash
+        settings["synonyms"] = {name: list(words) for name, words in sorted(synonyms.items())}
+    return settings
 
 
 #: Config fields that only set the vocabulary a trained model scores with (added after the shipped model was made).
@@ -172,6 +176,7 @@ def pretrain_source_model(
     min_classes: int = 2,
     max_distractors: int = 4,
     seed: int = 0,
+    synonyms: dict[str, tuple[str, ...]] | None = None,
     model_config: CATSegConfig | None = None,
     num_threads: int | str | None = "auto",
     progress: bool = True,
@@ -193,6 +198,9 @@ def pretrain_source_model(
         max_distractors: each step adds 0..`max_distractors` names from `DISTRACTOR_WORDS` (no pixels) at random
             positions of the vocabulary; 0 disables them.
         seed: seeds the model initialisation and every random draw of training.
+        synonyms: other words for source classes, `{source name: (word, ...)}` (e.g. `SOURCE_SYNONYMS`): each step
+            names such a class by one of its other words half of the time, so that the text tower trains on them
+            in the source sense (web text names a thing in several ways). None: every class by its name alone.
         model_config: default `tiny_catseg_config(world.config.image_size)`.
         num_threads: `torch.set_num_threads` during training (restored afterwards). "auto" (default): 2 threads
             when the machine is otherwise idle (1-minute load average < 1 and at least 2 cores), else 1 -- on a
@@ -210,7 +218,8 @@ def pretrain_source_model(
     output_dir = Path(output_dir)
     model_config = model_config or tiny_catseg_config(world.config.image_size)
     settings = pretrain_settings(
-        steps, batch_size, lr, weight_decay, warmup_steps, subset_probability, min_classes, max_distractors, seed
+        steps, batch_size, lr, weight_decay, warmup_steps, subset_probability, min_classes, max_distractors, seed,
+        synonyms,
     )
     settings_hash = pretrain_settings_hash(world.config, model_config, settings)
     info = _finished_info(output_dir)
@@ -232,6 +241,17 @@ def pretrain_source_model(
     return output_dir
 
 
+def _other_word_rows(names: list[str], synonyms: dict[str, list[str]], first_row: int) -> dict[int, list[int]]:
+    """`{class id: [token-table rows of its other words]}`, the words laid out from `first_row` in class order."""
+    rows, row = {}, first_row
+    for class_id, name in enumerate(names):
+        count = len(synonyms.get(name, []))
+        if count:
+            rows[class_id] = list(range(row, row + count))
+        row += count
+    return rows
+
+
 def _train(
     world: World,
     output_dir: Path,
@@ -250,8 +270,14 @@ def _train(
     forbidden = {w.lower() for w in world.target_class_names} | {
         c.lower() for concepts in world.target_concepts.values() for c in concepts
     } | {n.lower() for n in names}
+    synonyms = settings.get("synonyms") or {}
+    words = [w for name in names for w in synonyms.get(name, [])]
+    forbidden |= {w.lower() for w in words}
     distractors = [w for w in DISTRACTOR_WORDS if w.lower() not in forbidden]
-    all_ids = processor.tokenize_classes(names + distractors)["input_ids"]  # (C + D, P, L), one padded length
+    # Rows: the class names, the distractors, then every class's other words (after the names and distractors, so
+    # that a run without synonyms tokenises exactly as before).
+    all_ids = processor.tokenize_classes(names + distractors + words)["input_ids"]  # (C + D + S, P, L)
+    other_words = _other_word_rows(names, synonyms, num_classes + len(distractors))
 
     images_u8, labels_u8 = dataset_to_tensors(world.source_train)
     mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
@@ -304,7 +330,14 @@ def _train(
         lut = torch.full((256,), 255, dtype=torch.long)  # source id -> position in this step's vocabulary
         is_class = vocabulary < num_classes
         lut[vocabulary[is_class]] = torch.nonzero(is_class).squeeze(1)
-        loss = model(pixel_values=x, input_ids=all_ids[vocabulary], labels=lut[y]).loss
+        rows = vocabulary
+        if other_words:  # half of the time a class with other words is named by one of them
+            rows = vocabulary.clone()
+            for position in torch.nonzero(is_class).squeeze(1).tolist():
+                choices = other_words.get(int(vocabulary[position]))
+                if choices and torch.rand(1, generator=generator).item() < 0.5:
+                    rows[position] = choices[int(torch.randint(len(choices), (1,), generator=generator))]
+        loss = model(pixel_values=x, input_ids=all_ids[rows], labels=lut[y]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
