@@ -418,3 +418,31 @@ def test_no_valid_pixel_is_reported_absent_not_nan():
     metric.update(torch.tensor([[0, 1]]), torch.tensor([[0, 0]]))  # class 2 never occurs: only its IoU is absent
     finite, absent = split_absent_metrics({f"iou_{n}": float(v) for n, v in zip("abc", metric.compute()["per_category_iou"])})
     assert set(finite) == {"iou_a", "iou_b"} and set(absent) == {"iou_c"}
+
+
+def test_batch_mean_iou_streams_gathered_batches_and_skips_the_cross_process_padding():
+    """The Trainer's compute_metrics: batches in, numbers (percent, NaN for an absent class) only on the last call;
+    -100, the loop's padding of shorter maps, counts as no pixel; the counts start afresh after each result."""
+    from types import SimpleNamespace
+
+    from vocalign_hf.metrics import BatchMeanIoU
+
+    torch.manual_seed(0)
+    predictions, labels = torch.randint(0, 3, (4, 50)), torch.randint(0, 2, (4, 50))  # class "c" never occurs
+    labels[0, :7] = IGNORE
+    padded_predictions, padded_labels = predictions.clone(), labels.clone()
+    padded_predictions[3, 40:], padded_labels[3, 40:] = -100, -100  # a shorter map from another process
+    metric = BatchMeanIoU(["a", "b", "c"])
+    assert metric(SimpleNamespace(predictions=padded_predictions[:2], label_ids=padded_labels[:2]), False) == {}
+    result = metric(SimpleNamespace(predictions=padded_predictions[2:], label_ids=padded_labels[2:]), True)
+    reference = StreamingMeanIoU(3)
+    reference.update(predictions[:3], labels[:3])
+    reference.update(predictions[3, :40], labels[3, :40])
+    expected = reference.compute()
+    assert result["mean_iou"] == 100 * expected["mean_iou"]
+    assert result["iou_a"] == 100 * float(expected["per_category_iou"][0]) and result["iou_a"] > 0
+    assert result["iou_c"] == 0.0  # predicted but never in the reference: 0, not absent
+    assert metric.table == reference.format_table(["a", "b", "c"])
+    assert int(metric.metric.confusion_matrix.sum()) == 0  # a new evaluation starts from zero
+    only_a = metric(SimpleNamespace(predictions=np.zeros((1, 4), np.int64), label_ids=np.zeros((1, 4), np.int64)))
+    assert only_a["mean_iou"] == 100.0 and math.isnan(only_a["iou_b"])  # numpy input, absent class NaN

@@ -527,6 +527,40 @@ def test_evaluation_during_training_drives_early_stopping_and_the_best_model(tmp
     assert [entry["eval_mean_iou"] for entry in logged] == [m["eval_mean_iou"] for m in seen]
 
 
+def test_evaluation_runs_through_the_trainers_own_loop(tmp_path, tiny_model, tiny_processor):
+    """evaluate() is Trainer.evaluate: its loop fires on_prediction_step per batch and hands each batch's class maps
+    to compute_metrics (compute_result on the last only: nothing is kept), then on_evaluate with speed metrics.
+    Keeping every map instead (batch_eval_metrics=False) gives the same numbers."""
+    from transformers import TrainerCallback
+
+    events = []
+
+    class Record(TrainerCallback):
+        def on_prediction_step(self, args, state, control, **kwargs):
+            events.append("prediction_step")
+
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            events.append("evaluate")
+
+    args = make_args(tmp_path, method="zero_shot", per_device_eval_batch_size=3)
+    trainer = make_trainer(tiny_model, tiny_processor, args, callbacks=[Record()])
+    metric, calls = trainer.compute_metrics, []
+
+    def spy(eval_pred, compute_result):
+        calls.append((tuple(eval_pred.predictions.shape), compute_result))
+        return metric(eval_pred, compute_result)
+
+    trainer.compute_metrics = spy
+    metrics = trainer.evaluate()
+    assert events == ["prediction_step"] * 3 + ["evaluate"]  # 8 images in batches of 3
+    assert calls == [((3, 32 * 32), False), ((3, 32 * 32), False), ((2, 32 * 32), True)]
+    assert metrics["eval_runtime"] > 0 and metrics["eval_samples_per_second"] > 0 and metrics["eval_steps_per_second"] > 0
+    assert "eval_loss" not in metrics and "road" in trainer.last_eval_table
+    kept = make_trainer(tiny_model, tiny_processor, make_args(tmp_path, method="zero_shot", batch_eval_metrics=False))
+    kept_metrics = kept.evaluate()
+    assert [kept_metrics[k] for k in metrics if "iou" in k] == [v for k, v in metrics.items() if "iou" in k]
+
+
 def test_evaluate_accepts_a_dict_of_datasets(tmp_path, tiny_model, tiny_processor):
     from torch.utils.data import Subset
 

@@ -182,6 +182,13 @@ class VocAlignArguments(TrainingArguments):
             "v1: mmseg's 384 crops at the image's own size, as VocAlign evaluates)"
         },
     )
+    batch_eval_metrics: bool = field(
+        default=True,
+        metadata={
+            "help": "stream the evaluation: each batch's class maps go into the mIoU's confusion matrix and are "
+            "dropped (False: the Trainer keeps every map until the end; same numbers)"
+        },
+    )
     warmup_start_factor: float = field(
         default=0.1, metadata={"help": "linear warm-up starts at learning_rate * factor (5e-6 -> 5e-5 in the paper)"}
     )

@@ -38,9 +38,7 @@ under `--bf16`).
 from __future__ import annotations
 
 import contextlib
-import math
 import os
-import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,16 +47,15 @@ import torch
 import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
-from tqdm.auto import tqdm
 from transformers import Trainer, TrainerCallback, get_scheduler
-from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, speed_metrics
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
 from ..atomic import atomic_write_json, atomic_write_text, read_json_object
 from ..errors import UsageError
 from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
-from ..metrics import StreamingMeanIoU
+from ..metrics import BatchMeanIoU, predicted_classes
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
 from .adapters import CARD_FILE, base_model_fingerprint, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
@@ -131,6 +128,23 @@ class _CheckpointCompletionCallback(TrainerCallback):
         atomic_write_json(folder / CHECKPOINT_COMPLETE, {"global_step": state.global_step})
 
 
+def _output_dir_tensorboard() -> TrainerCallback:
+    """transformers' `TensorBoardCallback`, writing under `<output_dir>/runs/<date>_<host>` also when the first log
+    comes before `on_train_begin` (where the callback picks that folder): an evaluation without training would
+    otherwise write to `./runs` of the working directory. transformers 5 has no `logging_dir` argument any more;
+    its only other setting, `TENSORBOARD_LOGGING_DIR`, is read from the environment when the callback is made."""
+    from transformers.integrations import TensorBoardCallback
+    from transformers.integrations.integration_utils import default_logdir
+
+    class _OutputDirTensorBoard(TensorBoardCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.logging_dir is None and state.is_world_process_zero:
+                self.logging_dir = os.path.join(args.output_dir, default_logdir())
+            return super().on_log(args, state, control, logs=logs, **kwargs)
+
+    return _OutputDirTensorBoard()
+
+
 class VocAlignTrainer(Trainer):
     """Adapts a LoRA-wrapped CAT-Seg student to unlabeled target images with an EMA teacher.
 
@@ -143,6 +157,9 @@ class VocAlignTrainer(Trainer):
         processor: the model's [`CATSegProcessor`] (tokenises the class and concept prompts, normalises images).
         train_dataset / eval_dataset: datasets yielding `pixel_values` (3, H, W) in 0..1 (and `labels` (H, W) for
             evaluation); the collator normalises them.
+        compute_metrics: by default the student's mIoU and per-class IoUs (`<prefix>_mean_iou`, `<prefix>_iou_<class>`,
+            NaN for a class absent from prediction and reference), streamed batch by batch; the per-class table of
+            the last evaluation is `last_eval_table`.
     """
 
     # compute_loss returns a per-micro-batch mean (it does not use num_items_in_batch): the Trainer must divide it by
@@ -167,6 +184,11 @@ class VocAlignTrainer(Trainer):
         collator = data_collator or SegmentationCollator(image_processor.image_mean, image_processor.image_std)
         # The processor is the Trainer's `processing_class`: every checkpoint carries it (as `save_pretrained` does).
         kwargs.setdefault("processing_class", processor)
+        # The default metric: the student's mIoU, streamed batch by batch (see `prediction_step`).
+        self._mean_iou = BatchMeanIoU(self.class_names, ignore_index=255)
+        self._eval_text: torch.Tensor | None = None
+        if kwargs.get("compute_metrics") is None:
+            kwargs["compute_metrics"] = self._mean_iou
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
         args.check_concepts(self.concepts)
         self.vocabulary = (
@@ -203,14 +225,14 @@ class VocAlignTrainer(Trainer):
         self._place_tensorboard_logs()
 
     def _place_tensorboard_logs(self) -> None:
-        """TensorBoard's callback picks `<output_dir>/runs/<date>_<host>` when training begins; a trainer that only
-        evaluates (zero-shot) would otherwise log to `./runs` of the working directory."""
+        """Swap the TensorBoard callback that `report_to` added for [`_OutputDirTensorBoard`] (a trainer that only
+        evaluates logs under `output_dir` too). One given a folder (`TENSORBOARD_LOGGING_DIR`) or a writer is kept."""
         from transformers.integrations import TensorBoardCallback
-        from transformers.integrations.integration_utils import default_logdir
 
-        for callback in self.callback_handler.callbacks:
-            if isinstance(callback, TensorBoardCallback) and callback.logging_dir is None:
-                callback.logging_dir = os.path.join(self.args.output_dir, default_logdir())
+        for callback in list(self.callback_handler.callbacks):
+            if type(callback) is TensorBoardCallback and callback.logging_dir is None and callback.tb_writer is None:
+                self.callback_handler.remove_callback(callback)
+                self.add_callback(_output_dir_tensorboard())
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()
@@ -391,7 +413,11 @@ class VocAlignTrainer(Trainer):
         checkpoint of another run (other classes, concepts, LoRA layout or settings, see
         [`~vocalign_hf.adaptation.checkpoints.checkpoint_differences`]) or one already at `max_steps` is refused
         (`resume_with_other_settings=True`: continued with a warning, and the record says so). Resuming restores the
-        teacher from `teacher_lora.safetensors` (no Trainer callback sees the checkpoint path, so it is read here)."""
+        teacher from `teacher_lora.safetensors`.
+
+        Why an override: `Trainer.train` resolves `True` with `trainer_utils.get_last_checkpoint`, the highest-numbered
+        `checkpoint-*` folder whether or not its save finished, and no callback receives the checkpoint path (the run
+        checks and the teacher need it before the Trainer loads the student)."""
         if resume_from_checkpoint is True:
             resume_from_checkpoint = last_complete_checkpoint(self.args.output_dir)
             if resume_from_checkpoint is None:
@@ -484,80 +510,43 @@ class VocAlignTrainer(Trainer):
         return None
 
     # -------------------------------------------------------------------------------------- evaluation
-    def evaluate(
-        self,
-        eval_dataset=None,
-        ignore_keys: list[str] | None = None,
-        metric_key_prefix: str = "eval",
-    ) -> dict[str, float]:
-        """mIoU of the **student** on a labelled split (a streaming confusion matrix summed across processes),
-        in place of the Trainer's prediction loop, which would gather every logit map.
-
-        As [`Trainer.evaluate`]: `eval_dataset` may be a dict of datasets (evaluated one after the other, keys
-        inserted into the metric names), runtime metrics (`<prefix>_runtime`, `<prefix>_samples_per_second`, ...)
-        are added, the metrics are logged and the callbacks' `on_evaluate` runs (early stopping,
-        `load_best_model_at_end` with `metric_for_best_model="mean_iou"`). The model runs under
-        `accelerator.autocast()` (`--bf16` / `--fp16`). The per-class table is left in `self.last_eval_table`.
-        """
-        override = eval_dataset is not None
-        eval_dataset = eval_dataset if override else self.eval_dataset
-        if isinstance(eval_dataset, dict):
-            metrics = {}
-            for name, dataset in eval_dataset.items():
-                metrics.update(
-                    self.evaluate(dataset if override else name, ignore_keys, f"{metric_key_prefix}_{name}")
-                )
-            return metrics
-
-        self._memory_tracker.start()
-        dataloader = self.get_eval_dataloader(eval_dataset)
-        start_time = time.time()
-        metric, num_samples = self._confusion_matrix(dataloader)
-        results = metric.compute()
-        metrics = {f"{metric_key_prefix}_mean_iou": 100 * results["mean_iou"]}
-        for name, iou in zip(self.class_names, results["per_category_iou"]):
-            metrics[f"{metric_key_prefix}_iou_{name}"] = float("nan") if math.isnan(iou) else 100 * float(iou)
-        total_batch_size = self.args.eval_batch_size * self.args.world_size
-        metrics.update(
-            speed_metrics(
-                metric_key_prefix, start_time, num_samples=num_samples,
-                num_steps=math.ceil(num_samples / total_batch_size),
-            )
-        )
-        self.last_eval_table = metric.format_table(self.class_names)
-        self.log(metrics)
-        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
-        self._memory_tracker.stop_and_update_metrics(metrics)
-        return metrics
+    # `evaluate()` and `predict()` are the Trainer's own: its loop calls `prediction_step` per batch, pads and gathers
+    # the class maps across processes (dropping the repeats Accelerate adds to even out the shards) and, with
+    # `batch_eval_metrics` (on by default), hands each gathered batch to `compute_metrics`: a streaming confusion
+    # matrix ([`BatchMeanIoU`]), so no logit map is kept.
+    def evaluation_loop(self, *args, **kwargs):
+        """[`Trainer.evaluation_loop`], with a fresh metric and the student's text embeddings encoded once per loop
+        (its text tower trains, so they are dropped when the loop ends)."""
+        self._mean_iou.reset()
+        try:
+            return super().evaluation_loop(*args, **kwargs)
+        finally:
+            self._eval_text = None
 
     @torch.no_grad()
-    def _confusion_matrix(self, dataloader) -> tuple[StreamingMeanIoU, int]:
-        """The student's confusion matrix over `dataloader`, summed over processes, and the number of images.
+    def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
+        """The student's class per pixel (argmax of [`class_scores`], at the labels' size) and the labels, each image
+        flattened to a row `(B, H*W)` so that the loop can pad and gather images of any size; no loss."""
+        if prediction_loss_only:
+            return None, None, None
+        pixel_values = inputs["pixel_values"].to(self.args.device)
+        labels = inputs.get("labels")
+        size = labels.shape[-2:] if labels is not None else pixel_values.shape[-2:]
+        predictions = predicted_classes(self.class_scores(pixel_values, size, self._student_text()), size)
+        return None, predictions.flatten(1), None if labels is None else labels.to(self.args.device).flatten(1)
 
-        Accelerate pads the last batch of the shorter shards with images from the start of the split (so that every
-        process runs as many batches); those repeats are left out, as `gather_for_metrics` would drop them, so the
-        counts equal a single-process evaluation's."""
-        model = self.accelerator.unwrap_model(self.model)
-        was_training = model.training
-        model.eval()
-        device = self.args.device
-        metric = StreamingMeanIoU(len(self.class_names), ignore_index=255, device=device)
-        num_samples = 0
-        bar = tqdm(dataloader, desc="evaluate", disable=not self.is_local_process_zero() or self.args.disable_tqdm)
-        try:
-            with self.accelerator.autocast():
-                text = model.get_text_embeddings(self._student_tokens.to(device))
-            for batch in bar:
-                pixel_values = batch["pixel_values"].to(device)
-                labels = batch["labels"].to(device)
-                scores = self.class_scores(pixel_values, labels.shape[-2:], text)
-                keep = self._unpadded_count(len(labels))
-                metric.update_from_scores(scores[:keep], labels[:keep])
-                num_samples += keep
-        finally:
-            model.train(was_training)
-        total = self.accelerator.reduce(torch.tensor(num_samples, device=device), reduction="sum")
-        return metric.gather(self.accelerator), int(total)
+    @property
+    def last_eval_table(self) -> str | None:
+        """The per-class table (IoU, accuracy, pixel counts) of the last evaluation with the default metric."""
+        return self._mean_iou.table
+
+    def _student_text(self) -> torch.Tensor:
+        """The student vocabulary's text embeddings, encoded once per evaluation loop."""
+        if self._eval_text is None:
+            model = self.accelerator.unwrap_model(self.model)
+            with torch.no_grad(), self.accelerator.autocast():
+                self._eval_text = model.get_text_embeddings(self._student_tokens.to(self.args.device))
+        return self._eval_text
 
     @torch.no_grad()
     def class_scores(self, pixel_values: torch.Tensor, output_size=None, text: torch.Tensor | None = None):
@@ -575,16 +564,6 @@ class VocAlignTrainer(Trainer):
                                                     entry_class_ids=entry_class_ids)
             return model(pixel_values=pixel_values, text_embeds=text, entry_class_ids=entry_class_ids).logits
 
-    def _unpadded_count(self, batch_size: int) -> int:
-        """How many images of this process's current batch are real, not padding (all but the last batch: all).
-
-        On the last batch every process holds `batch_size` images and `remainder` is the number of real ones in the
-        rank-ordered concatenation of those batches (what `Accelerator.gather_for_metrics` keeps)."""
-        state = self.accelerator.gradient_state
-        if self.accelerator.num_processes == 1 or not state.end_of_dataloader or state.remainder <= 0:
-            return batch_size
-        return max(0, min(batch_size, state.remainder - self.accelerator.process_index * batch_size))
-
 
 def _log_sum_dtype(device: torch.device) -> torch.dtype:
     """float64 for the logged sums, except on MPS, which has no float64."""
@@ -595,7 +574,14 @@ def _schedule_after_warmup(
     kind: Any, num_steps: int, learning_rate: float, kwargs: Mapping[str, Any] | None
 ):
     """The learning-rate factor of transformers' `kind` schedule over `num_steps` steps without warm-up, as a
-    function of the step (`get_scheduler` applied to a throw-away optimizer, so the real one is left untouched)."""
+    function of the step (`get_scheduler` applied to a throw-away optimizer, so the real one is left untouched).
+
+    Why a throw-away optimiser: transformers 5.25 has no warm-up that starts above 0 (every `get_*_with_warmup`
+    starts at 0, and `constant` ignores `num_warmup_steps`), and its schedules are public only as
+    `get_scheduler(name, optimizer, ...)`, a `LambdaLR` that sets the given optimiser's rates (the factor functions
+    `_get_*_lr_lambda` are private). The public alternative, torch's `SequentialLR` of a warm-up `LambdaLR` and
+    `get_scheduler`'s on the real optimiser, changes `scheduler.pt` (checkpoints written before could no longer be
+    resumed) and would make `_load_optimizer_and_scheduler` read `SequentialLR`'s private `_schedulers`."""
     name = str(getattr(kind, "value", kind))
     probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=learning_rate)
     scheduler = get_scheduler(

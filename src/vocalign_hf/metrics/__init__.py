@@ -5,20 +5,24 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from .batch_eval import BatchMeanIoU
 from .reporting import split_absent_metrics
 from .streaming_miou import (
     StreamingMeanIoU,
     confusion_matrix,
     metrics_from_confusion_matrix,
+    predicted_classes,
     remap_labels,
 )
 
 __all__ = [
+    "BatchMeanIoU",
     "MEAN_IOU_MODULE_DIR",
     "StreamingMeanIoU",
     "confusion_matrix",
     "load_mean_iou",
     "metrics_from_confusion_matrix",
+    "predicted_classes",
     "remap_labels",
     "split_absent_metrics",
 ]

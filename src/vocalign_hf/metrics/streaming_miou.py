@@ -29,7 +29,14 @@ import torch
 if TYPE_CHECKING:  # pragma: no cover
     from accelerate import Accelerator
 
-__all__ = ["ArrayLike", "StreamingMeanIoU", "confusion_matrix", "metrics_from_confusion_matrix", "remap_labels"]
+__all__ = [
+    "ArrayLike",
+    "StreamingMeanIoU",
+    "confusion_matrix",
+    "metrics_from_confusion_matrix",
+    "predicted_classes",
+    "remap_labels",
+]
 
 #: Anything that can be turned into an integer label array: a tensor, a numpy array or nested lists.
 ArrayLike = Union[torch.Tensor, np.ndarray, Sequence[Any]]
@@ -115,6 +122,14 @@ def confusion_matrix(
             )
     counts = torch.bincount(num_classes * ref + pred, minlength=num_classes * num_classes)
     return counts.reshape(num_classes, num_classes)
+
+
+def predicted_classes(scores: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The class of each pixel (B, H, W) from class scores (B, C, h, w), resized bilinearly to ``size`` first if
+    they are of another size."""
+    if tuple(scores.shape[-2:]) != tuple(size):
+        scores = torch.nn.functional.interpolate(scores.float(), size=tuple(size), mode="bilinear", align_corners=False)
+    return scores.argmax(dim=1)
 
 
 def metrics_from_confusion_matrix(
@@ -247,11 +262,7 @@ class StreamingMeanIoU:
 
     def update_from_scores(self, scores: torch.Tensor, references: torch.Tensor) -> None:
         """Add a batch of class scores (B, C, h, w): resized bilinearly to the references' (B, H, W), then argmax."""
-        if scores.shape[-2:] != references.shape[-2:]:
-            scores = torch.nn.functional.interpolate(
-                scores.float(), size=references.shape[-2:], mode="bilinear", align_corners=False
-            )
-        self.update(scores.argmax(dim=1), references)
+        self.update(predicted_classes(scores, references.shape[-2:]), references)
 
     def reset(self) -> None:
         """Zero the confusion matrix (its device is kept)."""
