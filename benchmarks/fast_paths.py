@@ -2,12 +2,14 @@
 
 For every fast path of `aggregation_catseg.py`, the aggregator runs once as committed and once with that one path
 replaced by its plain form, written out below (the form the reference computes, or the unchunked / out-of-place
-form). Both run in **one process**, interleaved (all fast, then each plain variant, then again, `--repeats` times),
-each plain run next to a fast one; the medians of the pair ratios are compared. Times are the process's CPU
-time (`time.process_time`, one thread): on a shared machine it leaves out the time spent waiting for a core, which
-wall-clock time does not. Reported per variant: time and peak
-memory (RSS high-water mark over the baseline, `_common.MemoryMeter`) relative to the all-fast aggregator, and the
-largest difference of its logits from the fast ones.
+form). Both run in **one process**, each plain run next to a fast one (alternating which goes first), `--repeats`
+pairs per path; the medians of the pair ratios are compared. Times are the process's CPU time
+(`time.process_time`, one thread): on a shared machine it leaves out the time spent waiting for a core, which
+wall-clock time does not. Reported per path: time and peak memory (RSS high-water mark over the baseline,
+`_common.MemoryMeter`) relative to the all-fast aggregator, and the largest logit difference from the fast path.
+
+The in-place guidance add without autograd (`add_per_group_`) was measured with this script at commit 6e5ec7a and
+removed: it did not meet the threshold (docs/performance.md, "Issue 25, part 6").
 
 Settings, at CAT-Seg-B size (`CATSegConfig()`: 24x24 feature grid, hidden 128, appearance guidance 512,
 decoder guidance 256 / 128, pad_len 256), random weights and inputs:
@@ -61,15 +63,6 @@ def plain_swin_project(self, x, guidance):
     """q(cat[x, g]), k(cat[x, g]), v(x): three GEMMs over the concatenation, as the reference."""
     xg = x if guidance is None else torch.cat([x, repeat_per_group(guidance, x.shape[0])], dim=-1)
     return torch.cat([self.q(xg), self.k(xg), self.v(x)], dim=-1)
-
-
-def out_of_place_swin_project(self, x, projected_guidance):
-    d = self.dim
-    weight = torch.cat([self.q.weight[:, :d], self.k.weight[:, :d], self.v.weight])
-    qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
-    if projected_guidance is None:
-        return qkv
-    return agg.add_per_group(qkv, F.pad(projected_guidance, (0, d)))
 
 
 def plain_decoder_project_guidance(self, guidance):
@@ -164,7 +157,7 @@ VARIANTS = [
     ("swin split-weight q/k", "q(cat[x, g]), k(cat[x, g]), v(x)",
      ("inference", "training"),
      lambda m: patched((agg.CATSegWindowAttention, "project_guidance", plain_swin_project_guidance),
-                       (agg.CATSegWindowAttention, "project", plain_swin_project))),
+                       (agg.CATSegWindowAttention, "project_qkv", plain_swin_project))),
     ("class-attn split-weight q/k (guided_linear)", "q/k(cat[x, g per pixel])",
      ("inference", "training"), lambda m: patched((agg, "guided_linear", plain_guided_linear))),
     ("decoder split-weight conv", "conv(cat[up(x), g per class])",
@@ -178,9 +171,6 @@ VARIANTS = [
                        (agg.CATSegDecoderBlock, "forward", nchw_decoder_forward))),
     ("closed-form padding tokens", "pad_len - T tokens appended", ("inference", "training"),
      lambda m: patched((agg.CATSegClassAttention, "forward", padded_class_attention))),
-    ("in-place guidance add (no grad)", "out-of-place add", ("inference",),
-     lambda m: patched((agg, "add_per_group_", agg.add_per_group),
-                       (agg.CATSegWindowAttention, "project", out_of_place_swin_project))),
     ("feed-forward row chunks (no grad)", "whole feed-forward", ("inference",),
      lambda m: patched((agg, "FEED_FORWARD_CHUNK_ROWS", 1 << 62))),
     ("swin class-slice chunks (no grad)", "all slices at once", ("inference",), lambda m: unchunked_in(m, "swin")),
