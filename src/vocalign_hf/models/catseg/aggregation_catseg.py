@@ -16,11 +16,14 @@ beyond float rounding:
 * the class slices are laid out (B, T, H, W, C) in memory (channels last) from the first Swin block to the decoder;
   the Swin blocks apply the shift and window partition as one token permutation per block; the 2x2 transposed
   convolutions run as one GEMM plus a pixel shuffle; without autograd the Swin blocks, the decoder and the
-  feed-forward layers run in chunks of class slices or rows (docs/performance.md, "Issue 15");
+  feed-forward layers run in chunks of class slices or rows (`map_class_slices`, `chunked_feed_forward`);
 * the class-attention padding tokens (the reference pads the class axis to `pad_len` = 256 with one learned
   token) are identical at every position, so their contribution to the linear attention's key/value sums is
   added in closed form instead of materialising `pad_len - T` tokens. Their outputs are discarded by the
   reference, so the result is the same while the cost scales with the real number of classes.
+
+Each of these paths is kept because `benchmarks/fast_paths.py` shows that its plain form costs at least 5 % more
+time or 10 % more peak memory of the aggregator where it applies (docs/performance.md, "Issue 25, part 6").
 
 The mmsegmentation CAT-Seg v1 (andraghetti/VocAlign, `cat_aggregator.py` + `cat_head.py`) has the same layers
 under other names (the converter maps them) and differs in one computation: its class-aggregation MLP is mmcv's
@@ -72,17 +75,7 @@ def add_per_group(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
     return (x.unflatten(0, (shared.shape[0], -1)) + shared.unsqueeze(1)).flatten(0, 1)
 
 
-def add_per_group_(x: torch.Tensor, shared: torch.Tensor) -> torch.Tensor:
-    """`add_per_group`, in place on `x` when no gradient flows through either. Under autograd the sum is a new
-    tensor: an in-place add on (a view of) a GEMM output would make autograd copy the whole gradient back
-    (`CopySlices`)."""
-    if x.requires_grad or shared.requires_grad:
-        return add_per_group(x, shared)
-    x.unflatten(0, (shared.shape[0], -1)).add_(shared.unsqueeze(1))
-    return x
-
-
-def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
+def linear_of_concat(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | None) -> torch.Tensor:
     """`linear(cat([x, g]))` without building the concatenation, for guidance shared by groups of rows of x.
 
     `x` is (N * group, ..., D) and `guidance` (N, ..., G): row i of x goes with guidance row i // group (the T
@@ -99,7 +92,7 @@ def guided_linear(linear: nn.Linear, x: torch.Tensor, guidance: torch.Tensor | N
 FEED_FORWARD_CHUNK_ROWS = 1024
 
 
-def feed_forward(x: torch.Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> torch.Tensor:
+def chunked_feed_forward(x: torch.Tensor, fc1: nn.Linear, act: nn.Module, fc2: nn.Linear) -> torch.Tensor:
     """`fc2(act(fc1(x)))`; without autograd, in chunks of `FEED_FORWARD_CHUNK_ROWS` tokens, so that the 4x wider
     hidden activation stays in cache instead of being written to and read back from memory (the result is the
     same bit for bit: every row is computed by the same kernels). With autograd the plain form is kept, since
@@ -124,7 +117,7 @@ class CATSegMLP(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return feed_forward(x, self.fc1, self.act, self.fc2)
+        return chunked_feed_forward(x, self.fc1, self.act, self.fc2)
 
 
 class CATSegWindowAttention(nn.Module):
@@ -150,7 +143,7 @@ class CATSegWindowAttention(nn.Module):
             return None
         return F.linear(guidance, torch.cat([self.q.weight[:, self.dim :], self.k.weight[:, self.dim :]]))
 
-    def project(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
+    def project_qkv(self, x: torch.Tensor, projected_guidance: torch.Tensor | None) -> torch.Tensor:
         """q, k, v of every token, concatenated: x (G*T, N, dim), projected guidance (G, N, 2*dim) from
         `project_guidance` (row i of x goes with guidance row i // T) -> (G*T, N, 3*dim)."""
         d = self.dim
@@ -159,14 +152,10 @@ class CATSegWindowAttention(nn.Module):
         qkv = F.linear(x, weight, torch.cat([self.q.bias, self.k.bias, self.v.bias]))
         if projected_guidance is None:
             return qkv
-        if qkv.requires_grad or projected_guidance.requires_grad:
-            # Out of place (see `add_per_group_`); v does not see the guidance, so its third is zero.
-            return add_per_group(qkv, F.pad(projected_guidance, (0, d)))
-        add_per_group_(qkv[..., : 2 * d], projected_guidance)  # in place on the fresh GEMM output
-        return qkv
+        return add_per_group(qkv, F.pad(projected_guidance, (0, d)))  # v does not see the guidance: zero third
 
     def forward(self, qkv: torch.Tensor, mask: torch.Tensor | None, num_windows: int) -> torch.Tensor:
-        """qkv: (B * nW, N, 3 * dim) windows of `project`'s output; mask: (nW, N, N) additive or None."""
+        """qkv: (B * nW, N, 3 * dim) windows of `project_qkv`'s output; mask: (nW, N, N) additive or None."""
         bw, n, _ = qkv.shape
         # 4-D tensors so that SDPA can pick a fused kernel; the mask repeats over the images of the batch.
         q, k, v = (t.reshape(bw, n, self.num_heads, -1).transpose(1, 2) for t in qkv.chunk(3, dim=-1))
@@ -228,7 +217,7 @@ class CATSegSwinTransformerBlock(nn.Module):
         (`token_order`); returns (G*T, H*W, C) in the same order."""
         r, ws = self.resolution, self.window_size
         b, _, c = x.shape
-        h = self.attn.project(self.norm1(x), projected_guidance)  # (G*T, H*W, 3C): runs of ws*ws are windows
+        h = self.attn.project_qkv(self.norm1(x), projected_guidance)  # (G*T, H*W, 3C): runs of ws*ws are windows
         h = self.attn(h.view(-1, ws * ws, h.shape[-1]), self.attn_mask, num_windows=(r // ws) ** 2)
         x = x + h.view(b, r * r, c)
         return x + self.mlp(self.norm2(x))
@@ -271,28 +260,30 @@ class CATSegSpatialAggregation(nn.Module):
             slices = self.block_1(slices[:, order_1], g1)
             return self.block_2(slices[:, one_to_2], g2)[:, back]
 
-        if torch.is_grad_enabled():
-            out = both_blocks(x, slice(None))
-        else:  # a few class slices at a time: the block's activations stay in cache (same kernels per slice)
-            out = x.new_empty(x.shape)
-            for image, start, stop in slice_chunks(b, t):
-                out[image * t + start : image * t + stop] = both_blocks(
-                    x[image * t + start : image * t + stop], slice(image, image + 1)
-                )
+        out = map_class_slices(both_blocks, x, b)
         return out.view(b, t, h, w, c).permute(0, 4, 1, 2, 3)
 
 
 INFERENCE_CHUNK_SLICES = 8
 
 
-def slice_chunks(batch: int, classes: int, size: int | None = None):
-    """(image, first class, end class) of runs of at most `size` (default `INFERENCE_CHUNK_SLICES`) class slices
-    within each image: the unit of the chunked no-grad paths (the per-image guidance then broadcasts over a chunk
-    as over a whole image)."""
-    size = size or INFERENCE_CHUNK_SLICES
-    for image in range(batch):
-        for start in range(0, classes, size):
-            yield image, start, min(start + size, classes)
+def map_class_slices(fn, slices: torch.Tensor, batch: int) -> torch.Tensor:
+    """`fn(slices[rows], images)` over class slices (B*T, ...), T per image; `images` indexes per-image tensors.
+
+    With autograd, one call on all rows. Without it, `INFERENCE_CHUNK_SLICES` slices of one image at a time
+    written into one output: the activations stay in cache and their peak memory is a chunk's (the same kernels
+    run on the same rows, so the result is the same)."""
+    if torch.is_grad_enabled():
+        return fn(slices, slice(None))
+    classes, out = slices.shape[0] // batch, None
+    for first in range(0, slices.shape[0], classes):  # the first row of each image
+        for start in range(first, first + classes, INFERENCE_CHUNK_SLICES):
+            rows = slice(start, min(start + INFERENCE_CHUNK_SLICES, first + classes))
+            chunk = fn(slices[rows], slice(first // classes, first // classes + 1))
+            if out is None:
+                out = chunk.new_empty(slices.shape[0], *chunk.shape[1:])
+            out[rows] = chunk
+    return out
 
 
 def _elu_feature_map(x: torch.Tensor) -> torch.Tensor:
@@ -315,7 +306,7 @@ class CATSegClassAttention(nn.Module):
     def _project(self, x: torch.Tensor, guidance: torch.Tensor | None):
         """x: (N * group, T, C); guidance: (N, T, G) shared by each group of rows (the pixels of an image)."""
         split = lambda t: t.unflatten(-1, (self.num_heads, -1))  # noqa: E731 - (..., H, D)
-        q, k = guided_linear(self.q, x, guidance), guided_linear(self.k, x, guidance)
+        q, k = linear_of_concat(self.q, x, guidance), linear_of_concat(self.k, x, guidance)
         return split(q), split(k), split(self.v(x))
 
     def forward(
@@ -395,7 +386,7 @@ class CATSegClassAggregation(nn.Module):
         pad_g = self.padding_guidance if (num_pad and guidance is not None) else None
         tokens = tokens + self.attention(self.norm1(tokens), guidance, pad_x, pad_g, num_pad)
         normed = self.norm2(tokens)
-        mlp = feed_forward(normed, *self.mlp)
+        mlp = chunked_feed_forward(normed, *self.mlp)
         tokens = tokens + (normed + mlp if self.mlp_adds_input else mlp)
         tokens = tokens.view(b, hp, wp, t, c).permute(0, 3, 1, 2, 4).reshape(b * t, hp, wp, c).permute(0, 3, 1, 2)
         tokens = F.interpolate(tokens, size=(h, w), mode="bilinear", align_corners=True)  # stays channels last
@@ -490,7 +481,7 @@ class CATSegDecoderBlock(nn.Module):
         # conv(cat[x, g]) = conv_x(x) + conv_g(g) (bias-free): the guidance half runs once per image, not per class.
         out = F.conv2d(x, first.weight[:, : x.shape[1]].contiguous(memory_format=cl), padding=1)
         if projected_guidance is not None:
-            out = add_per_group_(out, projected_guidance)
+            out = add_per_group(out, projected_guidance)
         return rest(out)
 
 
@@ -559,12 +550,7 @@ class CATSegAggregator(nn.Module):
             g2 = guidance_2[image] if guidance_2 is not None else None
             return self.head(self.decoder2(self.decoder1(slices, g1), g2))
 
-        if torch.is_grad_enabled():
-            logits = decode(x, slice(None)).reshape(b, t, 4 * h, 4 * w)
-        else:  # a few class slices at a time: the 96x96 decoder maps stay in cache (same kernels per slice)
-            logits = x.new_empty(b, t, 4 * h, 4 * w)
-            for image, start, stop in slice_chunks(b, t):
-                logits[image, start:stop] = decode(x[image * t + start : image * t + stop], slice(image, image + 1))[:, 0]
+        logits = map_class_slices(decode, x, b).reshape(b, t, 4 * h, 4 * w)
         if kept is not None:
             full = logits.new_full((b, num_classes, *logits.shape[-2:]), -100.0)
             logits = full.scatter(1, kept[..., None, None].expand(-1, -1, *logits.shape[-2:]), logits)
