@@ -186,7 +186,6 @@ class VocAlignTrainer(Trainer):
         kwargs.setdefault("processing_class", processor)
         # The default metric: the student's mIoU, streamed batch by batch (see `prediction_step`).
         self._mean_iou = BatchMeanIoU(self.class_names, ignore_index=255)
-        self._eval_text: torch.Tensor | None = None
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = self._mean_iou
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
@@ -515,13 +514,9 @@ class VocAlignTrainer(Trainer):
     # `batch_eval_metrics` (on by default), hands each gathered batch to `compute_metrics`: a streaming confusion
     # matrix ([`BatchMeanIoU`]), so no logit map is kept.
     def evaluation_loop(self, *args, **kwargs):
-        """[`Trainer.evaluation_loop`], with a fresh metric and the student's text embeddings encoded once per loop
-        (its text tower trains, so they are dropped when the loop ends)."""
+        """[`Trainer.evaluation_loop`], with a fresh metric."""
         self._mean_iou.reset()
-        try:
-            return super().evaluation_loop(*args, **kwargs)
-        finally:
-            self._eval_text = None
+        return super().evaluation_loop(*args, **kwargs)
 
     @torch.no_grad()
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
@@ -532,7 +527,7 @@ class VocAlignTrainer(Trainer):
         pixel_values = inputs["pixel_values"].to(self.args.device)
         labels = inputs.get("labels")
         size = labels.shape[-2:] if labels is not None else pixel_values.shape[-2:]
-        predictions = predicted_classes(self.class_scores(pixel_values, size, self._student_text()), size)
+        predictions = predicted_classes(self.class_scores(pixel_values, size), size)
         return None, predictions.flatten(1), None if labels is None else labels.to(self.args.device).flatten(1)
 
     @property
@@ -540,25 +535,18 @@ class VocAlignTrainer(Trainer):
         """The per-class table (IoU, accuracy, pixel counts) of the last evaluation with the default metric."""
         return self._mean_iou.table
 
-    def _student_text(self) -> torch.Tensor:
-        """The student vocabulary's text embeddings, encoded once per evaluation loop."""
-        if self._eval_text is None:
-            model = self.accelerator.unwrap_model(self.model)
-            with torch.no_grad(), self.accelerator.autocast():
-                self._eval_text = model.get_text_embeddings(self._student_tokens.to(self.args.device))
-        return self._eval_text
-
     @torch.no_grad()
     def class_scores(self, pixel_values: torch.Tensor, output_size=None, text: torch.Tensor | None = None):
         """The student's class scores `(B, N_c, h, w)`, whose argmax is its prediction: over its vocabulary's
         entries, summed per class (Eq. 7) when it scores with concepts; sliding windows if `eval_sliding_window`.
-        `text`: the student vocabulary's embeddings, if already encoded."""
+        `text`: the student vocabulary's embeddings; by default encoded once while the student's text weights stay
+        (`model.encode_vocabulary`)."""
         model = self.accelerator.unwrap_model(self.model)
         # The model's own scoring of an aligned vocabulary, as a user's model(...) or pipeline(...) computes it.
         entry_class_ids = self.student_vocabulary.entry_to_class.to(pixel_values.device)
         with self.accelerator.autocast():
             if text is None:
-                text = model.get_text_embeddings(self._student_tokens.to(pixel_values.device))
+                text = model.encode_vocabulary(self._student_tokens.to(pixel_values.device))
             if self.args.eval_sliding_window:
                 return model.predict_sliding_window(pixel_values, text_embeds=text, output_size=output_size,
                                                     entry_class_ids=entry_class_ids)
