@@ -57,6 +57,7 @@ from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
 from ..metrics import BatchMeanIoU, predicted_classes
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
+from ..models.catseg.pixel_normalization import denormalize_pixels, normalize_pixels
 from .adapters import CARD_FILE, base_model_fingerprint, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
 from .checkpoints import (
@@ -90,12 +91,11 @@ class SegmentationCollator:
     padding to the largest image), then applies the model's CLIP normalisation."""
 
     def __init__(self, image_mean: Sequence[float], image_std: Sequence[float]) -> None:
-        self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(image_std).view(1, 3, 1, 1)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
 
     def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate_fn(examples)
-        out = {"pixel_values": (batch["pixel_values"].float() - self.mean) / self.std}
+        out = {"pixel_values": normalize_pixels(batch["pixel_values"].float(), self.image_mean, self.image_std)}
         if "labels" in batch:
             out["labels"] = batch["labels"]
         return out
@@ -203,9 +203,8 @@ class VocAlignTrainer(Trainer):
         )
         self._student_tokens = self._entry_tokens if args.student_concepts else self._class_tokens
         # Masked pixels become black: 0 in 0..1 space is -mean/std after normalisation.
-        self._mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-        self._mask_fill = (-self._mean / self._std).flatten().tolist()
+        self._pixel_stats = (tuple(image_processor.image_mean), tuple(image_processor.image_std))
+        self._mask_fill = normalize_pixels(torch.zeros(3, 1, 1), *self._pixel_stats).flatten().tolist()
         self.student_augmentation = StudentAugmentation() if args.student_augmentation else None
         self._rng_step, self._rng_micro = -1, 0
         self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
@@ -302,8 +301,8 @@ class VocAlignTrainer(Trainer):
         generator = self.step_generator()
         view = pixel_values
         if self.student_augmentation is not None:
-            mean, std = self._mean.to(view), self._std.to(view)
-            view = (self.student_augmentation((view * std + mean).clamp(0, 1), generator) - mean) / std
+            image = denormalize_pixels(view, *self._pixel_stats).clamp(0, 1)
+            view = normalize_pixels(self.student_augmentation(image, generator), *self._pixel_stats)
         if self.args.use_masking:
             b, _, h, w = view.shape
             size, ratio = self.args.mask_block_size, self.args.mask_ratio

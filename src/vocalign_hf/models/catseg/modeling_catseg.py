@@ -52,7 +52,8 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .aggregation_catseg import CATSegAggregator, CATSegAggregatorLayer, CATSegSwinTransformerBlock, shifted_window_mask
 from .class_list import validate_class_names
-from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
+from .configuration_catseg import CATSegConfig
+from .pixel_normalization import denormalize_pixels, normalize_pixels
 from .text_embedding_cache import TextEmbeddingCache
 from .vocabulary_catseg import aligned_entries, class_log_probs, concept_token_table, expand_with_concepts, is_one_per_class
 
@@ -361,10 +362,8 @@ class CATSegModel(CATSegPreTrainedModel):
         size = self.config.clip_resolution
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        as_tensor = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # noqa: E731
-        mean, std = (as_tensor(self.config.backbone_normalization[key]) for key in ("mean", "std"))
-        raw = images * as_tensor(CLIP_PIXEL_STD) + as_tensor(CLIP_PIXEL_MEAN)
-        return ((raw - mean) / std).to(self.backbone.dtype)
+        mean, std = (self.config.backbone_normalization[key] for key in ("mean", "std"))
+        return normalize_pixels(denormalize_pixels(images), mean, std).to(self.backbone.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     @can_return_tuple
