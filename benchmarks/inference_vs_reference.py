@@ -164,13 +164,11 @@ def measure(cfg: dict) -> dict:
             return model([{"image": raw, "height": out_size[0], "width": out_size[1]}])[0]["sem_seg"]
     else:
         from vocalign_hf import CATSegProcessor
-        from vocalign_hf.models.catseg.configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+        from vocalign_hf.models.catseg.pixel_normalization import normalize_pixels
         from vocalign_hf.models.catseg.convert_catseg_checkpoint import convert_checkpoint
 
         model = convert_checkpoint(state, guidance_layers=[3, 7], pooling_size=list(cfg["pooling"])).to(device).eval()
         processor = CATSegProcessor.from_config(model.config)
-        mean = torch.tensor(CLIP_PIXEL_MEAN, device=device).view(3, 1, 1)
-        std = torch.tensor(CLIP_PIXEL_STD, device=device).view(3, 1, 1)
         text = {}
 
         def set_classes(names):
@@ -180,7 +178,7 @@ def measure(cfg: dict) -> dict:
         autocast = torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=bool(cfg.get("bf16")))
 
         def infer():
-            pixel_values = ((raw / 255.0 - mean) / std).unsqueeze(0)
+            pixel_values = normalize_pixels(raw / 255.0).unsqueeze(0)
             with autocast:
                 if mode == "sliding":
                     logits = model.predict_sliding_window(pixel_values, text_embeds=text["embeds"],

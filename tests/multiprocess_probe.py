@@ -18,6 +18,7 @@ import torch
 from accelerate import PartialState
 
 from vocalign_hf.adaptation import VocAlignTrainer
+from vocalign_hf.models.catseg.pixel_normalization import normalize_pixels
 from vocalign_hf.world import datasets as world_datasets
 from vocalign_hf.world import pretrain as world_pretrain
 
@@ -95,8 +96,7 @@ def main() -> None:
         result["student"] = lora(trainer.accelerator.unwrap_model(trainer.model))
         result["teacher"] = lora(trainer.teacher)
         image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-        mean, std = trainer._mean, trainer._std
-        result["fixed_view"] = trainer.student_view((image - mean) / std)
+        result["fixed_view"] = trainer.student_view(normalize_pixels(image))
         result["mask_fill"] = torch.tensor(trainer._mask_fill)
     Path(probe_dir).mkdir(parents=True, exist_ok=True)
     torch.save(result, Path(probe_dir) / f"rank{state.process_index}.pt")

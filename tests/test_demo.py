@@ -154,7 +154,7 @@ def test_fast_path_with_adapter(segmenter, base_model, adapter, examples, monkey
     for model in (segmenter.base_model, segmenter.adapted_model):
         original = model.get_text_embeddings
         monkeypatch.setattr(model, "get_text_embeddings", lambda *a, _o=original, **k: calls.append(1) or _o(*a, **k))
-    segmenter._text_cache.clear()
+        model.text_embedding_cache.clear()
     for _ in range(3):
         zero_shot = segmenter.segment(pixel_values, CLASSES, "zero-shot")
         adapted = segmenter.segment(pixel_values, CLASSES, "adapted")

@@ -44,6 +44,7 @@ from .recipe_checks import (
 from .output_lock import lock_output_dir
 from .metrics import split_absent_metrics
 from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
+from .models.catseg.pixel_normalization import denormalize_pixels
 from .visualization import colorize, segmentation_grid
 from .world import WorldConfig
 from .world.pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_STEPS, PRETRAIN_THREADS
@@ -444,7 +445,7 @@ def save_overlays(
     for index in range(count):
         batch = collator([dataset[index]])
         labels = batch["labels"][0].numpy()
-        image = (batch["pixel_values"][0] * collator.std[0] + collator.mean[0]).clamp(0, 1)
+        image = denormalize_pixels(batch["pixel_values"][0], collator.image_mean, collator.image_std).clamp(0, 1)
         row = [(image.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8), colorize(labels, palette)]
         for predict in predictors:
             with torch.no_grad():

@@ -44,9 +44,11 @@ def update_ema_(
         alpha: EMA coefficient in ``[0, 1]`` (typically :func:`ema_alpha`).
 
     Uses ``torch._foreach_mul_`` / ``torch._foreach_add_`` (one fused kernel per
-    device/dtype group) under ``no_grad``; ``alpha == 0`` is a plain copy.
+    device/dtype group) under ``no_grad``; ``alpha == 0`` is a plain copy. Each teacher tensor's version
+    counter is bumped, as by any in-place update.
     """
-    teacher: List[Tensor] = [t.data if isinstance(t, torch.nn.Parameter) else t for t in teacher_params]
+    # `detach`, not `.data`: the in-place update bumps the weights' version counters (which the text cache reads).
+    teacher: List[Tensor] = [t.detach() for t in teacher_params]
     student: List[Tensor] = [s.detach() for s in student_params]
     if len(teacher) != len(student):
         raise ValueError(f"teacher has {len(teacher)} tensors but student has {len(student)}")

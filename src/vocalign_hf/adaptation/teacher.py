@@ -36,6 +36,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from ..atomic import atomic_write_file
+from ..models.catseg.text_embedding_cache import TextEmbeddingCache
 from .ema import ema_alpha, update_ema_
 from .lora import TEACHER_ADAPTER, _is_lora_name, lora_parameter_names
 
@@ -121,7 +122,7 @@ class EMATeacher:
             raise ValueError(f"dtype must be one of {TEACHER_DTYPES}, got {dtype!r}")
         self.dtype_choice = dtype
         self.compute_dtype: torch.dtype | None = None  # resolved on the first batch's device
-        self.encoded_vocabulary: torch.Tensor | None = None  # the vocabulary's text embeddings, while valid
+        self.text_cache = TextEmbeddingCache()  # the vocabulary's text embeddings, while the teacher's text weights stay
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
     def _add_teacher_adapter(self, student) -> nn.Module:
@@ -162,8 +163,6 @@ class EMATeacher:
             names = [n for n in lora_parameter_names(self) if self.text_follows_student or "text_model" not in n]
             self._ema_pairs = ([teacher[n] for n in names], [student[n] for n in names])
         update_ema_(*self._ema_pairs, ema_alpha(step, self.alpha))
-        if self.text_follows_student:  # its text LoRA weights moved: the vocabulary's embeddings are stale
-            self.encoded_vocabulary = None
 
     # ------------------------------------------------------------------------------------------ forward
     @contextmanager
@@ -215,12 +214,10 @@ class EMATeacher:
         if self._peft is None:
             self.model.to(pixel_values.device)  # a copy made before the Trainer placed the student
         with self.active(), self.precision(pixel_values.device):
-            text = self.encoded_vocabulary
-            if text is None or text.device != pixel_values.device:
-                # Once per EMA update (`update` drops it when the text tower follows the student), or once in all;
-                # gradient accumulation reuses it.
-                text = self.get_text_embeddings(self.entry_tokens.to(pixel_values.device))
-                self.encoded_vocabulary = text
+            # Encoded once per EMA update of the text weights (or once in all when they stay); gradient accumulation
+            # reuses it.
+            text = self.text_cache.get_or_encode(self.model.catseg.text_tower,
+                                                 self.entry_tokens.to(pixel_values.device), self.get_text_embeddings)
             return self.model(pixel_values=pixel_values, text_embeds=text).logits
 
     @contextmanager
@@ -257,7 +254,6 @@ class EMATeacher:
         with torch.no_grad():
             for name, value in tensors.items():
                 params[name].copy_(value)
-        self.encoded_vocabulary = None
 
 
 class TeacherEMACallback(TrainerCallback):

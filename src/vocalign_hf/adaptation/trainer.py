@@ -57,6 +57,7 @@ from ..data import collate_fn
 from ..data.sampling import KeyedDataset, ResumableSampler, draw_key
 from ..metrics import BatchMeanIoU, predicted_classes
 from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor, validate_class_names
+from ..models.catseg.pixel_normalization import denormalize_pixels, normalize_pixels
 from .adapters import CARD_FILE, base_model_fingerprint, base_model_reference, build_model_card
 from .arguments import VocAlignArguments
 from .checkpoints import (
@@ -90,12 +91,11 @@ class SegmentationCollator:
     padding to the largest image), then applies the model's CLIP normalisation."""
 
     def __init__(self, image_mean: Sequence[float], image_std: Sequence[float]) -> None:
-        self.mean = torch.tensor(image_mean).view(1, 3, 1, 1)
-        self.std = torch.tensor(image_std).view(1, 3, 1, 1)
+        self.image_mean, self.image_std = tuple(image_mean), tuple(image_std)
 
     def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, torch.Tensor]:
         batch = collate_fn(examples)
-        out = {"pixel_values": (batch["pixel_values"].float() - self.mean) / self.std}
+        out = {"pixel_values": normalize_pixels(batch["pixel_values"].float(), self.image_mean, self.image_std)}
         if "labels" in batch:
             out["labels"] = batch["labels"]
         return out
@@ -186,7 +186,6 @@ class VocAlignTrainer(Trainer):
         kwargs.setdefault("processing_class", processor)
         # The default metric: the student's mIoU, streamed batch by batch (see `prediction_step`).
         self._mean_iou = BatchMeanIoU(self.class_names, ignore_index=255)
-        self._eval_text: torch.Tensor | None = None
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = self._mean_iou
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
@@ -204,9 +203,8 @@ class VocAlignTrainer(Trainer):
         )
         self._student_tokens = self._entry_tokens if args.student_concepts else self._class_tokens
         # Masked pixels become black: 0 in 0..1 space is -mean/std after normalisation.
-        self._mean = torch.tensor(image_processor.image_mean).view(1, 3, 1, 1)
-        self._std = torch.tensor(image_processor.image_std).view(1, 3, 1, 1)
-        self._mask_fill = (-self._mean / self._std).flatten().tolist()
+        self._pixel_stats = (tuple(image_processor.image_mean), tuple(image_processor.image_std))
+        self._mask_fill = normalize_pixels(torch.zeros(3, 1, 1), *self._pixel_stats).flatten().tolist()
         self.student_augmentation = StudentAugmentation() if args.student_augmentation else None
         self._rng_step, self._rng_micro = -1, 0
         self._has_guidance_backbone = getattr(self.model.config, "variant", "cvpr24") == "v1"
@@ -303,8 +301,8 @@ class VocAlignTrainer(Trainer):
         generator = self.step_generator()
         view = pixel_values
         if self.student_augmentation is not None:
-            mean, std = self._mean.to(view), self._std.to(view)
-            view = (self.student_augmentation((view * std + mean).clamp(0, 1), generator) - mean) / std
+            image = denormalize_pixels(view, *self._pixel_stats).clamp(0, 1)
+            view = normalize_pixels(self.student_augmentation(image, generator), *self._pixel_stats)
         if self.args.use_masking:
             b, _, h, w = view.shape
             size, ratio = self.args.mask_block_size, self.args.mask_ratio
@@ -515,13 +513,9 @@ class VocAlignTrainer(Trainer):
     # `batch_eval_metrics` (on by default), hands each gathered batch to `compute_metrics`: a streaming confusion
     # matrix ([`BatchMeanIoU`]), so no logit map is kept.
     def evaluation_loop(self, *args, **kwargs):
-        """[`Trainer.evaluation_loop`], with a fresh metric and the student's text embeddings encoded once per loop
-        (its text tower trains, so they are dropped when the loop ends)."""
+        """[`Trainer.evaluation_loop`], with a fresh metric."""
         self._mean_iou.reset()
-        try:
-            return super().evaluation_loop(*args, **kwargs)
-        finally:
-            self._eval_text = None
+        return super().evaluation_loop(*args, **kwargs)
 
     @torch.no_grad()
     def prediction_step(self, model, inputs, prediction_loss_only: bool, ignore_keys=None):
@@ -532,7 +526,7 @@ class VocAlignTrainer(Trainer):
         pixel_values = inputs["pixel_values"].to(self.args.device)
         labels = inputs.get("labels")
         size = labels.shape[-2:] if labels is not None else pixel_values.shape[-2:]
-        predictions = predicted_classes(self.class_scores(pixel_values, size, self._student_text()), size)
+        predictions = predicted_classes(self.class_scores(pixel_values, size), size)
         return None, predictions.flatten(1), None if labels is None else labels.to(self.args.device).flatten(1)
 
     @property
@@ -540,25 +534,18 @@ class VocAlignTrainer(Trainer):
         """The per-class table (IoU, accuracy, pixel counts) of the last evaluation with the default metric."""
         return self._mean_iou.table
 
-    def _student_text(self) -> torch.Tensor:
-        """The student vocabulary's text embeddings, encoded once per evaluation loop."""
-        if self._eval_text is None:
-            model = self.accelerator.unwrap_model(self.model)
-            with torch.no_grad(), self.accelerator.autocast():
-                self._eval_text = model.get_text_embeddings(self._student_tokens.to(self.args.device))
-        return self._eval_text
-
     @torch.no_grad()
     def class_scores(self, pixel_values: torch.Tensor, output_size=None, text: torch.Tensor | None = None):
         """The student's class scores `(B, N_c, h, w)`, whose argmax is its prediction: over its vocabulary's
         entries, summed per class (Eq. 7) when it scores with concepts; sliding windows if `eval_sliding_window`.
-        `text`: the student vocabulary's embeddings, if already encoded."""
+        `text`: the student vocabulary's embeddings; by default encoded once while the student's text weights stay
+        (`model.encode_vocabulary`)."""
         model = self.accelerator.unwrap_model(self.model)
         # The model's own scoring of an aligned vocabulary, as a user's model(...) or pipeline(...) computes it.
         entry_class_ids = self.student_vocabulary.entry_to_class.to(pixel_values.device)
         with self.accelerator.autocast():
             if text is None:
-                text = model.get_text_embeddings(self._student_tokens.to(pixel_values.device))
+                text = model.encode_vocabulary(self._student_tokens.to(pixel_values.device))
             if self.args.eval_sliding_window:
                 return model.predict_sliding_window(pixel_values, text_embeds=text, output_size=output_size,
                                                     entry_class_ids=entry_class_ids)

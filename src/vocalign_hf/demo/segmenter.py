@@ -12,7 +12,6 @@ import math
 import os
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Mapping, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -62,7 +61,6 @@ DEFAULT_ADAPTER = os.path.join("runs", "world", "adapter")
 #: The main job unpacks the world's source model here; reused when present and matching the shipped one.
 _MAIN_JOB_SOURCE_MODEL = os.path.join("runs", "world", "source_model")
 _MIN_DISPLAY, _MAX_DISPLAY = 384, 1024
-_TEXT_CACHE_SIZE = 16
 
 
 class DemoInputError(ValueError):
@@ -232,7 +230,6 @@ class DemoSegmenter:
         self.adapter_info = dict(adapter_info or {})
         self.base_name = base_name
         self.adapter_name = adapter_name
-        self._text_cache: OrderedDict[tuple[str, tuple[str, ...]], torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
     @classmethod
@@ -266,7 +263,6 @@ class DemoSegmenter:
         self.adapted_model = adapted_model.to(self.device).eval()
         self.adapter_info = dict(adapter_info or {})
         self.adapter_name = name
-        self._text_cache = OrderedDict((k, v) for k, v in self._text_cache.items() if k[0] != "adapted")
 
     # ------------------------------------------------------------------------------------------- vocabulary
     @property
@@ -307,20 +303,11 @@ class DemoSegmenter:
         return concepts, dropped
 
     def text_embeddings(self, which: str, entries: Sequence[str]) -> torch.Tensor:
-        """The text embeddings of `entries` for the "zero-shot" or "adapted" model, encoded once per list."""
-        key = (which, tuple(entries))
-        cached = self._text_cache.get(key)
-        if cached is not None:
-            self._text_cache.move_to_end(key)
-            return cached
-        model = self._model(which)
+        """The text embeddings of `entries` for the "zero-shot" or "adapted" model, encoded once per list (the
+        model's `encode_vocabulary`)."""
         tokens = self.processor.tokenize_classes(list(entries))
         with torch.inference_mode(), self._autocast():
-            embeds = model.get_text_embeddings(tokens["input_ids"].to(self.device))
-        self._text_cache[key] = embeds
-        while len(self._text_cache) > _TEXT_CACHE_SIZE:
-            self._text_cache.popitem(last=False)
-        return embeds
+            return self._model(which).encode_vocabulary(tokens["input_ids"].to(self.device))
 
     def _model(self, which: str) -> CATSegForSemanticSegmentation:
         if which == "zero-shot":
@@ -367,7 +354,7 @@ class DemoSegmenter:
         else:
             pixel_values = image.to(self.device)
         model = self._model(which)
-        with self._lock:  # one forward at a time; the text cache is shared
+        with self._lock:  # one forward at a time; the models' text caches are not thread-safe
             text_embeds = self.text_embeddings(which, entries)
             with torch.inference_mode(), self._autocast():
                 logits = model(pixel_values=pixel_values, text_embeds=text_embeds,

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from ..atomic import atomic_write_folder, atomic_write_json
 from ..models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
+from ..models.catseg.pixel_normalization import normalize_pixels
 from .datasets import World, dataset_to_tensors
 from .evaluation import evaluate_segmenter
 from .generator import WorldConfig
@@ -280,9 +281,8 @@ def _train(
     other_words = _other_word_rows(names, synonyms, num_classes + len(distractors))
 
     images_u8, labels_u8 = dataset_to_tensors(world.source_train)
-    mean = torch.tensor(processor.image_processor.image_mean).view(1, 3, 1, 1)
-    std = torch.tensor(processor.image_processor.image_std).view(1, 3, 1, 1)
-    pixel_values = (images_u8.float() / 255.0 - mean) / std  # the processor's normalisation, done once
+    stats = processor.image_processor.image_mean, processor.image_processor.image_std
+    pixel_values = normalize_pixels(images_u8.float() / 255.0, *stats)  # the processor's normalisation, done once
     if pixel_values.shape[-1] != model_config.clip_resolution:
         raise ValueError("world.image_size must equal the model's clip_resolution")
     labels_all = labels_u8.long()

@@ -8,6 +8,8 @@ The folder has the shape of transformers' `models/segformer`, with what an open-
   text embeddings, and the reference's sliding-window inference, which is model computation over windows and so
   a method of the head, as `generate` is of a language model's);
 - `aggregation_catseg.py`: the aggregator's blocks (`CATSeg*`), kept out of the modeling file for its length;
+- `text_embedding_cache.py`: `TextEmbeddingCache`, the one cache of a vocabulary's text embeddings and its
+  invalidation rules (the model's `encode_vocabulary`, the pipeline, the EMA teacher, the trainer, the demo);
 - `image_processing_catseg.py` (with `image_conversion.py`): `CATSegImageProcessor`, images in and
   post-processing out; `processing_catseg.py` (with `prompt_templates.py`, `class_list.py`): `CATSegProcessor`,
   images plus class names turned into prompts;

@@ -37,6 +37,7 @@ from transformers.processing_utils import ImagesKwargs
 
 from .image_conversion import composite_alpha_array, to_rgb
 from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD
+from .pixel_normalization import normalize_pixels
 
 ImageLike = Image.Image | np.ndarray | torch.Tensor
 
@@ -250,15 +251,14 @@ class CATSegImageProcessor(BaseImageProcessor):
 
     @staticmethod
     def _normalize(image: torch.Tensor, index: int, image_mean, image_std) -> torch.Tensor:
-        mean = torch.tensor(image_mean, dtype=image.dtype).reshape(-1, 1, 1)
-        std = torch.tensor(image_std, dtype=image.dtype).reshape(-1, 1, 1)
-        for name, value in (("image_mean", mean), ("image_std", std)):
-            if value.numel() not in (1, image.shape[0]):
+        for name, values in (("image_mean", image_mean), ("image_std", image_std)):
+            count = torch.as_tensor(values).numel()
+            if count not in (1, image.shape[0]):
                 raise ValueError(
-                    f"{name} has {value.numel()} values but image {index} has {image.shape[0]} channels; give one value "
+                    f"{name} has {count} values but image {index} has {image.shape[0]} channels; give one value "
                     "per channel, or keep do_convert_rgb=True to make images RGB"
                 )
-        return (image - mean) / std
+        return normalize_pixels(image, image_mean, image_std)
 
     @staticmethod
     def _resize(image: torch.Tensor, size: SizeDict, resample: PILImageResampling) -> torch.Tensor:

@@ -52,7 +52,9 @@ from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .aggregation_catseg import CATSegAggregator, CATSegAggregatorLayer, CATSegSwinTransformerBlock, shifted_window_mask
 from .class_list import validate_class_names
-from .configuration_catseg import CLIP_PIXEL_MEAN, CLIP_PIXEL_STD, CATSegConfig
+from .configuration_catseg import CATSegConfig
+from .pixel_normalization import denormalize_pixels, normalize_pixels
+from .text_embedding_cache import TextEmbeddingCache
 from .vocabulary_catseg import aligned_entries, class_log_probs, concept_token_table, expand_with_concepts, is_one_per_class
 
 
@@ -255,6 +257,11 @@ class CATSegModel(CATSegPreTrainedModel):
         return self
 
     # ----------------------------------------------------------------------------------------- text side
+    @property
+    def text_tower(self) -> tuple[nn.Module, ...]:
+        """The modules that [`get_text_embeddings`] computes with."""
+        return self.clip.text_model, self.clip.text_projection
+
     def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         """Encode prompts into L2-normalised CLIP text embeddings.
 
@@ -355,10 +362,8 @@ class CATSegModel(CATSegPreTrainedModel):
         size = self.config.clip_resolution
         if images.shape[-2:] != (size, size):
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        as_tensor = lambda v: torch.tensor(v, device=images.device, dtype=images.dtype).view(1, 3, 1, 1)  # noqa: E731
-        mean, std = (as_tensor(self.config.backbone_normalization[key]) for key in ("mean", "std"))
-        raw = images * as_tensor(CLIP_PIXEL_STD) + as_tensor(CLIP_PIXEL_MEAN)
-        return ((raw - mean) / std).to(self.backbone.dtype)
+        mean, std = (self.config.backbone_normalization[key] for key in ("mean", "std"))
+        return normalize_pixels(denormalize_pixels(images), mean, std).to(self.backbone.dtype)
 
     # ------------------------------------------------------------------------------------------ forward
     @can_return_tuple
@@ -450,7 +455,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
     def __init__(self, config: CATSegConfig) -> None:
         super().__init__(config)
         self.catseg = CATSegModel(config)
-        self._vocabulary_cache: torch.Tensor | None = None
+        #: Encodings of token ids by this model's text tower (see `encode_vocabulary`).
+        self.text_embedding_cache = TextEmbeddingCache()
         self.post_init()
 
     def set_vocabulary(
@@ -460,7 +466,7 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
 
         The names go to `config.id2label` (so `pipeline("image-segmentation")` labels its masks with them) and their
         prompt token ids to `config.vocabulary_token_ids`, so the vocabulary survives `save_pretrained`. Its text
-        embeddings are computed once and cached until the model is put back in training mode. `concepts`, if given,
+        embeddings are encoded with [`encode_vocabulary`] (cached while the text weights stay). `concepts`, if given,
         are set as with [`set_concepts`] (without, the concepts the model holds stay).
         """
         if concepts is not None:
@@ -469,7 +475,6 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         self.config.id2label = {i: name for i, name in enumerate(class_names)}
         self.config.label2id = {name: i for i, name in enumerate(class_names)}
         self.config.vocabulary_token_ids = tokens.tolist()
-        self._vocabulary_cache = None
 
     def set_concepts(self, concepts: Mapping[str, Sequence[str]] | None, processor) -> None:
         """Score the classes of `concepts` (`{class name: [concept, ...]}`) with their name and concepts by default.
@@ -483,7 +488,6 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         """
         concepts = {name: list(items) for name, items in (concepts or {}).items() if items}
         self.config.concepts = self.config.concept_token_ids = None
-        self._vocabulary_cache = None
         if not concepts:
             return
         names = validate_class_names(list(concepts), source="concepts")
@@ -509,10 +513,6 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         eos = self.config.clip_config.text_config.eos_token_id
         return expand_with_concepts(ids, self.config.concept_token_ids, self.config.concepts or {}, eos)
 
-    def train(self, mode: bool = True):
-        self._vocabulary_cache = None  # weights may change: re-encode the default vocabulary next time
-        return super().train(mode)
-
     def _default_vocabulary(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The default vocabulary's text embeddings and `entry_class_ids` (with the concepts the model holds)."""
         token_ids = getattr(self.config, "vocabulary_token_ids", None)
@@ -521,13 +521,8 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
                 "No classes given: pass `input_ids` (processor(text=class_names)) or `text_embeds`, or set a default "
                 "vocabulary with model.set_vocabulary(class_names, processor)."
             )
-        if self._vocabulary_cache is None or self.training or torch.is_grad_enabled():
-            ids, entry_class_ids = self.expand_with_concepts(torch.tensor(token_ids, device=self.device))
-            vocabulary = (self.get_text_embeddings(ids), entry_class_ids)
-            if self.training or torch.is_grad_enabled():
-                return vocabulary
-            self._vocabulary_cache = vocabulary
-        return self._vocabulary_cache
+        ids, entry_class_ids = self.expand_with_concepts(torch.tensor(token_ids, device=self.device))
+        return self.encode_vocabulary(ids), entry_class_ids
 
     def _resolve_vocabulary(
         self, input_ids: torch.Tensor | None, text_embeds: torch.Tensor | None, entry_class_ids: torch.Tensor | None
@@ -548,8 +543,15 @@ class CATSegForSemanticSegmentation(CATSegPreTrainedModel):
         return text_embeds, entry_class_ids
 
     def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """See [`CATSegModel.get_text_embeddings`]; encode a fixed vocabulary once and pass it as `text_embeds`."""
+        """See [`CATSegModel.get_text_embeddings`]; [`encode_vocabulary`] encodes a vocabulary once."""
         return self.catseg.get_text_embeddings(input_ids)
+
+    def encode_vocabulary(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[`get_text_embeddings`], served from `text_embedding_cache` while the token ids, the text tower's
+        weights and adapters, autocast and inference mode are those of a cached encoding (see `TextEmbeddingCache`;
+        in training mode, or when gradients reach the text weights, always encoded afresh). Pass the result as
+        `text_embeds` to score many images with one vocabulary."""
+        return self.text_embedding_cache.get_or_encode(self.catseg.text_tower, input_ids, self.get_text_embeddings)
 
     @can_return_tuple
     def forward(

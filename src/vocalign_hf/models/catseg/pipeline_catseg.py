@@ -79,7 +79,6 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
         # transformers' batching (`batch_size` > 1) collates with the pipeline's image processor.
         self.image_processor = self.processor.image_processor
         self.tokenizer = self.processor.tokenizer
-        self._text_cache: tuple[tuple, torch.Tensor] | None = None
 
     def __call__(self, images: Any, candidate_labels: Sequence[str] | None = None, **kwargs: Any):
         """Segment one image (PIL image, path or URL) or a list of them with the given class names.
@@ -124,23 +123,15 @@ class ZeroShotImageSegmentationPipeline(Pipeline):
 
     def _text_embeds(self, candidate_labels: list[str], concepts: dict | None) -> tuple[torch.Tensor, Any]:
         """The vocabulary's text embeddings and `entry_class_ids` (the class names, plus the given concepts or else
-        those the model holds), encoded once for all the images and batches that share them.
-
-        Re-encoded when the names, the concepts, the device or the text tower's weights change (an in-place update of
-        a weight bumps its version counter)."""
-        text_weights = [*self.model.catseg.clip.text_model.parameters(), self.model.catseg.clip.text_projection.weight]
-        held = self.model.config.concept_token_ids if concepts is None else None
-        key = (tuple(candidate_labels), repr(concepts), repr(held), str(self.device),
-               tuple((id(w), w._version) for w in text_weights))
-        if self._text_cache is None or self._text_cache[0] != key:
-            if concepts is None:
-                input_ids = self.processor.tokenize_classes(candidate_labels)["input_ids"].to(self.device)
-                input_ids, entry_class_ids = self.model.expand_with_concepts(input_ids)
-            else:
-                entries, entry_class_ids = aligned_entries(candidate_labels, concepts)
-                input_ids = self.processor.tokenize_classes(entries)["input_ids"].to(self.device)
-            self._text_cache = (key, (self.model.get_text_embeddings(input_ids), entry_class_ids))
-        return self._text_cache[1]
+        those the model holds), encoded once for all the images and batches that share them
+        (`model.encode_vocabulary`)."""
+        if concepts is None:
+            input_ids = self.processor.tokenize_classes(candidate_labels)["input_ids"].to(self.device)
+            input_ids, entry_class_ids = self.model.expand_with_concepts(input_ids)
+        else:
+            entries, entry_class_ids = aligned_entries(candidate_labels, concepts)
+            input_ids = self.processor.tokenize_classes(entries)["input_ids"].to(self.device)
+        return self.model.encode_vocabulary(input_ids), entry_class_ids
 
     def preprocess(self, image, timeout=None):
         image = load_image(image, timeout=timeout)
