@@ -12,11 +12,15 @@ agreement, is the same on every device. Say which machine a timing comes from; t
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import tempfile
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,6 +42,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base_model", default=None, help="default: the main job's shipped source model")
     parser.add_argument("--batch_size", type=int, default=16)
     options = parser.parse_args(argv)
+    _common.print_header("Pseudo-labels of a bfloat16 teacher against a float32 teacher", "cpu")
 
     from dataclasses import replace
 
@@ -62,8 +67,10 @@ def main(argv: list[str] | None = None) -> None:
             results[dtype] = teacher_targets(trainer, images, options.batch_size)
     (labels32, q32), (labels16, q16) = results["float32"], results["bfloat16"]
     valid = (labels32 != 255) | (labels16 != 255)
-    print(f"{len(images)} target images, {labels32.numel()} pixels; machine: {sys.platform}, "
-          f"{torch.get_num_threads()} thread(s)")
+    from vocalign_hf.adaptation.teacher import has_native_bf16
+
+    native = "native (AVX512-BF16 or AMX)" if has_native_bf16(torch.device("cpu")) else "emulated (no AVX512-BF16/AMX)"
+    print(f"{len(images)} target images, {labels32.numel()} pixels, {torch.get_num_threads()} thread(s), bf16 {native}")
     print(f"pseudo-label agreement, all pixels: {100 * (labels32 == labels16).float().mean():.3f} %")
     print(f"pseudo-label agreement, pixels labelled by either: {100 * (labels32 == labels16)[valid].float().mean():.3f} %")
     print(f"confidence weight q: float32 {q32.mean():.4f}, bfloat16 {q16.mean():.4f}, "
