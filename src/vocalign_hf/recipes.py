@@ -47,6 +47,7 @@ from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegPr
 from .models.catseg.pixel_normalization import denormalize_pixels
 from .visualization import colorize, segmentation_grid
 from .world import WorldConfig
+from .world.generator import SOURCE_SYNONYMS
 from .world.pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_STEPS, PRETRAIN_THREADS
 from .data import (
     get_dataset_info,
@@ -395,7 +396,6 @@ def _world_data(
     from accelerate import PartialState
 
     from .world import build_world, default_world_cache, pretrain_source_model
-    from .world.generator import SOURCE_SYNONYMS
 
     # One process renders the world in memory; several share it through the on-disk cache (`VOCALIGN_WORLD_CACHE`),
     # written by the process that gets here first (see `run_adaptation`) and read by the others.
