@@ -33,6 +33,10 @@ What runs:
 3. The logits (direct) and probabilities of both sides are compared (max abs difference printed), and the
    images/second and the port / reference ratios are printed. A speed ratio >= 1 means the port is no slower.
 
+4. With `--before CHECKOUT` (another checkout of this project, e.g. `git worktree add /tmp/before <commit>`), that
+   checkout's own port worker runs in every round as well, on its own `src/`, and a table gives its time and peak
+   memory beside this checkout's: old code against new code in one invocation, under the same load.
+
 Example::
 
     python benchmarks/inference_vs_reference.py --reference-path /tmp/catseg_ref --classes 19 150 --threads 1
@@ -226,6 +230,51 @@ def measure(cfg: dict) -> dict:
     return result
 
 
+def run_role(role: str, round_: int, base: dict, script: str, args) -> dict:
+    """One worker process. `before` is the port of `--before`, run by that checkout's own copy of this script on
+    its own `src/`, in a sub-folder of the work folder (same weights and image, its outputs kept apart)."""
+    if role != "before":
+        return _common.run_worker(script, dict(base, role=role, round=round_), timeout=args.timeout, nice=args.nice)
+    checkout = os.path.abspath(args.before)
+    workdir = os.path.join(base["workdir"], "before")
+    if not os.path.isdir(workdir):
+        os.mkdir(workdir)
+        for name in ("state.safetensors", "image.safetensors"):
+            os.symlink(os.path.join(base["workdir"], name), os.path.join(workdir, name))
+    return _common.run_worker(
+        os.path.join(checkout, "benchmarks", os.path.basename(script)),
+        dict(base, role="port", round=round_, workdir=workdir), timeout=args.timeout, nice=args.nice,
+        src=os.path.join(checkout, "src"),
+    )
+
+
+def print_before_after(results: dict, classes: list[int], workdir: str) -> None:
+    """This port against the `--before` port: median time, peak over baseline per round, output difference."""
+    from safetensors.torch import load_file
+
+    print("# this checkout's port (after) against --before's port (before), same weights, image and rounds\n")
+    rows = []
+    for count in classes:
+        row = {"classes": count}
+        for role in ("before", "port"):
+            per = [res["per_classes"][str(count)] for res in results[role]]
+            row[f"{role}_s"] = statistics.median(t for p in per for t in p["times_s"])
+            row[f"{role}_incs"] = " / ".join(f"{p['increment_mib']:.0f}" for p in per)
+            row[f"{role}_inc"] = statistics.median(p["increment_mib"] for p in per)
+        row["speed"] = row["before_s"] / row["port_s"]
+        row["mem"] = row["port_inc"] / row["before_inc"]
+        after = load_file(os.path.join(workdir, f"port_{count}_r0.safetensors"))["probs"]
+        before = load_file(os.path.join(workdir, "before", f"port_{count}_r0.safetensors"))["probs"]
+        row["probs_diff"] = float((after - before).abs().max())
+        rows.append(row)
+    print(_common.markdown_table(rows, [
+        ("classes", "classes"), ("before_s", "before s/img"), ("port_s", "after s/img"), ("speed", "speed after/before"),
+        ("before_incs", "before peak - baseline per round (MiB)"), ("port_incs", "after peak - baseline per round (MiB)"),
+        ("mem", "memory after/before (medians)"), ("probs_diff", "max |prob diff|"),
+    ]))
+    print()
+
+
 def worker(cfg: dict) -> dict:
     return prepare(cfg) if cfg["role"] == "prepare" else measure(cfg)
 
@@ -275,6 +324,9 @@ def parse_args(argv=None):
     ap.add_argument("--timeout", type=float, default=3600)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", metavar="PNG", help="write time and peak memory against the class count (matplotlib)")
+    ap.add_argument("--before", metavar="CHECKOUT",
+                    help="another checkout of this project (e.g. a `git worktree` at an older commit): its own port "
+                         "worker runs in every round too, and its time and peak memory are printed beside this one's")
     ap.add_argument("--keep", action="store_true", help="keep the temporary folder (weights, outputs)")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     return ap.parse_args(argv)
@@ -308,10 +360,11 @@ def main(argv=None) -> None:
               f"{prep['params'] / 1e6:.1f}M parameters (random, seed {args.seed}), {args.warmup} warm-up + "
               f"{args.runs} timed runs x {args.rounds} rounds per side, device {args.device}, "
               f"worker torch threads {args.threads or 'default'}, port {'bf16 autocast' if args.bf16 else 'fp32'}")
-        results = {"reference": [], "port": []}
+        results = {"reference": [], "port": [], "before": []}
+        roles = ("reference", "port") + (("before",) if args.before else ())
         for r in range(args.rounds):
-            for role in ("reference", "port") if r % 2 == 0 else ("port", "reference"):
-                res = _common.run_worker(script, dict(base, role=role, round=r), timeout=args.timeout, nice=args.nice)
+            for role in roles if r % 2 == 0 else roles[::-1]:
+                res = run_role(role, r, base, script, args)
                 if "error" in res:
                     raise SystemExit(f"{role} run failed: {res['error']}")
                 results[role].append(res)
@@ -373,6 +426,8 @@ def main(argv=None) -> None:
         if args.plot:
             plot_scaling(rows, args.plot, f"{args.mode}, pooling {args.pooling}, threads {args.threads or 'default'}")
             print(f"# plot written to {args.plot}")
+        if args.before:
+            print_before_after(results, args.classes, workdir)
         for row in rows:
             verdict = "no slower" if row["speed_ratio"] >= 1.0 else "SLOWER"
             print(f"# C={row['classes']}: port/reference speed ratio {row['speed_ratio']:.2f} ({verdict}), "
