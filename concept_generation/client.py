@@ -163,6 +163,44 @@ def _status_error_message(exc: Any) -> str:
     return excerpt(str(detail), 300)
 
 
+def _retryable_failure(
+    exc: Exception, *, model: str, timeout: float | None, secret: str | None
+) -> tuple[str, float | None]:
+    """What went wrong with a request worth retrying (unredacted), and the wait the server asked for (if any).
+
+    Raises:
+        ConceptGenerationError: the failure is not worth retrying (an HTTP error other than 429 / 5xx, or another
+            client error).
+    """
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return "request timed out" + (f" after {timeout:g} s" if timeout is not None else ""), None
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__ or exc.__context__
+        failure = "connection error"
+        if cause is not None:
+            failure += f" ({type(cause).__name__}: {excerpt(str(cause), 200)})"
+        return failure, None
+    if isinstance(exc, openai.APIStatusError):
+        status = exc.status_code
+        detail = _status_error_message(exc)
+        if status == 429 or status >= 500:
+            kind = "rate limited" if status == 429 else "server error"
+            return f"HTTP {status} {kind}: {detail}", _retry_after_seconds(getattr(exc.response, "headers", None))
+        hint = ""
+        if status == 401:
+            hint = f" (check the key in ${API_KEY_ENV})"
+        elif status == 404:
+            hint = f" (check the model name {model!r} and the base URL)"
+        elif status == 400:
+            hint = " (the model may not support structured outputs or this temperature)"
+        raise ConceptGenerationError(
+            redact(f"OpenAI API request failed with HTTP {status}: {detail}{hint}", secret)
+        ) from None
+    raise ConceptGenerationError(redact(f"OpenAI client error: {excerpt(str(exc), 300)}", secret)) from None
+
+
 def request_completion(
     client: Any,
     *,
@@ -208,37 +246,11 @@ def request_completion(
     attempts = policy.max_retries + 1
     last_failure = "no attempt made"
     for attempt in range(attempts):
-        retry_after: float | None = None
         try:
             completion = client.chat.completions.create(**kwargs)
             return completion, attempt + 1
-        except openai.APITimeoutError:
-            last_failure = "request timed out" + (f" after {timeout:g} s" if timeout is not None else "")
-        except openai.APIConnectionError as exc:
-            cause = exc.__cause__ or exc.__context__
-            last_failure = "connection error"
-            if cause is not None:
-                last_failure += f" ({type(cause).__name__}: {excerpt(str(cause), 200)})"
-        except openai.APIStatusError as exc:
-            status = exc.status_code
-            detail = _status_error_message(exc)
-            if status == 429 or status >= 500:
-                kind = "rate limited" if status == 429 else "server error"
-                last_failure = f"HTTP {status} {kind}: {detail}"
-                retry_after = _retry_after_seconds(getattr(exc.response, "headers", None))
-            else:
-                hint = ""
-                if status == 401:
-                    hint = f" (check the key in ${API_KEY_ENV})"
-                elif status == 404:
-                    hint = f" (check the model name {model!r} and the base URL)"
-                elif status == 400:
-                    hint = " (the model may not support structured outputs or this temperature)"
-                raise ConceptGenerationError(
-                    redact(f"OpenAI API request failed with HTTP {status}: {detail}{hint}", secret)
-                ) from None
         except openai.OpenAIError as exc:
-            raise ConceptGenerationError(redact(f"OpenAI client error: {excerpt(str(exc), 300)}", secret)) from None
+            last_failure, retry_after = _retryable_failure(exc, model=model, timeout=timeout, secret=secret)
 
         last_failure = redact(last_failure, secret)
         if attempt + 1 >= attempts:

@@ -16,7 +16,7 @@ from .cache import ConceptCache, cache_key, default_cache_dir
 from .classes import validate_class_names
 from .client import RetryPolicy, get_api_key, make_client, redact, request_completion, resolve_base_url
 from .errors import ConceptGenerationError
-from .prompt import DEFAULT_TEMPLATE, SCHEMA_VERSION, build_response_format, render_prompt
+from .prompt import DEFAULT_TEMPLATE, SCHEMA_VERSION, RenderedPrompt, build_response_format, render_prompt
 from .validation import clean_concepts, excerpt, parse_answer
 
 __all__ = [
@@ -107,18 +107,42 @@ def generate_concepts(
             API failure, or an answer that is malformed or incomplete after cleaning.
     """
     names = validate_class_names(class_names)
+    policy = _checked_retry_policy(num_concepts, timeout, max_retries, backoff_base, backoff_max)
+    description = " ".join((description or "").split())
+    prompt, base_meta = _prompt_and_metadata(
+        names, description, template=template, model=model, base_url=base_url, temperature=temperature,
+        num_concepts=num_concepts,
+    )
+    cache = ConceptCache(cache_dir if cache_dir is not None else default_cache_dir()) if use_cache else None
+    cached = _cached_result(cache, base_meta["cache_key"], names, num_concepts, base_meta)
+    if cached is not None:
+        return cached
+    return _requested_result(
+        prompt, names, num_concepts, base_meta, cache,
+        model=model, temperature=temperature, base_url=base_url, timeout=timeout, policy=policy, sleep=sleep,
+    )
+
+
+def _checked_retry_policy(
+    num_concepts: int, timeout: float, max_retries: int, backoff_base: float, backoff_max: float
+) -> RetryPolicy:
+    """The retry policy of :func:`generate_concepts`, once its numeric settings are checked."""
     if not isinstance(num_concepts, int) or num_concepts < 1:
         raise ConceptGenerationError(f"num_concepts must be a positive integer, got {num_concepts!r}")
     if timeout is not None and timeout <= 0:
         raise ConceptGenerationError(f"timeout must be positive, got {timeout!r}")
     try:
-        policy = RetryPolicy(max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max)
+        return RetryPolicy(max_retries=max_retries, backoff_base=backoff_base, backoff_max=backoff_max)
     except ValueError as exc:
         raise ConceptGenerationError(str(exc)) from None
-    description = " ".join((description or "").split())
 
+
+def _prompt_and_metadata(
+    names: list[str], description: str, *, template: str, model: str, base_url: str | None,
+    temperature: float | None, num_concepts: int,
+) -> tuple[RenderedPrompt, dict[str, Any]]:
+    """The rendered prompt, and the provenance every result carries (with the cache key of this request)."""
     prompt = render_prompt(names, description, num_concepts, template)
-    response_format = build_response_format(names)
     server = resolve_base_url(base_url)
     key = cache_key(
         template=template,
@@ -145,40 +169,53 @@ def generate_concepts(
         "classes": names,
         "cache_key": key,
     }
-
     logger.debug(
         "%d class(es), template %s (prompt sha256 %s), model %s at %s, temperature %s, num_concepts %d",
         len(names), template, prompt.sha256[:12], model, server, temperature, num_concepts,
     )
-    cache = ConceptCache(cache_dir if cache_dir is not None else default_cache_dir()) if use_cache else None
+    return prompt, base_meta
+
+
+def _cached_result(
+    cache: ConceptCache | None, key: str, names: list[str], num_concepts: int, base_meta: dict[str, Any]
+) -> ConceptGenerationResult | None:
+    """The result of the cache entry `key` if there is one that still validates, else None."""
     if cache is None:
         logger.debug("cache disabled")
-    else:
-        logger.debug("cache key %s, entry %s", key, cache.path(key))
-        record = cache.get(key)
-        if record is None:
-            logger.debug("cache miss")
-        else:
-            warnings: list[str] = []
-            try:
-                concepts = clean_concepts(
-                    parse_answer(record["answer"]), names, num_concepts=num_concepts, warnings=warnings
-                )
-            except ConceptGenerationError as exc:
-                logger.warning("ignoring cache entry %s that no longer validates: %s", cache.path(key), exc)
-            else:
-                logger.info("cache hit %s: no request sent", cache.path(key))
-                meta = {**base_meta, **_response_meta(record.get("metadata")), "from_cache": True}
-                return ConceptGenerationResult(concepts, meta, warnings, from_cache=True, requests_made=0)
+        return None
+    logger.debug("cache key %s, entry %s", key, cache.path(key))
+    record = cache.get(key)
+    if record is None:
+        logger.debug("cache miss")
+        return None
+    warnings: list[str] = []
+    try:
+        concepts = clean_concepts(parse_answer(record["answer"]), names, num_concepts=num_concepts, warnings=warnings)
+    except ConceptGenerationError as exc:
+        logger.warning("ignoring cache entry %s that no longer validates: %s", cache.path(key), exc)
+        return None
+    logger.info("cache hit %s: no request sent", cache.path(key))
+    meta = {**base_meta, **_response_meta(record.get("metadata")), "from_cache": True}
+    return ConceptGenerationResult(concepts, meta, warnings, from_cache=True, requests_made=0)
 
+
+def _requested_result(
+    prompt: RenderedPrompt, names: list[str], num_concepts: int, base_meta: dict[str, Any],
+    cache: ConceptCache | None, *, model: str, temperature: float | None, base_url: str | None, timeout: float,
+    policy: RetryPolicy, sleep: Callable[[float], None],
+) -> ConceptGenerationResult:
+    """Ask the model (this needs the API key), validate its answer and cache it."""
     api_key = get_api_key()
     client = make_client(api_key, base_url=base_url, timeout=timeout)
-    logger.debug("sending the request to %s/chat/completions (timeout %s s, %d retries)", server, timeout, max_retries)
+    logger.debug(
+        "sending the request to %s/chat/completions (timeout %s s, %d retries)",
+        base_meta["base_url"], timeout, policy.max_retries,
+    )
     completion, attempts = request_completion(
         client,
         model=model,
         messages=prompt.messages(),
-        response_format=response_format,
+        response_format=build_response_format(names),
         temperature=temperature,
         policy=policy,
         sleep=sleep,
@@ -190,26 +227,32 @@ def generate_concepts(
         "answer %s from model %s after %d request(s): %d characters, usage %s",
         getattr(completion, "id", None), getattr(completion, "model", None), attempts, len(answer), _usage(completion),
     )
-    warnings = []
+    warnings: list[str] = []
     try:
         concepts = clean_concepts(parse_answer(answer), names, num_concepts=num_concepts, warnings=warnings)
     except ConceptGenerationError as exc:
         raise ConceptGenerationError(redact(str(exc), api_key)) from None
 
-    response_meta = {
-        "response_id": getattr(completion, "id", None),
-        "response_model": getattr(completion, "model", None),
-        "system_fingerprint": getattr(completion, "system_fingerprint", None),
-        "usage": _usage(completion),
-        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-    }
+    response_meta = _completion_metadata(completion)
     if cache is not None:
+        key = base_meta["cache_key"]
         try:
             cache.put(key, answer, {**base_meta, **response_meta})
         except OSError as exc:  # a cache that cannot be written must not lose a paid-for answer
             logger.warning("could not write the cache entry %s (%s)", cache.path(key), exc)
     meta = {**base_meta, **response_meta, "from_cache": False}
     return ConceptGenerationResult(concepts, meta, warnings, from_cache=False, requests_made=attempts)
+
+
+def _completion_metadata(completion: Any) -> dict[str, Any]:
+    """What the metadata records of the response (its id, model, fingerprint, token usage) and when it came."""
+    return {
+        "response_id": getattr(completion, "id", None),
+        "response_model": getattr(completion, "model", None),
+        "system_fingerprint": getattr(completion, "system_fingerprint", None),
+        "usage": _usage(completion),
+        "created_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+    }
 
 
 def write_concepts(result: ConceptGenerationResult, path: str | os.PathLike[str]) -> Path:

@@ -112,30 +112,10 @@ def _metric_value(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
 
-def build_model_card(
-    base_model: str,
-    class_names: Sequence[str],
-    concepts: Mapping[str, Sequence[str]] | None = None,
-    metrics: Mapping[str, float] | None = None,
-    dataset: str | None = None,
-    settings: Mapping[str, Any] | None = None,
-    repo_id: str | None = None,
-    base_model_revision: str | None = None,
-) -> ModelCard:
-    """The adapter's model card: base model (as a Hub id in the metadata), target classes and concepts, the
-    measured mIoU as a `model-index`, the adaptation settings, and a usage snippet for `repo_id` (the Hub repo the
-    card is pushed to; the local folder before that).
-
-    Args:
-        base_model: Hub repo id or local folder of the CAT-Seg base model. Only a Hub id goes into `base_model:`.
-        metrics: name -> value (percent), e.g. `{"target mIoU (adapted)": 68.4, "target mIoU (zero-shot)": 48.5}`.
-        dataset: the target dataset's name or Hub repo id; known names map to their Hub repo (`datasets:`).
-        base_model_revision: the base model's commit the adapter was trained on.
-    """
-    metrics = dict(metrics or {})
-    hub_base = str(base_model) if is_hub_repo_id(base_model) else None
-    dataset_id = hub_dataset_id(dataset)
-    name = repo_id or "vocalign-adapter"
+def _card_metadata(
+    metrics: Mapping[str, Any], hub_base: str | None, dataset: str | None, dataset_id: str | None, model_name: str
+) -> ModelCardData:
+    """The card's YAML metadata: base model, tags, dataset, and the measured metrics as a `model-index`."""
     eval_results = [
         EvalResult(
             task_type="image-segmentation", task_name="Semantic segmentation (target domain)",
@@ -145,34 +125,43 @@ def build_model_card(
         for key, raw in metrics.items()
         if (value := _metric_value(raw)) is not None
     ]
-    card_data = ModelCardData(
+    return ModelCardData(
         library_name="peft",
         base_model=hub_base,
         pipeline_tag="image-segmentation",
         tags=["vocalign", "catseg", "open-vocabulary-segmentation", "source-free-domain-adaptation", "lora"],
         datasets=[dataset_id] if dataset_id else None,
-        model_name=name,
+        model_name=model_name,
         eval_results=eval_results or None,
     )
-    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in metrics.items() if _metric_value(v) is not None)
-    concept_rows = "\n".join(f"| {c} | {', '.join((concepts or {}).get(c, [])) or '-'} |" for c in class_names)
-    settings_text = json.dumps(dict(settings or {}), indent=2, default=str)
-    vocabulary_note = (
+
+
+def _vocabulary_note(settings: Mapping[str, Any] | None) -> str:
+    """The card's note on how an adapter trained with `student_concepts` scores classes ("" for the others)."""
+    return (
         "\nThis adapter was trained to score each class with its name **and** its concepts (`student_concepts`), "
         "and the model loaded below does so when given only the class names (VocAlign's Eq. 7: a softmax over "
         "every entry of the table, summed per class; the concepts are kept in the model's config, also by "
         "`vocalign-merge`). `load_adapted_model(..., concepts={})` or `processor(..., concepts={})` scores the class "
         "names alone.\n" if (settings or {}).get("student_concepts") else "")
-    where = repo_id or "<folder of this adapter>"
-    revision_arg = f', revision="{base_model_revision}"' if base_model_revision else ""
+
+
+def _base_model_text(base_model: str, hub_base: str | None, base_model_revision: str | None) -> str:
+    """The card's description of the base model: a Hub link (and commit), or how to publish a local folder."""
     if hub_base:
-        base_text = f"[`{hub_base}`](https://huggingface.co/{hub_base})" + (
+        return f"[`{hub_base}`](https://huggingface.co/{hub_base})" + (
             f" at commit `{base_model_revision}`" if base_model_revision else "")
-    else:
-        base_text = (f"the local folder `{base_model}` (not on the Hub: publish it, e.g. with "
-                     "`convert-catseg-checkpoint ... --push-to-hub`, and pass its repo id as `--base_model`)")
-    content = f"""---
-{card_data.to_yaml()}
+    return (f"the local folder `{base_model}` (not on the Hub: publish it, e.g. with "
+            "`convert-catseg-checkpoint ... --push-to-hub`, and pass its repo id as `--base_model`)")
+
+
+def _card_content(
+    card_yaml: str, *, base_model: str, base_text: str, target_data: str, where: str, revision_arg: str,
+    concept_rows: str, vocabulary_note: str, metric_rows: str, settings_text: str,
+) -> str:
+    """The card's text: the YAML metadata, then the usage, class, metric and settings sections."""
+    return f"""---
+{card_yaml}
 ---
 
 # VocAlign LoRA adapter for `{base_model}`
@@ -180,7 +169,7 @@ def build_model_card(
 A LoRA adapter made with [vocalign-hf](https://pypi.org/project/vocalign-hf/): source-free adaptation of the
 open-vocabulary segmenter CAT-Seg to an unlabeled target domain (VocAlign, BMVC 2025).
 
-Base model: {base_text}. Target data: {f"`{dataset_id}`" if dataset_id else f"`{dataset or 'unknown'}`"}.
+Base model: {base_text}. Target data: {target_data}.
 
 ## Use
 
@@ -208,7 +197,7 @@ model = PeftModel.from_pretrained(base, "{where}")
 
 | metric | value |
 |---|---|
-{rows or "| (not measured) | - |"}
+{metric_rows}
 
 ## Adaptation settings
 
@@ -216,7 +205,45 @@ model = PeftModel.from_pretrained(base, "{where}")
 {settings_text}
 ```
 """
-    return ModelCard(content)
+
+
+def build_model_card(
+    base_model: str,
+    class_names: Sequence[str],
+    concepts: Mapping[str, Sequence[str]] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    dataset: str | None = None,
+    settings: Mapping[str, Any] | None = None,
+    repo_id: str | None = None,
+    base_model_revision: str | None = None,
+) -> ModelCard:
+    """The adapter's model card: base model (as a Hub id in the metadata), target classes and concepts, the
+    measured mIoU as a `model-index`, the adaptation settings, and a usage snippet for `repo_id` (the Hub repo the
+    card is pushed to; the local folder before that).
+
+    Args:
+        base_model: Hub repo id or local folder of the CAT-Seg base model. Only a Hub id goes into `base_model:`.
+        metrics: name -> value (percent), e.g. `{"target mIoU (adapted)": 68.4, "target mIoU (zero-shot)": 48.5}`.
+        dataset: the target dataset's name or Hub repo id; known names map to their Hub repo (`datasets:`).
+        base_model_revision: the base model's commit the adapter was trained on.
+    """
+    metrics = dict(metrics or {})
+    hub_base = str(base_model) if is_hub_repo_id(base_model) else None
+    dataset_id = hub_dataset_id(dataset)
+    card_data = _card_metadata(metrics, hub_base, dataset, dataset_id, repo_id or "vocalign-adapter")
+    rows = "\n".join(f"| {k} | {v:.2f} |" for k, v in metrics.items() if _metric_value(v) is not None)
+    return ModelCard(_card_content(
+        card_data.to_yaml(),
+        base_model=base_model,
+        base_text=_base_model_text(base_model, hub_base, base_model_revision),
+        target_data=f"`{dataset_id}`" if dataset_id else f"`{dataset or 'unknown'}`",
+        where=repo_id or "<folder of this adapter>",
+        revision_arg=f', revision="{base_model_revision}"' if base_model_revision else "",
+        concept_rows="\n".join(f"| {c} | {', '.join((concepts or {}).get(c, [])) or '-'} |" for c in class_names),
+        vocabulary_note=_vocabulary_note(settings),
+        metric_rows=rows or "| (not measured) | - |",
+        settings_text=json.dumps(dict(settings or {}), indent=2, default=str),
+    ))
 
 
 def save_adapter(

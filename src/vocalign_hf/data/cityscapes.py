@@ -34,6 +34,44 @@ def _require_dir(path: Path, hint: str = "") -> None:
         raise FileNotFoundError(f"Cityscapes folder not found: {path}{hint}")
 
 
+def _split_images(root: Path, split: str, cities: Optional[Sequence[str]]) -> list[Path]:
+    """The ``leftImg8bit`` images of one split, sorted by city then file name."""
+    _require_dir(root)
+    img_split = root / "leftImg8bit" / split
+    _require_dir(img_split, " (expected root/leftImg8bit/{split}/{city}/*_leftImg8bit.png)")
+    if cities is None:
+        city_dirs = sorted(p for p in img_split.iterdir() if p.is_dir())
+    else:
+        city_dirs = [img_split / c for c in cities]
+        for d in city_dirs:
+            _require_dir(d)
+    images = [p for d in city_dirs for p in sorted(d.glob("*" + _IMAGE_SUFFIX))]
+    if not images:
+        raise FileNotFoundError(f"no '*{_IMAGE_SUFFIX}' images under {img_split}")
+    return images
+
+
+def _mask_path(gt_split: Path, img: Path, suffix: str) -> Path:
+    stem = img.name[: -len(_IMAGE_SUFFIX)]
+    return gt_split / img.parent.name / (stem + suffix)
+
+
+def _split_masks(gt_split: Path, images: Sequence[Path], label_type: str) -> tuple[list[str], bool]:
+    """The mask file of every image, and whether they are the ``labelTrainIds`` masks (else ``labelIds``)."""
+    if label_type == "auto":
+        use_train_ids = all(_mask_path(gt_split, p, _TRAIN_IDS_SUFFIX).is_file() for p in images)
+    else:
+        use_train_ids = label_type == "labelTrainIds"
+    suffix = _TRAIN_IDS_SUFFIX if use_train_ids else _LABEL_IDS_SUFFIX
+    masks = []
+    for img in images:
+        m = _mask_path(gt_split, img, suffix)
+        if not m.is_file():
+            raise FileNotFoundError(f"Cityscapes image {img} has no mask: expected {m}")
+        masks.append(str(m))
+    return masks, use_train_ids
+
+
 def load_cityscapes(
     root: Union[str, Path],
     split: str = "val",
@@ -71,20 +109,7 @@ def load_cityscapes(
         raise ValueError(f"Cityscapes split must be 'train', 'val' or 'test', got {split!r}")
 
     root = Path(root).expanduser()
-    _require_dir(root)
-    img_split = root / "leftImg8bit" / split
-    _require_dir(img_split, " (expected root/leftImg8bit/{split}/{city}/*_leftImg8bit.png)")
-
-    if cities is None:
-        city_dirs = sorted(p for p in img_split.iterdir() if p.is_dir())
-    else:
-        city_dirs = [img_split / c for c in cities]
-        for d in city_dirs:
-            _require_dir(d)
-    images = [p for d in city_dirs for p in sorted(d.glob("*" + _IMAGE_SUFFIX))]
-    if not images:
-        raise FileNotFoundError(f"no '*{_IMAGE_SUFFIX}' images under {img_split}")
-
+    images = _split_images(root, split, cities)
     if not with_labels:
         return datasets.Dataset.from_dict(
             {"image": [str(p) for p in images]}, features=datasets.Features({"image": datasets.Image()})
@@ -92,24 +117,7 @@ def load_cityscapes(
 
     gt_split = root / "gtFine" / split
     _require_dir(gt_split, " (pass with_labels=False to load unlabeled images)")
-
-    def mask_path(img: Path, suffix: str) -> Path:
-        stem = img.name[: -len(_IMAGE_SUFFIX)]
-        return gt_split / img.parent.name / (stem + suffix)
-
-    if label_type == "auto":
-        use_train_ids = all(mask_path(p, _TRAIN_IDS_SUFFIX).is_file() for p in images)
-    else:
-        use_train_ids = label_type == "labelTrainIds"
-    suffix = _TRAIN_IDS_SUFFIX if use_train_ids else _LABEL_IDS_SUFFIX
-
-    masks = []
-    for img in images:
-        m = mask_path(img, suffix)
-        if not m.is_file():
-            raise FileNotFoundError(f"Cityscapes image {img} has no mask: expected {m}")
-        masks.append(str(m))
-
+    masks, use_train_ids = _split_masks(gt_split, images, label_type)
     ds = datasets.Dataset.from_dict(
         {"image": [str(p) for p in images], "label": masks},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}),

@@ -91,6 +91,54 @@ def _index(files: Sequence[Path], folder: Path, suffix: str, recursive: bool, wh
     return index
 
 
+def _image_index(image_dir: Path, recursive: bool, image_suffix: str) -> dict[str, Path]:
+    """The images of `image_dir` by matching key; raises when there is none."""
+    images = list_images(image_dir, recursive=recursive)
+    img_index = _index(images, image_dir, image_suffix, recursive, "image")
+    if not img_index:
+        nested = [] if recursive else list_images(image_dir, recursive=True)
+        raise FileNotFoundError(
+            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}"
+            + (f" with suffix {image_suffix!r}" if image_suffix else "")
+            + (
+                f" ({len(nested)} in its sub-folders, e.g. {nested[0].relative_to(image_dir).as_posix()}: pass "
+                "recursive=True, or --recursive true to the recipes)"
+                if nested
+                else ""
+            )
+        )
+    return img_index
+
+
+def _mask_index(mask_dir: Path, recursive: bool, mask_suffix: str) -> dict[str, Path]:
+    """The masks of `mask_dir` by matching key; warns about lossy (JPEG) masks."""
+    if not mask_dir.is_dir():
+        raise FileNotFoundError(f"mask folder not found: {mask_dir}")
+    masks = list_images(mask_dir, recursive=recursive, extensions=MASK_EXTENSIONS)
+    mask_index = _index(masks, mask_dir, mask_suffix, recursive, "mask")
+    lossy = [p.name for p in mask_index.values() if p.suffix.lower() in (".jpg", ".jpeg")]
+    if lossy:
+        logger.warning("JPEG masks are lossy and may hold wrong class ids: %s", _fmt(lossy))
+    return mask_index
+
+
+def _check_images_match_masks(
+    img_index: dict[str, Path], mask_index: dict[str, Path], image_dir: Path, mask_dir: Path, *, strict: bool,
+    image_suffix: str, mask_suffix: str,
+) -> None:
+    """Raise, listing the unmatched names, if an image has no mask (or, when `strict`, a mask has no image)."""
+    no_mask = [img_index[k].relative_to(image_dir).as_posix() for k in sorted(img_index) if k not in mask_index]
+    no_image = sorted(m.relative_to(mask_dir).as_posix() for k, m in mask_index.items() if k not in img_index)
+    if no_mask or (strict and no_image):
+        parts = []
+        if no_mask:
+            parts.append(f"{len(no_mask)} image(s) without a mask in {mask_dir}: {_fmt(no_mask)}")
+        if strict and no_image:
+            parts.append(f"{len(no_image)} mask(s) without an image in {image_dir}: {_fmt(no_image)}")
+        hint = f" (matching by stem; mask_suffix={mask_suffix!r}, image_suffix={image_suffix!r})"
+        raise ValueError("images and masks do not match: " + "; ".join(parts) + hint)
+
+
 def load_image_folder(
     image_dir: Union[str, Path],
     mask_dir: Union[str, Path, None] = None,
@@ -126,47 +174,18 @@ def load_image_folder(
         ValueError: images and masks that do not match; the message lists the unmatched names.
     """
     image_dir = Path(image_dir).expanduser()
-    images = list_images(image_dir, recursive=recursive)
-    img_index = _index(images, image_dir, image_suffix, recursive, "image")
-    if not img_index:
-        nested = [] if recursive else list_images(image_dir, recursive=True)
-        raise FileNotFoundError(
-            f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {image_dir}"
-            + (f" with suffix {image_suffix!r}" if image_suffix else "")
-            + (
-                f" ({len(nested)} in its sub-folders, e.g. {nested[0].relative_to(image_dir).as_posix()}: pass "
-                "recursive=True, or --recursive true to the recipes)"
-                if nested
-                else ""
-            )
-        )
+    img_index = _image_index(image_dir, recursive, image_suffix)
     keys = sorted(img_index)
-
     if mask_dir is None:
         return datasets.Dataset.from_dict(
             {"image": [str(img_index[k]) for k in keys]}, features=datasets.Features({"image": datasets.Image()})
         )
 
     mask_dir = Path(mask_dir).expanduser()
-    if not mask_dir.is_dir():
-        raise FileNotFoundError(f"mask folder not found: {mask_dir}")
-    masks = list_images(mask_dir, recursive=recursive, extensions=MASK_EXTENSIONS)
-    mask_index = _index(masks, mask_dir, mask_suffix, recursive, "mask")
-    lossy = [p.name for p in mask_index.values() if p.suffix.lower() in (".jpg", ".jpeg")]
-    if lossy:
-        logger.warning("JPEG masks are lossy and may hold wrong class ids: %s", _fmt(lossy))
-
-    no_mask = [img_index[k].relative_to(image_dir).as_posix() for k in keys if k not in mask_index]
-    no_image = sorted(m.relative_to(mask_dir).as_posix() for k, m in mask_index.items() if k not in img_index)
-    if no_mask or (strict and no_image):
-        parts = []
-        if no_mask:
-            parts.append(f"{len(no_mask)} image(s) without a mask in {mask_dir}: {_fmt(no_mask)}")
-        if strict and no_image:
-            parts.append(f"{len(no_image)} mask(s) without an image in {image_dir}: {_fmt(no_image)}")
-        hint = f" (matching by stem; mask_suffix={mask_suffix!r}, image_suffix={image_suffix!r})"
-        raise ValueError("images and masks do not match: " + "; ".join(parts) + hint)
-
+    mask_index = _mask_index(mask_dir, recursive, mask_suffix)
+    _check_images_match_masks(
+        img_index, mask_index, image_dir, mask_dir, strict=strict, image_suffix=image_suffix, mask_suffix=mask_suffix
+    )
     ds = datasets.Dataset.from_dict(
         {"image": [str(img_index[k]) for k in keys], "label": [str(mask_index[k]) for k in keys]},
         features=datasets.Features({"image": datasets.Image(), "label": datasets.Image()}),

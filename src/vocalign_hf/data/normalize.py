@@ -160,6 +160,71 @@ def _make_converter(info: DatasetInfo, column: str, encode: bool = True):
     return convert
 
 
+def _check_named_columns_exist(
+    names: Sequence[str], image_column: Optional[str], label_column: Optional[str], keep_columns: Sequence[str]
+) -> None:
+    """Raise if a column the caller named explicitly is not in the dataset."""
+    for given, what in ((image_column, "image_column"), (label_column, "label_column")):
+        if given is not None and given not in names:
+            raise ValueError(f"{what}={given!r} is not a column of this dataset (columns: {names})")
+    missing_keep = [c for c in keep_columns if c not in names]
+    if missing_keep:
+        raise ValueError(f"keep_columns {missing_keep} are not columns of this dataset (columns: {names})")
+
+
+def _keep_and_rename_columns(
+    ds: AnyDataset, names: Sequence[str], img_col: str, lbl_col: Optional[str], keep_columns: Sequence[str]
+) -> AnyDataset:
+    """Drop every column but the image, mask and `keep_columns` ones; rename image/mask to ``image`` / ``label``."""
+    keep = [img_col] + ([lbl_col] if lbl_col else []) + [c for c in keep_columns if c not in (img_col, lbl_col)]
+    drop = [c for c in names if c not in keep]
+    if drop:
+        ds = ds.remove_columns(drop)
+    rename = {}
+    if img_col != "image":
+        rename[img_col] = "image"
+    if lbl_col and lbl_col != "label":
+        rename[lbl_col] = "label"
+    if rename:
+        if any(new in keep and new not in rename for new in rename.values()):
+            raise ValueError(f"cannot rename {rename}: a kept column already uses one of the target names")
+        ds = ds.rename_columns(rename)
+    return ds
+
+
+def _masks_need_conversion(ds: AnyDataset, info: DatasetInfo, label_encoding: LabelEncoding, probe_size: int) -> bool:
+    """Whether the ``label`` masks must go through `info`'s conversion to training ids."""
+    if not info.needs_conversion:
+        return False
+    if label_encoding != "auto":
+        return label_encoding in ("raw", "label_ids")
+    if info.label_mapping is None:
+        return True
+    encoding = detect_cityscapes_label_encoding(_probe_masks(ds, "label", probe_size))
+    logger.info("%s masks detected as %s", info.name, encoding)
+    return encoding == "label_ids"
+
+
+def _convert_masks_to_train_ids(ds: AnyDataset, info: DatasetInfo, num_proc: Optional[int]) -> AnyDataset:
+    """Map the ``label`` masks through `info`'s conversion."""
+    # Read masks undecoded, convert, write back PNG bytes: the image column is never decoded here.
+    raw = ds.cast_column("label", datasets.Image(decode=False))
+    out_features = raw.features.copy() if raw.features is not None else None
+    if isinstance(raw, datasets.Dataset):
+        raw = raw.map(
+            _make_converter(info, "label"),
+            batched=True,
+            batch_size=64,
+            features=out_features,
+            num_proc=num_proc,
+            desc=f"Converting {info.name} masks to train ids",
+        )
+        return raw.cast_column("label", datasets.Image())
+    # streaming: converted lazily, batch by batch, returned as decoded PIL masks
+    if out_features is not None:
+        out_features["label"] = datasets.Image()
+    return raw.map(_make_converter(info, "label", encode=False), batched=True, batch_size=64, features=out_features)
+
 def normalize_segmentation_dataset(
     ds: AnyDataset,
     dataset_info: Union[str, DatasetInfo, None] = None,
@@ -200,13 +265,7 @@ def normalize_segmentation_dataset(
     info = _resolve_info(dataset_info)
     names = _column_names(ds)
     feats = _features(ds)
-
-    for given, what in ((image_column, "image_column"), (label_column, "label_column")):
-        if given is not None and given not in names:
-            raise ValueError(f"{what}={given!r} is not a column of this dataset (columns: {names})")
-    missing_keep = [c for c in keep_columns if c not in names]
-    if missing_keep:
-        raise ValueError(f"keep_columns {missing_keep} are not columns of this dataset (columns: {names})")
+    _check_named_columns_exist(names, image_column, label_column, keep_columns)
 
     img_col = image_column or _pick_column(names, feats, IMAGE_COLUMN_CANDIDATES)
     if img_col is None:
@@ -216,20 +275,7 @@ def normalize_segmentation_dataset(
     lbl_col = label_column or _pick_column(names, feats, LABEL_COLUMN_CANDIDATES, exclude=(img_col,))
     if not with_labels:
         lbl_col = None
-
-    keep = [img_col] + ([lbl_col] if lbl_col else []) + [c for c in keep_columns if c not in (img_col, lbl_col)]
-    drop = [c for c in names if c not in keep]
-    if drop:
-        ds = ds.remove_columns(drop)
-    rename = {}
-    if img_col != "image":
-        rename[img_col] = "image"
-    if lbl_col and lbl_col != "label":
-        rename[lbl_col] = "label"
-    if rename:
-        if any(new in keep and new not in rename for new in rename.values()):
-            raise ValueError(f"cannot rename {rename}: a kept column already uses one of the target names")
-        ds = ds.rename_columns(rename)
+    ds = _keep_and_rename_columns(ds, names, img_col, lbl_col, keep_columns)
 
     feats = _features(ds)
     if feats is not None and not _is_image_feature(feats["image"]):
@@ -239,33 +285,7 @@ def normalize_segmentation_dataset(
     if feats is not None and not _is_image_feature(feats["label"]):
         ds = ds.cast_column("label", datasets.Image())
 
-    if info is None or not info.needs_conversion:
+    if info is None or not _masks_need_conversion(ds, info, label_encoding, probe_size):
         return ds
-    convert = label_encoding in ("raw", "label_ids")
-    if label_encoding == "auto":
-        if info.label_mapping is not None:
-            encoding = detect_cityscapes_label_encoding(_probe_masks(ds, "label", probe_size))
-            logger.info("%s masks detected as %s", info.name, encoding)
-            convert = encoding == "label_ids"
-        else:
-            convert = True
-    if not convert:
-        return ds
+    return _convert_masks_to_train_ids(ds, info, num_proc)
 
-    # Read masks undecoded, convert, write back PNG bytes: the image column is never decoded here.
-    raw = ds.cast_column("label", datasets.Image(decode=False))
-    out_features = raw.features.copy() if raw.features is not None else None
-    if isinstance(raw, datasets.Dataset):
-        raw = raw.map(
-            _make_converter(info, "label"),
-            batched=True,
-            batch_size=64,
-            features=out_features,
-            num_proc=num_proc,
-            desc=f"Converting {info.name} masks to train ids",
-        )
-        return raw.cast_column("label", datasets.Image())
-    # streaming: converted lazily, batch by batch, returned as decoded PIL masks
-    if out_features is not None:
-        out_features["label"] = datasets.Image()
-    return raw.map(_make_converter(info, "label", encode=False), batched=True, batch_size=64, features=out_features)

@@ -86,6 +86,47 @@ def _decoded(dataset: datasets.Dataset, column: str) -> datasets.Dataset:
     return dataset
 
 
+class _FileProblem(Exception):
+    """One file of one row cannot be used; the message names the file and says why."""
+
+
+def _checked_row_image(value: Any, where: str) -> tuple[tuple[int, int], str]:
+    """(height, width) and name (`where` when it has none) of a row's image; raises `_FileProblem` otherwise."""
+    try:
+        size, name = _check_image(value)
+    except FileNotFoundError:
+        raise _FileProblem(f"{_name(value) or where}: file not found") from None
+    except Exception as exc:  # any decoder error is a problem of this file
+        raise _FileProblem(f"{_name(value) or where}: unreadable image ({type(exc).__name__}: {exc})") from None
+    return size, name or where
+
+
+def _checked_mask_labelled_pixels(
+    value: Any, size: tuple[int, int], image_name: str, num_classes: Optional[int], ignore_index: int
+) -> int:
+    """The labelled (not ignored) pixels of a row's mask; raises `_FileProblem` if the mask cannot be used."""
+    label_name = _name(value) or f"mask of {image_name}"
+    try:
+        mask = mask_to_array(_open(value)[0])
+    except FileNotFoundError:
+        raise _FileProblem(f"{label_name}: file not found") from None
+    except Exception as exc:
+        raise _FileProblem(f"{label_name}: unreadable mask ({type(exc).__name__}: {exc})") from None
+    if mask.shape != size:
+        raise _FileProblem(
+            f"{label_name}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {image_name} is {size[0]}x{size[1]}"
+        )
+    values = np.unique(mask)
+    if num_classes is not None:
+        bad = [int(v) for v in values if not (0 <= v < num_classes or v == ignore_index)]
+        if bad:
+            raise _FileProblem(
+                f"{label_name}: mask values {bad[:10]} are not class ids 0-{num_classes - 1} nor the ignore value "
+                f"{ignore_index}"
+            )
+    return int(mask.size - np.count_nonzero(mask == ignore_index))
+
+
 def validate_segmentation_dataset(
     dataset: Any,
     *,
@@ -125,44 +166,16 @@ def validate_segmentation_dataset(
     problems: list[str] = []
     report = DatasetReport(rows=len(raw))
     for index, row in enumerate(tqdm(raw, desc=f"checking {split}", total=len(raw), disable=not show)):
-        where = f"row {index}"
         try:
-            size, name = _check_image(row["image"])
-        except FileNotFoundError:
-            problems.append(f"{_name(row['image']) or where}: file not found")
-            continue
-        except Exception as exc:  # any decoder error is a problem of this file
-            problems.append(f"{_name(row['image']) or where}: unreadable image ({type(exc).__name__}: {exc})")
-            continue
-        name = name or where
-        if report.min_size is None or min(size) < min(report.min_size):
-            report.min_size = size
-        if not has_label or row["label"] is None:
-            continue
-        label_name = _name(row["label"]) or f"mask of {name}"
-        try:
-            mask = mask_to_array(_open(row["label"])[0])
-        except FileNotFoundError:
-            problems.append(f"{label_name}: file not found")
-            continue
-        except Exception as exc:
-            problems.append(f"{label_name}: unreadable mask ({type(exc).__name__}: {exc})")
-            continue
-        if mask.shape != size:
-            problems.append(
-                f"{label_name}: mask is {mask.shape[0]}x{mask.shape[1]} but its image {name} is {size[0]}x{size[1]}"
-            )
-            continue
-        values = np.unique(mask)
-        if num_classes is not None:
-            bad = [int(v) for v in values if not (0 <= v < num_classes or v == ignore_index)]
-            if bad:
-                problems.append(
-                    f"{label_name}: mask values {bad[:10]} are not class ids 0-{num_classes - 1} nor the ignore value "
-                    f"{ignore_index}"
+            size, name = _checked_row_image(row["image"], f"row {index}")
+            if report.min_size is None or min(size) < min(report.min_size):
+                report.min_size = size
+            if has_label and row["label"] is not None:
+                report.labelled_pixels += _checked_mask_labelled_pixels(
+                    row["label"], size, name, num_classes, ignore_index
                 )
-                continue
-        report.labelled_pixels += int(mask.size - np.count_nonzero(mask == ignore_index))
+        except _FileProblem as problem:
+            problems.append(str(problem))
     if problems:
         listed = "\n  ".join(problems[:_MAX_LISTED])
         more = f"\n  ... and {len(problems) - _MAX_LISTED} more" if len(problems) > _MAX_LISTED else ""

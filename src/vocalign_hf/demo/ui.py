@@ -216,6 +216,61 @@ class DemoApp:
         return zero_shot, adapted, legend_html(class_names, palette, results), status
 
 
+def _initial_status_and_classes(store: ModelStore, app: DemoApp, base_model: str, adapter: str) -> tuple[str, str]:
+    """The status the page opens with, and its class names (the adapter's, else the world's target classes)."""
+    try:
+        start, note = store.get(base_model, adapter)
+        initial_status = app.status(start, note)
+        default_classes = start.adapter_class_names
+    except DemoSetupError as error:  # the page still opens and says what is wrong; the fields can be fixed
+        initial_status, default_classes = f"**Error:** {error}", []
+    if not default_classes:
+        from ..world import target_class_names
+
+        default_classes = target_class_names()
+    return initial_status, ", ".join(default_classes)
+
+
+def _input_column(
+    gr: Any, classes_value: str, base_model: str, adapter: str, opacity: float, examples: list[list[str]]
+) -> tuple[list[Any], Any]:
+    """The left column (image, class names, models and display, examples): its inputs in `DemoApp.run`'s order,
+    and the Segment button."""
+    with gr.Column(scale=1):
+        image = gr.Image(
+            label="Image", type="filepath", sources=["upload", "clipboard"], height=300, elem_id="image-input"
+        )
+        classes = gr.Textbox(label="Class names, comma-separated", value=classes_value, elem_id="class-names")
+        with gr.Accordion("Models and display", open=False):
+            base = gr.Textbox(label="Base model (folder or Hub id)", value=base_model, elem_id="base-model")
+            adapter_box = gr.Textbox(
+                label="Adapter (folder or Hub id; empty for none)", value=adapter, elem_id="adapter"
+            )
+            use_concepts = gr.Checkbox(
+                label="Adapted model: add the adapter's concepts to their classes (VocAlign Eq. 7)", value=True
+            )
+            zero_shot_concepts = gr.Checkbox(
+                label="Zero-shot model: add the adapter's concepts too (vocabulary alignment, no training)",
+                value=False,
+            )
+            alpha = gr.Slider(0.0, 1.0, value=opacity, step=0.05, label="Overlay opacity", elem_id="opacity")
+        submit = gr.Button("Segment", variant="primary", elem_id="segment")
+        gr.Examples(examples=examples, inputs=[image, classes], label="Images from the built-in world")
+    return [image, classes, base, adapter_box, use_concepts, alpha, zero_shot_concepts], submit
+
+
+def _result_column(gr: Any) -> list[Any]:
+    """The right column: the zero-shot and adapted segmentations side by side, and the legend under them."""
+    with gr.Column(scale=2):
+        with gr.Row():
+            zero_shot = gr.Image(
+                label="Zero-shot", type="pil", format="png", interactive=False, elem_id="zero-shot-result"
+            )
+            adapted = gr.Image(label="Adapted", type="pil", format="png", interactive=False, elem_id="adapted-result")
+        legend = gr.HTML(elem_id="legend")
+    return [zero_shot, adapted, legend]
+
+
 def build_demo(
     base_model: str | None = None,
     adapter: str | None = DEFAULT_ADAPTER,
@@ -249,17 +304,7 @@ def build_demo(
         base_model = base_model or str(world_source_model())
         adapter = adapter or ""
     app = DemoApp(store)
-    try:
-        start, note = store.get(base_model, adapter)
-        initial_status = app.status(start, note)
-        default_classes = start.adapter_class_names
-    except DemoSetupError as error:  # the page still opens and says what is wrong; the fields can be fixed
-        initial_status, default_classes = f"**Error:** {error}", []
-    if not default_classes:
-        from ..world import target_class_names
-
-        default_classes = target_class_names()
-    classes_value = ", ".join(default_classes)
+    initial_status, classes_value = _initial_status_and_classes(store, app, base_model, adapter)
     examples_dir = Path(examples_dir) if examples_dir else Path(tempfile.mkdtemp(prefix="vocalign-demo-"))
     examples = [[str(path), classes_value] for path in world_example_images(examples_dir)]
 
@@ -276,37 +321,9 @@ def build_demo(
         )
         status = gr.Markdown(initial_status, elem_id="status")
         with gr.Row():
-            with gr.Column(scale=1):
-                image = gr.Image(
-                    label="Image", type="filepath", sources=["upload", "clipboard"], height=300, elem_id="image-input"
-                )
-                classes = gr.Textbox(label="Class names, comma-separated", value=classes_value, elem_id="class-names")
-                with gr.Accordion("Models and display", open=False):
-                    base = gr.Textbox(label="Base model (folder or Hub id)", value=base_model, elem_id="base-model")
-                    adapter_box = gr.Textbox(
-                        label="Adapter (folder or Hub id; empty for none)", value=adapter, elem_id="adapter"
-                    )
-                    use_concepts = gr.Checkbox(
-                        label="Adapted model: add the adapter's concepts to their classes (VocAlign Eq. 7)", value=True
-                    )
-                    zero_shot_concepts = gr.Checkbox(
-                        label="Zero-shot model: add the adapter's concepts too (vocabulary alignment, no training)",
-                        value=False,
-                    )
-                    alpha = gr.Slider(0.0, 1.0, value=opacity, step=0.05, label="Overlay opacity", elem_id="opacity")
-                submit = gr.Button("Segment", variant="primary", elem_id="segment")
-                gr.Examples(examples=examples, inputs=[image, classes], label="Images from the built-in world")
-            with gr.Column(scale=2):
-                with gr.Row():
-                    zero_shot = gr.Image(
-                        label="Zero-shot", type="pil", format="png", interactive=False, elem_id="zero-shot-result"
-                    )
-                    adapted = gr.Image(
-                        label="Adapted", type="pil", format="png", interactive=False, elem_id="adapted-result"
-                    )
-                legend = gr.HTML(elem_id="legend")
-        inputs = [image, classes, base, adapter_box, use_concepts, alpha, zero_shot_concepts]
-        outputs = [zero_shot, adapted, legend, status]
+            inputs, submit = _input_column(gr, classes_value, base_model, adapter, opacity, examples)
+            outputs = _result_column(gr) + [status]
+        classes = inputs[1]
         # preprocess=False: the image arrives as the uploaded file's path (still checked by Gradio to be an
         # upload), and load_image gives the messages for unreadable and oversized files.
         submit.click(on_submit, inputs, outputs, preprocess=False)

@@ -368,69 +368,54 @@ def _apply_shift(image: np.ndarray, shift: DomainShift, rng: np.random.Generator
 
 
 # -------------------------------------------------------------------------------------------- layout
-def render_scene(
-    rng: np.random.Generator, size: int = 64, domain: str = "source", shift: DomainShift | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """Render one scene.
-
-    Args:
-        rng: the image's generator (see `image_rng`).
-        size: image side.
-        domain: "source" or "target"; the target uses target label ids (no "ground"/bare-earth class) and the
-            `shift`.
-        shift: the target appearance shift (default `DomainShift()`); ignored for the source domain.
-    Returns:
-        (image uint8 (size, size, 3), label uint8 (size, size)) with label ids of the domain's class list.
-    """
-    if domain not in ("source", "target"):
-        raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
-    shift = (shift if shift is not None else DomainShift()) if domain == "target" else DomainShift.none()
-    s = size / 64.0  # geometry is designed at 64 px
-    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
-    label = np.zeros((size, size), dtype=np.int64)
-    layers: list[tuple[int, np.ndarray]] = []  # (class, mask) painted in order
-
-    horizon0 = rng.uniform(0.30, 0.52) * size
-    tilt = rng.uniform(-0.12, 0.12)
-    horizon = horizon0 + tilt * (xx - size / 2)
-    sky = yy < horizon
-    layers.append((SKY, sky))
-
-    # floor: either horizontal bands or a road in perspective over a base floor
-    floor_classes = _FLOOR_CLASSES[domain]
-    floor = ~sky
+def _floor_layers(
+    rng: np.random.Generator, floor: np.ndarray, floor_classes: tuple[int, ...], horizon0: float, s: float, size: int,
+    yy: np.ndarray, xx: np.ndarray,
+) -> list[tuple[int, np.ndarray]]:
+    """The floor below the horizon: either horizontal bands or a road in perspective over a base floor."""
     if rng.random() < 0.5:
         num_bands = rng.integers(1, 4)
         classes = rng.choice(floor_classes, size=num_bands, replace=False)
         cuts = np.sort(rng.uniform(horizon0 + 4 * s, size - 4 * s, num_bands - 1))
         edges = np.concatenate([[-np.inf], cuts, [np.inf]])
         wave = 1.5 * s * np.sin(2 * np.pi * xx / rng.uniform(20, 50) / s + rng.uniform(0, 6.3))
-        for cls, lo, hi in zip(classes, edges[:-1], edges[1:]):
-            layers.append((int(cls), floor & (yy + wave >= lo) & (yy + wave < hi)))
-    else:
-        base = int(rng.choice([c for c in floor_classes if c != ROAD]))
-        layers.append((base, floor))
-        centre = rng.uniform(0.25, 0.75) * size
-        half0 = rng.uniform(1.0, 4.0) * s
-        spread = rng.uniform(0.5, 1.1)
-        lean = rng.uniform(-0.4, 0.4)
-        road = floor & (np.abs(xx - centre - lean * (yy - horizon0)) < half0 + spread * (yy - horizon0))
-        layers.append((ROAD, road))
+        return [
+            (int(cls), floor & (yy + wave >= lo) & (yy + wave < hi))
+            for cls, lo, hi in zip(classes, edges[:-1], edges[1:])
+        ]
+    base = int(rng.choice([c for c in floor_classes if c != ROAD]))
+    centre = rng.uniform(0.25, 0.75) * size
+    half0 = rng.uniform(1.0, 4.0) * s
+    spread = rng.uniform(0.5, 1.1)
+    lean = rng.uniform(-0.4, 0.4)
+    road = floor & (np.abs(xx - centre - lean * (yy - horizon0)) < half0 + spread * (yy - horizon0))
+    return [(base, floor), (ROAD, road)]
 
-    for _ in range(rng.integers(0, 4)):  # buildings standing on the horizon
+
+def _horizon_object_layers(
+    rng: np.random.Generator, horizon0: float, tilt: float, s: float, size: int, yy: np.ndarray, xx: np.ndarray
+) -> list[tuple[int, np.ndarray]]:
+    """Buildings standing on the horizon, then tree crowns around it."""
+    layers = []
+    for _ in range(rng.integers(0, 4)):
         w, h = rng.uniform(8, 20) * s, rng.uniform(10, 28) * s
         x0 = rng.uniform(-w / 2, size - w / 2)
         bottom = horizon0 + tilt * (x0 + w / 2 - size / 2) + rng.uniform(0, 3) * s
         layers.append((BUILDING, (xx >= x0) & (xx < x0 + w) & (yy >= bottom - h) & (yy < bottom)))
-
-    for _ in range(rng.integers(0, 4)):  # tree crowns around the horizon
+    for _ in range(rng.integers(0, 4)):
         rx, ry = rng.uniform(5, 10) * s, rng.uniform(6, 12) * s
         cx = rng.uniform(0, size)
         cy = horizon0 + tilt * (cx - size / 2) - ry * rng.uniform(0.2, 0.8)
         layers.append((TREE, ((xx - cx) / rx) ** 2 + ((yy - cy) / ry) ** 2 < 1.0))
+    return layers
 
+
+def _car_shapes(
+    rng: np.random.Generator, horizon0: float, s: float, size: int, yy: np.ndarray, xx: np.ndarray
+) -> list[tuple[np.ndarray, tuple[float, float, float, float]]]:
+    """Cars on the floor, bigger when nearer: (body mask with rounded corners, (x0, y0, w, h)) each."""
     cars = []
-    for _ in range(rng.integers(0, 4)):  # cars on the floor, bigger when nearer
+    for _ in range(rng.integers(0, 4)):
         cy = rng.uniform(horizon0 + 4 * s, size - 2 * s)
         depth = (cy - horizon0) / max(size - horizon0, 1.0)
         w = (7 + 9 * depth) * s * rng.uniform(0.9, 1.2)
@@ -440,12 +425,16 @@ def render_scene(
         body = (xx >= x0) & (xx < x0 + w) & (yy >= y0) & (yy < cy)
         corner = (np.minimum(xx - x0, x0 + w - xx) + np.minimum(yy - y0, cy - yy) * 1.5) < h * 0.35
         cars.append((body & ~corner, (x0, y0, w, h)))
-        layers.append((CAR, body & ~corner))
+    return cars
 
-    for cls, mask in layers:
-        label[mask] = cls
 
-    # paint: per-class colour with per-image jitter, texture at the domain's scale and rotation
+def _paint_scene(
+    rng: np.random.Generator, label: np.ndarray, layers: list[tuple[int, np.ndarray]],
+    cars: list[tuple[np.ndarray, tuple[float, float, float, float]]], shift: DomainShift, horizon0: float,
+    yy: np.ndarray, xx: np.ndarray,
+) -> np.ndarray:
+    """Per-class colour with per-image jitter, texture at the domain's scale and rotation; a float image in 0..1."""
+    size = label.shape[0]
     scale, rotation = shift.texture_scale, shift.texture_rotation_degrees
     image = np.zeros((size, size, 3))
     for cls in np.unique(label):
@@ -471,7 +460,43 @@ def render_scene(
         tex[window] = (0.25, 0.3, 0.38)
         tex[wheel] = (0.06, 0.06, 0.06)
         image[visible] = tex[visible]
+    return image
 
+
+def render_scene(
+    rng: np.random.Generator, size: int = 64, domain: str = "source", shift: DomainShift | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Render one scene.
+
+    Args:
+        rng: the image's generator (see `image_rng`).
+        size: image side.
+        domain: "source" or "target"; the target uses target label ids (no "ground"/bare-earth class) and the
+            `shift`.
+        shift: the target appearance shift (default `DomainShift()`); ignored for the source domain.
+    Returns:
+        (image uint8 (size, size, 3), label uint8 (size, size)) with label ids of the domain's class list.
+    """
+    if domain not in ("source", "target"):
+        raise ValueError(f"domain must be 'source' or 'target', got {domain!r}")
+    shift = (shift if shift is not None else DomainShift()) if domain == "target" else DomainShift.none()
+    s = size / 64.0  # geometry is designed at 64 px
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float64)
+    label = np.zeros((size, size), dtype=np.int64)
+
+    horizon0 = rng.uniform(0.30, 0.52) * size
+    tilt = rng.uniform(-0.12, 0.12)
+    sky = yy < horizon0 + tilt * (xx - size / 2)
+    # (class, mask) painted in order: later layers cover earlier ones
+    layers: list[tuple[int, np.ndarray]] = [(SKY, sky)]
+    layers += _floor_layers(rng, ~sky, _FLOOR_CLASSES[domain], horizon0, s, size, yy, xx)
+    layers += _horizon_object_layers(rng, horizon0, tilt, s, size, yy, xx)
+    cars = _car_shapes(rng, horizon0, s, size, yy, xx)
+    layers += [(CAR, body) for body, _ in cars]
+    for cls, mask in layers:
+        label[mask] = cls
+
+    image = _paint_scene(rng, label, layers, cars, shift, horizon0, yy, xx)
     # per-image camera variation of both domains: small hue jitter, exposure and contrast
     image = image @ _hue_rotation_matrix(rng.normal(0.0, SOURCE_HUE_JITTER_DEGREES)).T
     contrast = rng.uniform(0.85, 1.15)
