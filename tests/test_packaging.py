@@ -1,7 +1,15 @@
-"""The explicit package list in setup.cfg must name every package in the source tree (a wheel would drop the rest)."""
+"""Packaging: the explicit package list in setup.cfg must name every package in the source tree (a wheel would drop
+the rest), the model package loads lazily, and every command the docs and setup.cfg name answers `--help`."""
 
 import configparser
+import importlib
+import os
+import re
+import subprocess
+import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -20,9 +28,6 @@ def test_setup_cfg_lists_every_package():
 
 def test_model_names_load_lazily_and_register_on_first_use():
     """`import vocalign_hf.models.catseg` is free of torch; the first name used registers the Auto classes."""
-    import subprocess
-    import sys
-
     probe = (
         "import sys, vocalign_hf.models.catseg as catseg\n"
         "assert 'torch' not in sys.modules and 'transformers' not in sys.modules\n"
@@ -36,3 +41,53 @@ def test_model_names_load_lazily_and_register_on_first_use():
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.split() == ["CATSegConfig", "True", "AutoModelForSemanticSegmentation"]
+
+
+# ------------------------------------------------------------------------------------------------- the commands
+def _console_scripts() -> dict[str, str]:
+    config = configparser.ConfigParser()
+    config.read(ROOT / "setup.cfg")
+    lines = config["options.entry_points"]["console_scripts"].strip().splitlines()
+    return dict(tuple(part.strip() for part in line.split("=", 1)) for line in lines)
+
+
+def _module_commands() -> list[str]:
+    """Every `python -m` command of ours the README and docs give, and the `python -m` form of each console script
+    whose module is a program (a package with a `__main__.py`): the tests run `vocalign_hf.adaptation.merge` so."""
+    text = "\n".join(p.read_text(encoding="utf-8") for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
+    documented = set(re.findall(r"python -m ((?:vocalign_hf|concept_generation)[\w.]*)", text))
+    assert {"vocalign_hf.demo", "vocalign_hf.world.export", "concept_generation"} <= documented
+    for target in _console_scripts().values():
+        module = target.split(":")[0]
+        if (ROOT / "src" / Path(*module.split(".")) / "__main__.py").is_file():
+            documented.add(module)
+    return sorted(documented)
+
+
+def test_console_scripts_are_programs_named_as_installed(monkeypatch, capsys):
+    """Each `name = module:function` of setup.cfg answers `--help` with `usage: name`, as its installed wrapper
+    would (it exits with what the function returns)."""
+    scripts = _console_scripts()
+    assert set(scripts) == {"convert-catseg-checkpoint", "vocalign-concepts", "vocalign-merge"}
+    for name, target in scripts.items():
+        module, function = target.split(":")
+        monkeypatch.setattr(sys, "argv", [name, "--help"])
+        with pytest.raises(SystemExit) as done:
+            getattr(importlib.import_module(module), function)()
+        assert done.value.code in (0, None), name
+        assert capsys.readouterr().out.startswith(f"usage: {name} "), name
+
+
+def test_python_m_commands_answer_help():
+    """`python -m X --help` of every documented module command (and each console script's module form): exit 0,
+    a usage line, and no runpy warning (a module that its package's `__init__` imports, run as `__main__`, is
+    executed twice)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(str(p) for p in (ROOT / "src", ROOT))}
+    modules = _module_commands()
+    assert {"vocalign_hf.adaptation.merge", "vocalign_hf.models.catseg.convert_catseg_checkpoint"} <= set(modules)
+    for module in modules:
+        done = subprocess.run([sys.executable, "-m", module, "--help"], capture_output=True, text=True, env=env,
+                              timeout=300, cwd=ROOT)
+        assert done.returncode == 0, f"python -m {module} --help: {done.stderr[-2000:]}"
+        assert done.stdout.startswith("usage: "), f"python -m {module} --help printed {done.stdout[:200]!r}"
+        assert "RuntimeWarning" not in done.stderr, f"python -m {module}: {done.stderr[-2000:]}"

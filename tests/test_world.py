@@ -9,9 +9,11 @@ import os
 import numpy as np
 import pytest
 import torch
+from transformers import EvalPrediction
 
 from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
 from vocalign_hf.adaptation.vocabulary import ConceptVocabulary
+from vocalign_hf.metrics import BatchMeanIoU, predicted_classes
 from vocalign_hf.world import (
     CLASSES,
     DomainShift,
@@ -183,6 +185,43 @@ def test_evaluate_segmenter_matches_a_hand_computed_iou(tiny_world):
     assert result["per_category_iou"][names[0]] == pytest.approx(expected_sky)
     present = len(np.unique(labels))
     assert result["mean_iou"] == pytest.approx(expected_sky / present)
+
+
+class _PixelModel(torch.nn.Module):
+    """Class scores from the pixels (a fixed random 1x1 convolution, pooled to a quarter of the size)."""
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, num_classes, 1)
+
+    def get_text_embeddings(self, input_ids):
+        return torch.zeros(input_ids.shape[0], 1, 4)
+
+    def forward(self, pixel_values, text_embeds):
+        logits = torch.nn.functional.avg_pool2d(self.conv(pixel_values), 4)[:, : text_embeds.shape[0]]
+        return type("Out", (), {"logits": logits})()
+
+
+def test_evaluate_segmenter_scores_as_the_trainer_does(tiny_world):
+    """The same logits give the same numbers as the trainer's evaluation: its `prediction_step` (classes at the
+    labels' size, one row per image) feeding `BatchMeanIoU`."""
+    processor = CATSegProcessor.from_config(tiny_catseg_config(32))
+    names = tiny_world.target_class_names
+    model = _PixelModel(len(names))
+    result = evaluate_segmenter(model, processor, tiny_world.target_eval, names, batch_size=3)
+
+    rows = tiny_world.target_eval[:]
+    labels = torch.from_numpy(np.stack([np.asarray(label) for label in rows["label"]]).astype(np.int64))
+    pixel_values = processor(images=[image.convert("RGB") for image in rows["image"]])["pixel_values"]
+    with torch.no_grad():
+        predictions = predicted_classes(model(pixel_values, torch.zeros(len(names), 1, 4)).logits, labels.shape[-2:])
+    assert len(predictions.unique()) > 1  # not a constant map: the resizing and the argmax matter
+    trainer = BatchMeanIoU(names)(EvalPrediction(predictions=predictions.flatten(1), label_ids=labels.flatten(1)))
+    assert trainer["mean_iou"] == pytest.approx(100 * result["mean_iou"])
+    for name in names:
+        expected = 100 * result["per_category_iou"][name]
+        assert trainer[f"iou_{name}"] == pytest.approx(expected, nan_ok=True), name
 
 
 # ---------------------------------------------------------------------------------------- pretraining

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from ..data.transforms import _gray, color_jitter
+from ..data.transforms import color_jitter, rgb_to_gray
 
 __all__ = ["StudentAugmentation", "gaussian_blur"]
 
@@ -69,7 +69,7 @@ class StudentAugmentation:
         b = images.shape[0]
         out = color_jitter(images, self.brightness, self.contrast, self.saturation, self.hue, generator=generator)
         draws = torch.rand(3, b, generator=generator).to(images.device)  # grayscale?, blur?, sigma
-        gray = _gray(out).expand_as(out)
+        gray = rgb_to_gray(out).expand_as(out)
         out = torch.where((draws[0] < self.grayscale_prob).view(b, 1, 1, 1), gray, out)
         low, high = self.blur_sigma
         blurred = gaussian_blur(out, low + (high - low) * draws[2], self.blur_kernel_size)

@@ -7,7 +7,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..models.catseg.image_conversion import _array_to_pil, composite_alpha_array, load_pil, to_rgb  # noqa: F401
+from ..models.catseg.image_conversion import load_pil, to_rgb  # noqa: F401 (to_rgb: for the transforms)
 
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 

@@ -17,7 +17,7 @@ once and applied identically to image and mask; masks are resized with NEAREST o
 image only.
 
 Images are converted to RGB first: grayscale is replicated, palette images are expanded, and images with an alpha
-channel are **alpha-composited over black** (see :func:`~vocalign_hf.data._image_utils.to_rgb`).
+channel are **alpha-composited over black** (see :func:`~vocalign_hf.models.catseg.image_conversion.to_rgb`).
 
 Randomness comes from a ``numpy.random.Generator``: pass ``seed`` (or ``rng``) for reproducible runs. Inside
 ``torch.utils.data.DataLoader`` workers each worker derives its own generator from ``seed`` and the worker's torch
@@ -53,6 +53,7 @@ __all__ = [
     "photometric_distortion",
     "to_pixel_values",
     "to_label_tensor",
+    "rgb_to_gray",
     "rgb_to_hsv",
     "hsv_to_rgb",
 ]
@@ -86,7 +87,8 @@ def to_label_tensor(mask: Any) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------------------------
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
+def rgb_to_gray(x: torch.Tensor) -> torch.Tensor:
+    """Luma (ITU-R BT.601 weights) of float tensors ``(..., 3, H, W)``: shape ``(..., 1, H, W)``."""
     r, g, b = x.unbind(-3)
     return (0.299 * r + 0.587 * g + 0.114 * b).unsqueeze(-3)
 
@@ -133,7 +135,7 @@ def _adjust_brightness_delta(x: torch.Tensor, delta: float) -> torch.Tensor:
 
 
 def _adjust_contrast_blend(x: torch.Tensor, factor: float) -> torch.Tensor:
-    mean = _gray(x).mean(dim=(-3, -2, -1), keepdim=True)
+    mean = rgb_to_gray(x).mean(dim=(-3, -2, -1), keepdim=True)
     return ((x - mean) * factor + mean).clamp_(0.0, 1.0)
 
 
@@ -142,7 +144,7 @@ def _adjust_contrast_mul(x: torch.Tensor, factor: float) -> torch.Tensor:
 
 
 def _adjust_saturation_blend(x: torch.Tensor, factor: float) -> torch.Tensor:
-    gray = _gray(x)
+    gray = rgb_to_gray(x)
     return ((x - gray) * factor + gray).clamp_(0.0, 1.0)
 
 

@@ -28,6 +28,15 @@ def evaluate_segmenter(
     argmax; label 255 is ignored. Label id i must be the class `class_names[i]`: passing other names for the
     same ids (e.g. the source names of the target classes) measures what the wording alone costs.
 
+    One way from logits and labels to mIoU: the adaptation trainer evaluates through transformers' Trainer loop
+    (`VocAlignTrainer.prediction_step`, then `metrics.BatchMeanIoU`); this function turns scores into classes with
+    the same `metrics.predicted_classes` (through `StreamingMeanIoU.update_from_scores`) and counts them in the same
+    `StreamingMeanIoU` that `BatchMeanIoU` wraps, so equal logits give equal numbers (a test checks it). It keeps
+    its own loop of a few lines because it scores models that no Trainer holds: the source model on its source
+    domain while `pretrain_source_model` trains it, and the benchmarks' models, with any vocabulary and without an
+    adapter, TrainingArguments or output folder. It also returns fractions, accuracies and the confusion matrix,
+    where the Trainer logs percentages.
+
     Args:
         model: a `CATSegForSemanticSegmentation` (its train/eval mode is restored afterwards).
         processor: the matching `CATSegProcessor`.

@@ -16,7 +16,8 @@ The folder has the shape of transformers' `models/segformer`, with what an open-
 - `vocabulary_catseg.py` (with `concept_phrases.py`): the aligned vocabulary, class names plus their concepts and
   Eq. 7 in log space, which the model holds in its config and the processor builds per call; here and not in
   `adaptation/`, because a saved, merged or pushed model scores with it through the Hub's remote code;
-- `convert_catseg_checkpoint.py`: the official checkpoints' converter (`convert-catseg-checkpoint`);
+- `convert_catseg_checkpoint/`: the official checkpoints' converter (`convert-catseg-checkpoint`; its
+  `__main__.py` is the program);
 - `pipeline_catseg.py`: the `zero-shot-image-segmentation` task, which transformers does not have (in-tree it
   would live in `transformers/pipelines/`); registered here because this package is where the model is.
 

@@ -19,12 +19,12 @@ from typing import Any
 
 from peft import PeftModel
 
-from ..atomic import atomic_write_json
-from ..errors import run_program
-from ..model_sources import resolve_adapter, resolve_base_model
-from ..outputs import check_not_overlapping, check_replaceable, write_output_folder
-from ..models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
-from .adapters import VOCALIGN_FILE, AdapterLoadError, load_adapted_model
+from ...atomic import atomic_write_json
+from ...errors import run_program
+from ...model_sources import resolve_adapter, resolve_base_model
+from ...outputs import check_not_overlapping, check_replaceable, write_output_folder
+from ...models.catseg import CATSegForSemanticSegmentation, CATSegProcessor
+from ..adapters import VOCALIGN_FILE, AdapterLoadError, load_adapted_model
 
 
 def merge_lora(model: PeftModel) -> CATSegForSemanticSegmentation:
@@ -120,7 +120,3 @@ def main(argv: Sequence[str] | None = None) -> None:
 def cli() -> int:
     """The `vocalign-merge` console script: a bad input is one line and exit status 2 (`-v`: the traceback)."""
     return run_program(main, extra_errors=(AdapterLoadError,))
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())

@@ -38,12 +38,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi, ModelCard, ModelCardData
+from safetensors.torch import load_file
 
-from ...atomic import atomic_write_json, atomic_write_text
-from ...errors import run_program
-from ...outputs import OUTPUT_INFO_FILE, check_not_overlapping, check_replaceable, write_output_folder
+from ....atomic import atomic_write_json, atomic_write_text
+from ....errors import run_program
+from ....outputs import OUTPUT_INFO_FILE, check_not_overlapping, check_replaceable, write_output_folder
 # Through the package, which registers the Auto classes: the converted model's config then has its `auto_map`.
-from . import CATSegConfig, CATSegForSemanticSegmentation
+from .. import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 
 CLIP_PREFIX = "sem_seg_head.predictor.clip_model."
 V1_CLIP_PREFIX = "backbone.clip_model."
@@ -79,8 +81,6 @@ def load_reference_state_dict(path: str | Path, allow_unsafe_pickle: bool = Fals
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint not found: {path}")
     if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
         return load_file(str(path))
     _check_readable(path)
     try:
@@ -574,8 +574,6 @@ def build_converted_model_card(
 ):
     """The model card (`README.md`) of a converted checkpoint: license, base CLIP model, pipeline tag, library,
     tags, the source checkpoint's name and sha256, a usage snippet for `repo_id` and the CAT-Seg citation."""
-    from huggingface_hub import ModelCard, ModelCardData
-
     base_model = base_model or clip_base_model(config)
     variant = "CAT-Seg v1 (CLIP + ResNet guidance)" if config.variant == "v1" else "CAT-Seg (CVPR 2024)"
     templates = config.prompt_templates
@@ -638,8 +636,6 @@ def push_folder_to_hub(
     folder: str | Path, repo_id: str, private: bool = False, token: str | None = None, commit_message: str = ""
 ) -> str:
     """Create `repo_id` if needed and upload `folder` as one commit; returns the commit sha."""
-    from huggingface_hub import HfApi
-
     api = HfApi(token=token)
     api.create_repo(repo_id, private=private, exist_ok=True)
     commit = api.upload_folder(
@@ -649,7 +645,9 @@ def push_folder_to_hub(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="convert-catseg-checkpoint", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("checkpoint", help="official CAT-Seg .pth (detectron2 CVPR'24 or v1, mmseg v1) or a state-dict file")
     parser.add_argument("output_dir", help="folder for save_pretrained (model + processor): new, empty, or an earlier "
                         "output of this command (replaced once the new one is complete)")
@@ -675,8 +673,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--push-to-hub", default=None, metavar="REPO_ID", help="also push to this Hub repo")
     parser.add_argument("--private", action="store_true", help="create the Hub repo as private")
     args = parser.parse_args(argv)
-
-    from .processing_catseg import CATSegProcessor
 
     overrides = {}
     if args.prompt_templates:
@@ -719,7 +715,3 @@ def main(argv: list[str] | None = None) -> None:
 def cli() -> int:
     """The `convert-catseg-checkpoint` console script: a bad file is one line and exit status 2 (`-v`: traceback)."""
     return run_program(main, extra_errors=(CheckpointConversionError,))
-
-
-if __name__ == "__main__":
-    raise SystemExit(cli())
