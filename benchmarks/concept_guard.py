@@ -116,6 +116,12 @@ def run_seed(seed: int, options) -> dict:
     evaluation = world.target_eval
     eval_logits = entry_logits(model, processor, evaluation["image"], text)
     labels = torch.from_numpy(np.stack([np.asarray(l) for l in evaluation["label"]]).astype(np.int64))
+    if options.keep_logits:
+        cache = Path(options.output_dir) / "logits"
+        cache.mkdir(parents=True, exist_ok=True)
+        torch.save({"audit": audit_logits.half(), "eval": eval_logits.half(), "labels": labels.to(torch.uint8),
+                    "owner": owner, "names_entries": names_entries, "entries": entries, "names": names},
+                   cache / f"seed{seed}.pt")
     zero = torch.zeros(len(entries))
     full = judge(eval_logits, owner, zero, labels, names)
     names_only = judge(eval_logits, owner, torch.where(torch.isin(torch.arange(len(entries)), names_entries), 0.0,
@@ -149,6 +155,7 @@ def main() -> None:
     parser.add_argument("--source_models", required=True, help="folder of seed<s>/ source models")
     parser.add_argument("--output_dir", required=True)
     parser.add_argument("--audit_images", type=int, default=256)
+    parser.add_argument("--keep_logits", action="store_true", help="also save both forwards to <output_dir>/logits/")
     parser.add_argument("extra", nargs="*", help="recipe flags after --, e.g. -- --world_source_synonyms true")
     options = parser.parse_args()
     for seed in options.seeds:

@@ -3,6 +3,7 @@ the rest), the model package loads lazily, and every command the docs and setup.
 
 import configparser
 import importlib
+import importlib.util
 import os
 import re
 import subprocess
@@ -91,3 +92,17 @@ def test_python_m_commands_answer_help():
         assert done.returncode == 0, f"python -m {module} --help: {done.stderr[-2000:]}"
         assert done.stdout.startswith("usage: "), f"python -m {module} --help printed {done.stdout[:200]!r}"
         assert "RuntimeWarning" not in done.stderr, f"python -m {module}: {done.stderr[-2000:]}"
+
+
+def test_recipe_programs_answer_help(capsys):
+    """`python recipes/adapt.py --help` and `recipes/evaluate.py --help` print every option's help: argparse
+    %-formats each help text, so a bare % in one of them broke the whole page."""
+    for script in ("adapt.py", "evaluate.py"):
+        spec = importlib.util.spec_from_file_location(f"recipe_{script[:-3]}", ROOT / "recipes" / script)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        with pytest.raises(SystemExit) as done:
+            module.main(["--help"])
+        out = capsys.readouterr().out
+        assert done.value.code in (0, None), f"{script} --help: {out[-500:]}"
+        assert out.startswith("usage: ") and "--output_dir" in out, script

@@ -129,6 +129,25 @@ def test_vocabulary_alignment_sums_entry_probabilities(tmp_path, tiny_model, tin
     assert plain.teacher_class_probs(x)[0, :, 5, 7].tolist() == pytest.approx([v / sum(e) for v in e], abs=1e-5)
 
 
+def test_concept_guard_weighs_down_a_concept_in_the_teachers_pseudo_labels_only(tmp_path, tiny_model, tiny_processor):
+    """With `concept_log_weights` the teacher's Eq. 7 multiplies that concept's probability by exp(log-weight); the
+    student's vocabulary (what the adapted model scores with) stays unweighted."""
+    args = make_args(tmp_path, student_concepts=True)
+    guarded = make_trainer(tiny_model, tiny_processor, args, concept_log_weights={"car": {"vehicle": -1.5}})
+    x = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        ids = tiny_processor(text=guarded.vocabulary.entries)["input_ids"]
+        logits = guarded.teacher(pixel_values=x, input_ids=ids).logits
+        logits = torch.nn.functional.interpolate(logits, size=(32, 32), mode="bilinear", align_corners=False)
+    e = logits[0, :, 5, 7].double().exp().tolist()
+    e[3] *= math.exp(-1.5)  # "vehicle"
+    total = sum(e)
+    by_hand = [e[0] / total, (e[1] + e[2] + e[3]) / total, (e[4] + e[5]) / total]
+    assert guarded.teacher_class_probs(x)[0, :, 5, 7].tolist() == pytest.approx(by_hand, abs=1e-5)
+    assert guarded.student_vocabulary.entry_log_weights is None
+    assert guarded.run_record()["teacher_concept_log_weights"] == {"car": {"vehicle": -1.5}}
+
+
 def _record_forward_inputs(module):
     """Record the keyword arguments of every call of `module` (a forward pre-hook; nothing is replaced)."""
     calls = []

@@ -23,7 +23,7 @@ from .atomic import atomic_write_file, atomic_write_json, atomic_write_text, rea
 from .errors import UsageError
 from .adaptation import ConceptVocabulary, VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
 from .adaptation.adapters import base_model_fingerprint
-from .adaptation.concept_audit import audit_concepts, format_audit, gate_concepts
+from .adaptation.concept_audit import audit_concepts, format_audit, guard_concepts
 from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
 from .outputs import check_not_overlapping
@@ -676,9 +676,6 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
     from transformers import set_seed
 
     set_seed(args.seed)
-    if resume is not None and args.concept_gate is not None:
-        raise UsageError("--concept_gate chooses the concepts from the model before training and cannot be resumed "
-                         "yet: start a new run (another --output_dir), or resume without --concept_gate")
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)
     # Several processes: the (local) main process builds the data first -- renders and caches the world, pretrains
@@ -688,11 +685,11 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
     check_run_inputs(data, args, resume)
     processor = CATSegProcessor.from_pretrained(data.base_model)
 
-    def trainer_for(model, method: str, **changes: Any) -> VocAlignTrainer:
+    def trainer_for(model, method: str, concept_log_weights=None, **changes: Any) -> VocAlignTrainer:
         return VocAlignTrainer(
             model=model, args=args if method == args.method else replace(args, method=method, **changes),
             class_names=data.class_names, concepts=data.concepts, processor=processor,
-            train_dataset=data.train, eval_dataset=data.eval,
+            train_dataset=data.train, eval_dataset=data.eval, concept_log_weights=concept_log_weights,
         )
 
     results: dict[str, Any] = {}
@@ -712,13 +709,13 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
             print(tables["zero-shot"])
         return {**results, "absent": absent} if absent else results
 
-    data = _audit_concepts(recipe, args, data, zero_shot_model, processor)
+    guard = _audit_concepts(recipe, args, data, zero_shot_model, processor)
     set_seed(args.seed)
     student = add_lora(CATSegForSemanticSegmentation.from_pretrained(data.base_model), args)
     start_step = int(read_json_object(Path(resume) / "trainer_state.json").get("global_step", 0)) if resume else 0
     needed, what = checkpoint_space_needed(student, args, start_step)
     check_free_space(args.output_dir, needed, what)
-    trainer = trainer_for(student, args.method)
+    trainer = trainer_for(student, args.method, concept_log_weights=guard)
     replacing = args.overwrite_output_dir and not _resumes_in_place(resume, args.output_dir)
     with args.main_process_first(local=False, desc="setting the previous run aside"):
         if trainer.is_world_process_zero():
@@ -755,26 +752,30 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
     return results
 
 
-def _audit_concepts(recipe, args, data: TargetData, model, processor) -> TargetData:
+def _audit_concepts(recipe, args, data: TargetData, model, processor) -> dict[str, dict[str, float]]:
     """Print which pixels each concept wins on the unlabeled target images, and from which class (see
-    `adaptation.concept_audit`); with `--concept_gate`, adapt without the concepts that mostly steal another class."""
+    `adaptation.concept_audit`); with `--concept_guard`, return the teacher's log-weights of the concepts that take
+    another class (else none). The audit reads the source model in eval mode on the first training images, without
+    augmentation: a resumed run computes the same weights."""
     if not (data.concepts and args.use_concepts and args.include_class_names and recipe.concept_audit_images):
-        return data
+        return {}
     rows = data.train.with_format(None) if hasattr(data.train, "with_format") else None
     if rows is None or "image" not in rows.column_names:
         logger.warning("concept audit skipped: the training split has no 'image' column")
-        return data
+        return {}
     images = rows.select(range(min(recipe.concept_audit_images, len(rows))))["image"]
     vocabulary = ConceptVocabulary(data.class_names, data.concepts)
     audit = audit_concepts(model.eval(), processor, [image.convert("RGB") for image in images], vocabulary)
     if args.process_index == 0:
         print(f"\n=== concepts on {len(images)} unlabeled target images ===\n{format_audit(audit, 0.5)}")
-    if args.concept_gate is None:
-        return data
-    concepts, dropped = gate_concepts(data.concepts, audit, args.concept_gate)
+    if not args.concept_guard:
+        return {}
+    weights, guarded = guard_concepts(audit)
     if args.process_index == 0:
-        print(f"concept gate {args.concept_gate}: dropped {[f'{r.concept} ({r.class_name})' for r in dropped]}")
-    return replace(data, concepts=concepts)
+        print("concept guard: the teacher weighs down " + (", ".join(
+            f"{row.concept} ({row.class_name}: takes {row.victim_share:.0%} of {row.victim})" for row in guarded)
+            or "no concept"))
+    return weights
 
 
 def _mark_stopped(output: Path, trainer: VocAlignTrainer, error: BaseException) -> None:

@@ -33,14 +33,14 @@ _ROWS: dict[str, dict] = {
     "frozen_teacher_text": {**_VOCALIGN, "teacher_text_ema": False, "top_k_mass": None},
     "adaptive_topk": _ADAPTIVE,
     "student_concepts": {**_ADAPTIVE, "student_concepts": True},
-    # The concept gate (issue 40) on top of the main job's settings: concepts that mostly steal pixels the class
-    # names alone confidently give to another class are dropped before adapting.
-    "concept_gate": {**_ADAPTIVE, "student_concepts": True, "concept_gate": 0.5},
+    # The concept guard (issue 40) on top of the main job's settings: the teacher weighs down a concept that takes
+    # another class's confident pixels while its own class is read by name (adaptation/concept_audit.py).
+    "concept_guard": {**_ADAPTIVE, "student_concepts": True, "concept_guard": True},
 }
-# Every row but the student_concepts ones scores the student with the class names alone, and only the concept_gate
-# row gates the concepts, whatever the config says.
+# Every row but the student_concepts ones scores the student with the class names alone, and only the concept_guard
+# row guards the concepts, whatever the config says.
 ABLATIONS: dict[str, dict] = {
-    row: {"student_concepts": False, "concept_gate": None, **changes} for row, changes in _ROWS.items()
+    row: {"student_concepts": False, "concept_guard": False, **changes} for row, changes in _ROWS.items()
 }
 
 
@@ -128,11 +128,12 @@ class VocAlignArguments(TrainingArguments):
     include_class_names: bool = field(
         default=True, metadata={"help": "the teacher vocabulary keeps each class name beside its concepts"}
     )
-    concept_gate: float | None = field(
-        default=None,
+    concept_guard: bool = field(
+        default=False,
         metadata={
-            "help": "extension (None: the paper): before adapting, drop each concept more than this share of whose "
-            "won pixels the class names alone give confidently to another class (adaptation/concept_audit.py)"
+            "help": "extension (false: the paper): before adapting, audit the concepts on the target images and weigh "
+            "down, in the teacher's pseudo-labels, each one that takes over 0.3 of the pixels the class names "
+            "alone confidently give another class while its own class is read by name (adaptation/concept_audit.py)"
         },
     )
     top_k: int | None = field(
@@ -167,7 +168,7 @@ class VocAlignArguments(TrainingArguments):
         metadata={"help": "after the warm-up: constant (paper); released: cosine between iterations 500 and 3000"},
     )
     warmup_steps: int = field(
-        default=500, metadata={"help": "linear warm-up steps (paper: 500, from 5e-6; released: 100 from 1 %)"}
+        default=500, metadata={"help": "linear warm-up steps (paper: 500, from 5e-6; released: 100 from 1 %%)"}
     )
     max_grad_norm: float = field(
         default=0.0, metadata={"help": "gradient clipping norm; 0 = none (released code; the paper gives none)"}
@@ -276,7 +277,6 @@ class VocAlignArguments(TrainingArguments):
             ("lora_alpha", self.lora_alpha > 0, "> 0"),
             ("max_steps", self.max_steps == -1 or self.max_steps >= 0, ">= 1, or -1 to train num_train_epochs"),
             ("warmup_start_factor", 0.0 <= self.warmup_start_factor <= 1.0, "in [0, 1]"),
-            ("concept_gate", self.concept_gate is None or 0.0 <= self.concept_gate <= 1.0, "in [0, 1], or null"),
         ]
         if self.method != "zero_shot":
             checks.append(("learning_rate", self.learning_rate > 0, "> 0 (the paper: 5e-5)"))

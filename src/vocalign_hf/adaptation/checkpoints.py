@@ -47,7 +47,7 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 #: The arguments that make a run what it is (recorded in `vocalign.json` and the card, compared on resume).
 RUN_SETTINGS = (
     "method", "top_k", "top_k_mass", "use_masking", "mask_ratio", "mask_block_size", "mask_space",
-    "student_augmentation", "use_concepts", "student_concepts", "concept_gate", "concept_reduce", "include_class_names",
+    "student_augmentation", "use_concepts", "student_concepts", "concept_guard", "concept_reduce", "include_class_names",
     "pseudo_threshold", "confident_pixels_only", "ema_alpha", "teacher_text_ema", "teacher_dtype", "lora_rank", "lora_alpha", "lora_layers",
     "lora_use_rslora", "learning_rate", "lora_lr_multiplier", "lr_scheduler_type", "warmup_steps",
     "warmup_start_factor", "weight_decay", "max_grad_norm", "per_device_train_batch_size",
@@ -60,7 +60,7 @@ LORA_LAYOUT = frozenset({
 })
 
 #: Settings added to `RUN_SETTINGS` after checkpoints began recording them, with the value every older run had.
-SETTINGS_ADDED_LATER = {"student_concepts": False, "concept_gate": None, "teacher_dtype": "float32"}
+SETTINGS_ADDED_LATER = {"student_concepts": False, "concept_guard": False, "teacher_dtype": "float32"}
 
 
 def run_settings(args: Any) -> dict[str, Any]:

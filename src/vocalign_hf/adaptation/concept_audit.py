@@ -1,4 +1,4 @@
-"""Concept audit and gate (extension beyond the paper): which pixels each concept wins, and from which class.
+"""Concept audit and guard (extension beyond the paper): which pixels each concept wins, and from which class.
 
 Vocabulary alignment lets a concept win pixels that the class names alone give to another class. That is the point
 when the class's own name is a word the model reads poorly, and a failure when the concept *steals* a class the names
@@ -8,12 +8,17 @@ teacher's very first pseudo-labels send water there, and self-training cannot un
 Before adapting, on unlabeled target images, one forward of the source model over the aligned vocabulary's entries
 gives two readings: the *names-only* one (a softmax over each class's name entry alone) and the *aligned* one (which
 entry wins the pixel). For every concept the audit reports the share of pixels it wins, which class the names-only
-reading gives those pixels, and how many of them it gives to *another* class with at least `confidence` probability
-(the stolen share). The gate drops a concept whose won pixels are mostly stolen *and* whose class the names alone
-already find (its name wins at least `min_name_share` of the pixels): such a concept is not needed to find its class
-and takes pixels the model confidently reads as another one. A class whose name the model cannot read (a renamed
-class: its name wins almost no pixel) keeps its concepts, which must take their pixels from other classes. No label
-is used.
+reading gives those pixels, how many of them it gives to *another* class with at least `confidence` probability
+(the stolen share), and its *victim*: the other class of which it takes the largest share of the pixels the names
+alone confidently give that class (among classes holding at least `min_territory` of the pixels that way).
+
+The stolen share does not tell a thief from a finder: a renamed class's name wins no pixel, so its concepts must take
+theirs from other classes (docs/world.md). The guard (`guard_concepts`) therefore weighs down a concept only when its
+class is read by name (its name wins at least `min_name_share` of the pixels: the concept is not the class's only
+finder) *and* it takes more than `max_victim_share` of its victim's confident pixels; the teacher then scores it with
+`log_weight` added to its logit (its probability times exp(log_weight) before the classes are summed, Eq. 7), so it
+still finds its class where it is sure and stops winning the pixels it contests with the victim's own name. The
+thresholds were chosen on validation world seeds (benchmarks/concept_guard.py). No label is used.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch
 
 from .vocabulary import ConceptVocabulary
 
-__all__ = ["ConceptAudit", "audit_concepts", "format_audit", "gate_concepts"]
+__all__ = ["ConceptAudit", "audit_concepts", "format_audit", "guard_concepts"]
 
 
 @dataclass(frozen=True)
@@ -40,6 +45,8 @@ class ConceptAudit:
         taken_from: names-only class -> share of the concept's pixels it gets (largest first).
         names_confidence: mean names-only top probability on the concept's pixels.
         class_name_share: share of all audited pixels the names-only reading gives to the concept's class.
+        victim: the other class of which the concept wins the largest share of the pixels the names-only reading
+            gives it with at least the audit's `confidence` (None if it takes none), and `victim_share` that share.
     """
 
     class_name: str
@@ -49,11 +56,14 @@ class ConceptAudit:
     taken_from: dict[str, float]
     names_confidence: float
     class_name_share: float
+    victim: str | None = None
+    victim_share: float = 0.0
 
 
 @torch.no_grad()
 def audit_concepts(
-    model, processor, images: Sequence, vocabulary: ConceptVocabulary, confidence: float = 0.5, batch_size: int = 8
+    model, processor, images: Sequence, vocabulary: ConceptVocabulary, confidence: float = 0.5, batch_size: int = 8,
+    min_territory: float = 0.02,
 ) -> list[ConceptAudit]:
     """Audit every concept of `vocabulary` on `images` (PIL images) with `model` (see the module docstring).
 
@@ -66,6 +76,7 @@ def audit_concepts(
     names = torch.tensor([vocabulary.class_to_entries[c][0] for c in range(num_classes)], device=device)
     owner = vocabulary.entry_to_class.to(device)
     taken = torch.zeros(num_entries * num_classes, device=device)
+    taken_confident = torch.zeros(num_entries * num_classes, device=device)
     stolen = torch.zeros(num_entries, device=device)
     confidence_sum = torch.zeros(num_entries, device=device)
     for start in range(0, len(images), batch_size):
@@ -75,51 +86,78 @@ def audit_concepts(
         winner = logits.argmax(dim=1).flatten()
         names_confidence, names_class = logits[:, names].softmax(dim=1).max(dim=1)
         names_confidence, names_class = names_confidence.flatten(), names_class.flatten()
-        taken += torch.bincount(winner * num_classes + names_class, minlength=num_entries * num_classes)
+        pair = winner * num_classes + names_class
+        confident = (names_confidence >= confidence).float()
+        taken += torch.bincount(pair, minlength=num_entries * num_classes)
+        taken_confident += torch.bincount(pair, weights=confident, minlength=num_entries * num_classes)
         steals = (names_class != owner[winner]) & (names_confidence >= confidence)
         stolen += torch.bincount(winner, weights=steals.float(), minlength=num_entries)
         confidence_sum += torch.bincount(winner, weights=names_confidence, minlength=num_entries)
-    return _rows(vocabulary, taken.view(num_entries, num_classes).cpu(), stolen.cpu(), confidence_sum.cpu())
+    counts = _Counts(taken.view(num_entries, num_classes).cpu(), taken_confident.view(num_entries, num_classes).cpu(),
+                     stolen.cpu(), confidence_sum.cpu())
+    return _rows(vocabulary, counts, min_territory)
 
 
-def _rows(vocabulary: ConceptVocabulary, taken: torch.Tensor, stolen: torch.Tensor, confidence_sum: torch.Tensor):
-    wins, by_name = taken.sum(dim=1), taken.sum(dim=0)
+@dataclass(frozen=True)
+class _Counts:
+    """Pixel counts over the audited images: `taken[e, c]` pixels entry e wins that the names-only reading gives class
+    c (`taken_confident`: with at least the audit's confidence); per entry, its stolen pixels and summed confidence."""
+
+    taken: torch.Tensor
+    taken_confident: torch.Tensor
+    stolen: torch.Tensor
+    confidence_sum: torch.Tensor
+
+
+def _rows(vocabulary: ConceptVocabulary, counts: _Counts, min_territory: float) -> list[ConceptAudit]:
+    wins, by_name = counts.taken.sum(dim=1), counts.taken.sum(dim=0)
+    territory = counts.taken_confident.sum(dim=0)  # pixels the names alone give each class confidently
     total = max(float(wins.sum()), 1.0)
     rows = []
     for class_index, entries in vocabulary.class_to_entries.items():
         for entry in entries[1:]:  # the first entry is the class's name
             count = max(float(wins[entry]), 1.0)
-            shares = {vocabulary.class_names[c]: float(taken[entry, c]) / count for c in range(vocabulary.num_classes)}
+            shares = {vocabulary.class_names[c]: float(counts.taken[entry, c]) / count
+                      for c in range(vocabulary.num_classes)}
+            victims = {c: float(counts.taken_confident[entry, c]) / float(territory[c])
+                       for c in range(vocabulary.num_classes)
+                       if c != class_index and territory[c] >= max(min_territory * total, 1.0)}
+            victim = max(victims, key=victims.get) if victims and max(victims.values()) > 0 else None
             rows.append(ConceptAudit(
                 class_name=vocabulary.class_names[class_index], concept=vocabulary.entries[entry],
-                pixel_share=float(wins[entry]) / total, stolen_share=float(stolen[entry]) / count,
+                pixel_share=float(wins[entry]) / total, stolen_share=float(counts.stolen[entry]) / count,
                 taken_from=dict(sorted(((k, v) for k, v in shares.items() if v > 0), key=lambda kv: -kv[1])),
-                names_confidence=float(confidence_sum[entry]) / count, class_name_share=float(by_name[class_index]) / total,
+                names_confidence=float(counts.confidence_sum[entry]) / count,
+                class_name_share=float(by_name[class_index]) / total,
+                victim=None if victim is None else vocabulary.class_names[victim],
+                victim_share=0.0 if victim is None else victims[victim],
             ))
     return rows
 
 
-def gate_concepts(
-    concepts: Mapping[str, Sequence[str]],
-    audit: Sequence[ConceptAudit],
-    max_stolen_share: float,
-    min_name_share: float = 0.02,
-) -> tuple[dict[str, list[str]], list[ConceptAudit]]:
-    """The concepts without those whose won pixels are more than `max_stolen_share` stolen while the names alone
-    give their class at least `min_name_share` of the pixels; and the dropped ones."""
-    dropped = [row for row in audit if row.stolen_share > max_stolen_share and row.class_name_share >= min_name_share]
-    out = {(row.class_name, row.concept) for row in dropped}
-    kept = {name: [c for c in items if (name, c) not in out] for name, items in concepts.items()}
-    return {name: items for name, items in kept.items() if items}, dropped
+def guard_concepts(
+    audit: Sequence[ConceptAudit], max_victim_share: float = 0.3, min_name_share: float = 0.02, log_weight: float = -1.5,
+) -> tuple[dict[str, dict[str, float]], list[ConceptAudit]]:
+    """The teacher's log-weights of the concepts that take more than `max_victim_share` of their victim's confident
+    pixels while their own class is read by name (at least `min_name_share` of the pixels), as
+    `{class: {concept: log_weight}}`; and those concepts' audit rows. Defaults: chosen on validation world seeds."""
+    guarded = [row for row in audit
+               if row.victim is not None and row.victim_share > max_victim_share and row.class_name_share >= min_name_share]
+    weights: dict[str, dict[str, float]] = {}
+    for row in guarded:
+        weights.setdefault(row.class_name, {})[row.concept] = log_weight
+    return weights, guarded
 
 
 def format_audit(audit: Sequence[ConceptAudit], confidence: float) -> str:
     """The audit as a table: one concept a line, the classes the names-only reading gives its pixels."""
-    lines = [f"{'class':<14} {'by name':>7} {'concept':<18} {'pixels':>7} {'stolen':>7}  names-only reading of its "
-             f"pixels (stolen: another class at >= {confidence:.2f})"]
+    lines = [f"{'class':<14} {'by name':>7} {'concept':<18} {'pixels':>7} {'stolen':>7} {'victim':<14} {'taken':>6}  "
+             f"names-only reading of its pixels (stolen: another class at >= {confidence:.2f}; taken: share of the "
+             "victim's confident pixels)"]
     for row in audit:
         reading = ", ".join(f"{name} {share:.0%}" for name, share in list(row.taken_from.items())[:3])
         lines.append(f"{row.class_name[:14]:<14} {row.class_name_share:>7.1%} {row.concept[:18]:<18} "
-                     f"{row.pixel_share:>7.1%} {row.stolen_share:>7.1%}  {reading or '-'} "
+                     f"{row.pixel_share:>7.1%} {row.stolen_share:>7.1%} {(row.victim or '-')[:14]:<14} "
+                     f"{row.victim_share:>6.1%}  {reading or '-'} "
                      f"(confidence {row.names_confidence:.2f})")
     return "\n".join(lines)

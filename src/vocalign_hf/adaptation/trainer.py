@@ -154,6 +154,9 @@ class VocAlignTrainer(Trainer):
         args: [`VocAlignArguments`].
         class_names: the target classes.
         concepts: `{class: [concept, ...]}` for vocabulary alignment (ignored when `args.use_concepts` is False).
+        concept_log_weights: `{class: {concept: log-weight}}` added to those concepts' logits in the teacher's
+            pseudo-labels only (extension: the concept guard, `adaptation.concept_audit.guard_concepts`); the student
+            and the adapted model score with Eq. 7 unweighted.
         processor: the model's [`CATSegProcessor`] (tokenises the class and concept prompts, normalises images).
         train_dataset / eval_dataset: datasets yielding `pixel_values` (3, H, W) in 0..1 (and `labels` (H, W) for
             evaluation); the collator normalises them.
@@ -175,6 +178,7 @@ class VocAlignTrainer(Trainer):
         processor: CATSegProcessor,
         concepts: Mapping[str, Sequence[str]] | None = None,
         data_collator=None,
+        concept_log_weights: Mapping[str, Mapping[str, float]] | None = None,
         **kwargs: Any,
     ) -> None:
         self.class_names = validate_class_names(class_names)
@@ -194,6 +198,11 @@ class VocAlignTrainer(Trainer):
             ConceptVocabulary(self.class_names, self.concepts, include_class_names=args.include_class_names)
             if args.use_concepts and self.concepts
             else ConceptVocabulary.identity(self.class_names)
+        )
+        self.concept_log_weights = {k: dict(v) for k, v in (concept_log_weights or {}).items() if v}
+        # The pseudo-labels' vocabulary: the aligned one, with the guarded concepts weighed down.
+        self.teacher_vocabulary = (
+            self.vocabulary.with_log_weights(self.concept_log_weights) if self.concept_log_weights else self.vocabulary
         )
         self._class_tokens = processor.tokenize_classes(self.class_names)["input_ids"]
         self._entry_tokens = processor.tokenize_classes(self.vocabulary.entries)["input_ids"]
@@ -238,7 +247,7 @@ class VocAlignTrainer(Trainer):
         """Teacher probabilities over the target classes (B, Nc, H, W) at the input resolution (Eq. 7)."""
         logits = self.teacher.vocabulary_logits(pixel_values)
         logits = F.interpolate(logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
-        return self.vocabulary.aggregate(logits, from_logits=True, reduce=self.args.concept_reduce)
+        return self.teacher_vocabulary.aggregate(logits, from_logits=True, reduce=self.args.concept_reduce)
 
     @torch.no_grad()
     def teacher_targets(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -458,6 +467,7 @@ class VocAlignTrainer(Trainer):
         record = {
             "steps_trained": self.state.global_step,
             "concepts_used": list(self.vocabulary.entries) != list(self.class_names),
+            "teacher_concept_log_weights": self.concept_log_weights,
             "base_model": self.base_model_record(),
         }
         if self.resumed_from is not None:

@@ -16,6 +16,8 @@ so whether it repeats the class names cannot be checked there.
 
 from __future__ import annotations
 
+import copy
+
 from typing import Dict, List, Mapping, Optional, Sequence
 
 import torch
@@ -70,6 +72,8 @@ class ConceptVocabulary:
             when ``include_class_names``, then its concepts in the given order).
         entry_to_class: ``LongTensor (n_tot,)`` mapping each entry to its class index.
         class_to_entries: ``{class index: [entry indices]}`` (the released ``classes_to_concepts``).
+        entry_log_weights: ``None`` (Eq. 7), or ``(n_tot,)`` log-weights added to the entries' logits before the
+            softmax (extension: the concept guard's teacher, see :meth:`with_log_weights`).
 
     Raises ``ValueError`` on: a class list that fails ``validate_class_names`` (empty, blank or
     duplicate names); concept keys that are not class names; empty/blank concepts or non-list concept
@@ -109,6 +113,23 @@ class ConceptVocabulary:
         for ci, group in enumerate(per_class):
             self.class_to_entries[ci] = list(range(start, start + len(group)))
             start += len(group)
+
+    entry_log_weights: Optional[Tensor] = None
+
+    def with_log_weights(self, log_weights: Mapping[str, Mapping[str, float]]) -> "ConceptVocabulary":
+        """A copy whose :meth:`aggregate` adds ``log_weights[class][concept]`` to that concept's logit before the
+        softmax: its probability is multiplied by ``exp(log_weight)`` against the other entries (extension: the
+        concept guard, ``adaptation.concept_audit``). Raises ``ValueError`` for a concept not in this vocabulary."""
+        weights = torch.zeros(self.num_entries)
+        entry_of = {(self.class_names[c], self.entries[e]): e for c, group in self.class_to_entries.items() for e in group}
+        for class_name, concepts in log_weights.items():
+            for concept, value in concepts.items():
+                if (class_name, concept) not in entry_of:
+                    raise ValueError(f"no concept {concept!r} of class {class_name!r} in this vocabulary")
+                weights[entry_of[class_name, concept]] = float(value)
+        weighted = copy.copy(self)
+        weighted.entry_log_weights = weights
+        return weighted
 
     @classmethod
     def identity(cls, class_names: Sequence[str]) -> "ConceptVocabulary":
@@ -150,6 +171,11 @@ class ConceptVocabulary:
             )
         if reduce not in ("sum", "max"):
             raise ValueError(f"reduce must be 'sum' or 'max', got {reduce!r}")
+        if self.entry_log_weights is not None:
+            if not from_logits:
+                raise ValueError("a vocabulary with entry log-weights aggregates logits (from_logits=True)")
+            shape = (1, -1) + (1,) * (scores.dim() - 2)
+            scores = scores + self.entry_log_weights.to(scores.device, scores.dtype).view(shape)
         probs = torch.softmax(scores, dim=1) if from_logits else scores
         if reduce == "sum" and self.num_entries == self.num_classes:
             return probs if from_logits else probs.clone()  # one entry per class, in class order: nothing to sum
