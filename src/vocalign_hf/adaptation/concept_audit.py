@@ -23,14 +23,14 @@ thresholds were chosen on validation world seeds (benchmarks/concept_guard.py). 
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 import torch
 
 from .vocabulary import ConceptVocabulary
 
-__all__ = ["ConceptAudit", "audit_concepts", "format_audit", "guard_concepts"]
+__all__ = ["ConceptAudit", "audit_concepts", "audit_entry_logits", "format_audit", "guard_concepts"]
 
 
 @dataclass(frozen=True)
@@ -71,30 +71,42 @@ def audit_concepts(
     if not vocabulary.include_class_names:
         raise ValueError("the concept audit reads each class by its name entry: build the vocabulary with its names")
     device = model.device
-    num_entries, num_classes = vocabulary.num_entries, vocabulary.num_classes
     text = model.get_text_embeddings(processor.tokenize_classes(vocabulary.entries)["input_ids"].to(device))
-    names = torch.tensor([vocabulary.class_to_entries[c][0] for c in range(num_classes)], device=device)
-    owner = vocabulary.entry_to_class.to(device)
-    taken = torch.zeros(num_entries * num_classes, device=device)
-    taken_confident = torch.zeros(num_entries * num_classes, device=device)
-    stolen = torch.zeros(num_entries, device=device)
-    confidence_sum = torch.zeros(num_entries, device=device)
-    for start in range(0, len(images), batch_size):
-        pixel_values = processor(images=list(images[start : start + batch_size]))["pixel_values"].to(device)
-        logits = model(pixel_values=pixel_values, text_embeds=text,
-                       entry_class_ids=torch.arange(num_entries, device=device)).logits.float()
+    entry_ids = torch.arange(vocabulary.num_entries, device=device)
+
+    def entry_logits():
+        for start in range(0, len(images), batch_size):
+            pixel_values = processor(images=list(images[start : start + batch_size]))["pixel_values"].to(device)
+            yield model(pixel_values=pixel_values, text_embeds=text, entry_class_ids=entry_ids).logits.float()
+
+    return audit_entry_logits(entry_logits(), vocabulary, confidence, min_territory)
+
+
+@torch.no_grad()
+def audit_entry_logits(
+    batches: Iterable[torch.Tensor], vocabulary: ConceptVocabulary, confidence: float = 0.5, min_territory: float = 0.02
+) -> list[ConceptAudit]:
+    """The audit from the entries' logits, `(B, num_entries, h, w)` per batch (what `audit_concepts` computes with
+    the model; benchmarks/concept_guard.py replays saved ones)."""
+    num_entries, num_classes = vocabulary.num_entries, vocabulary.num_classes
+    names = torch.tensor([vocabulary.class_to_entries[c][0] for c in range(num_classes)])
+    taken = torch.zeros(num_entries * num_classes)
+    taken_confident = torch.zeros(num_entries * num_classes)
+    stolen = torch.zeros(num_entries)
+    confidence_sum = torch.zeros(num_entries)
+    for logits in batches:
+        logits = logits.float().cpu()
         winner = logits.argmax(dim=1).flatten()
-        names_confidence, names_class = logits[:, names].softmax(dim=1).max(dim=1)
-        names_confidence, names_class = names_confidence.flatten(), names_class.flatten()
+        names_confidence, names_class = (t.flatten() for t in logits[:, names].softmax(dim=1).max(dim=1))
         pair = winner * num_classes + names_class
         confident = (names_confidence >= confidence).float()
         taken += torch.bincount(pair, minlength=num_entries * num_classes)
         taken_confident += torch.bincount(pair, weights=confident, minlength=num_entries * num_classes)
-        steals = (names_class != owner[winner]) & (names_confidence >= confidence)
-        stolen += torch.bincount(winner, weights=steals.float(), minlength=num_entries)
+        steals = (names_class != vocabulary.entry_to_class[winner]).float() * confident
+        stolen += torch.bincount(winner, weights=steals, minlength=num_entries)
         confidence_sum += torch.bincount(winner, weights=names_confidence, minlength=num_entries)
-    counts = _Counts(taken.view(num_entries, num_classes).cpu(), taken_confident.view(num_entries, num_classes).cpu(),
-                     stolen.cpu(), confidence_sum.cpu())
+    counts = _Counts(taken.view(num_entries, num_classes), taken_confident.view(num_entries, num_classes), stolen,
+                     confidence_sum)
     return _rows(vocabulary, counts, min_territory)
 
 
