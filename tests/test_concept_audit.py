@@ -88,5 +88,7 @@ def test_teacher_vocabulary_weighs_down_a_concept_before_the_classes_are_summed(
 def test_concept_guard_is_an_option_of_its_own_ablation_row():
     from vocalign_hf.adaptation import ABLATIONS
 
-    assert ABLATIONS["concept_guard"]["concept_guard"] is True
-    assert all(row["concept_guard"] is False for name, row in ABLATIONS.items() if name != "concept_guard")
+    guarded = {"concept_guard", "names_concept_guard"}
+    assert all(ABLATIONS[name]["concept_guard"] is True for name in guarded)
+    assert all(row["concept_guard"] is False for name, row in ABLATIONS.items() if name not in guarded)
+    assert ABLATIONS["names_concept_guard"] == {**ABLATIONS["adaptive_topk"], "concept_guard": True}

@@ -36,9 +36,11 @@ _ROWS: dict[str, dict] = {
     # The concept guard (issue 40) on top of the main job's settings: the teacher weighs down a concept that takes
     # another class's confident pixels while its own class is read by name (adaptation/concept_audit.py).
     "concept_guard": {**_ADAPTIVE, "student_concepts": True, "concept_guard": True},
+    # The paper's names-only student (adaptive_topk) with the guarded teacher.
+    "names_concept_guard": {**_ADAPTIVE, "concept_guard": True},
 }
 # Every row but the student_concepts ones scores the student with the class names alone, and only the concept_guard
-# row guards the concepts, whatever the config says.
+# rows guard the concepts, whatever the config says.
 ABLATIONS: dict[str, dict] = {
     row: {"student_concepts": False, "concept_guard": False, **changes} for row, changes in _ROWS.items()
 }
