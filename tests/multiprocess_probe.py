@@ -18,6 +18,7 @@ import torch
 from accelerate import PartialState
 
 from vocalign_hf.adaptation import VocAlignTrainer
+from vocalign_hf.adaptation.sharding import full, local
 from vocalign_hf.models.catseg.pixel_normalization import normalize_pixels
 from vocalign_hf.world import datasets as world_datasets
 from vocalign_hf.world import pretrain as world_pretrain
@@ -25,8 +26,29 @@ from vocalign_hf.world import pretrain as world_pretrain
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 
 
+def fsdp_on_cpu() -> None:
+    """Accelerate turns FSDP on only for accelerator devices: on CPU processes (gloo) its state stays MULTI_CPU and the
+    Trainer wraps the model in DDP. Torch's FSDP2 runs on gloo, so here the state becomes FSDP when Accelerate was given
+    an FSDP plugin (`accelerate launch` with an FSDP config), and the Trainer and Accelerate take their FSDP2 path
+    (`fully_shard` of the model, sharded optimiser state) as on GPUs."""
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    state_init = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        state_init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)  # each call copies PartialState's MULTI_CPU back
+        plugin = fsdp_plugin or getattr(self, "fsdp_plugin", None)
+        if plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type, self.fsdp_plugin = DistributedType.FSDP, plugin
+
+    AcceleratorState.__init__ = init
+
+
 def main() -> None:
     probe_dir, watched, script, *flags = sys.argv[1:]
+    if os.environ.get("VOCALIGN_PROBE_CPU_FSDP") == "1":
+        fsdp_on_cpu()
     roots = [os.path.realpath(folder) for folder in watched.split(",")]
     record = {"render_calls": 0, "pretrain_calls": 0, "writes": [], "masks": [], "trainers": []}
 
@@ -91,10 +113,13 @@ def main() -> None:
     result.update(process_index=state.process_index, num_processes=state.num_processes)
     if adapting:
         trainer = adapting[-1]
-        lora = lambda model: {n: p.detach().cpu().clone() for n, p in model.named_parameters()
+        result["fsdp"] = trainer.is_fsdp_enabled
+        lora = lambda model: {n: full(p).detach().cpu().clone() for n, p in model.named_parameters()
                               if "lora_" in n and ".teacher." not in n}  # the student's; the teacher's is its own
         result["student"] = lora(trainer.accelerator.unwrap_model(trainer.model))
         result["teacher"] = lora(trainer.teacher)
+        # What each rank holds of the teacher's weights: its own shards under FSDP, whole weights under DDP.
+        result["teacher_local_shapes"] = {n: tuple(local(p).shape) for n, p in trainer.teacher.named_parameters()}
         image = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
         result["fixed_view"] = trainer.student_view(normalize_pixels(image))
         result["mask_fill"] = torch.tensor(trainer._mask_fill)

@@ -35,18 +35,16 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def two_process_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("two_processes")
+def _launch_tiny_job(tmp: Path, launcher: list[str], env: dict[str, str] | None = None):
+    """The tiny job on 2 processes under `accelerate launch <launcher>`, through the probe: (output folder, each
+    rank's record, stdout)."""
     output, cache, probes = tmp / "run", tmp / "world_cache", tmp / "probes"
-    env = {**os.environ, "VOCALIGN_WORLD_CACHE": str(cache), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    env = {**os.environ, **(env or {}), "VOCALIGN_WORLD_CACHE": str(cache), "OMP_NUM_THREADS": "1",
+           "PYTHONUNBUFFERED": "1"}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), str(ROOT), str(ROOT / "tests"), env.get("PYTHONPATH", "")])
-    # `accelerate launch --cpu` starts a single process; `--multi_gpu` starts torchrun's processes, which use gloo on
-    # the CPU here (the world config sets use_cpu: true).
     command = [
-        sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-        "--main_process_port", str(_free_port()),
+        sys.executable, "-m", "accelerate.commands.launch", *launcher, "--num_processes", "2",
+        "--mixed_precision", "no", "--main_process_port", str(_free_port()),
         str(ROOT / "tests" / "multiprocess_probe.py"), str(probes), f"{output},{cache}",
         str(ROOT / "recipes" / "adapt.py"), *TINY_JOB, "--output_dir", str(output),
     ]
@@ -54,6 +52,22 @@ def two_process_run(tmp_path_factory):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-5000:]
     ranks = [torch.load(probes / f"rank{i}.pt", weights_only=False) for i in range(2)]
     return output, ranks, done.stdout
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory):
+    # `accelerate launch --cpu` starts a single process; `--multi_gpu` starts torchrun's processes, which use gloo on
+    # the CPU here (the world config sets use_cpu: true).
+    launcher = ["--multi_gpu", "--num_machines", "1", "--dynamo_backend", "no"]
+    return _launch_tiny_job(tmp_path_factory.mktemp("two_processes"), launcher)
+
+
+@pytest.fixture(scope="module")
+def two_process_fsdp_run(tmp_path_factory):
+    """The same job with the shipped FSDP2 config. On CPU processes Accelerate would fall back to DDP (it enables
+    FSDP for accelerator devices only); the probe lets it take its FSDP2 path on gloo (see `fsdp_on_cpu` there)."""
+    launcher = ["--config_file", str(ROOT / "recipes" / "accelerate_configs" / "fsdp2_lora.yaml")]
+    return _launch_tiny_job(tmp_path_factory.mktemp("two_processes_fsdp"), launcher, {"VOCALIGN_PROBE_CPU_FSDP": "1"})
 
 
 def test_both_ranks_hold_the_same_student_and_teacher(two_process_run):
@@ -144,12 +158,40 @@ def test_only_rank_zero_prints_and_writes(two_process_run):
     assert stdout.count("=== target split, adapted ===") == 1
 
 
+def test_fsdp2_run_equals_the_ddp_run(two_process_run, two_process_fsdp_run):
+    """FSDP2 (the shipped config, on gloo): the student and the teacher -- its second adapter on the same model -- are
+    sharded alike, each rank's EMA updates its own teacher shards, and the run ends where the DDP run ends: the same
+    LoRA weights within float tolerance (gradients are reduce-scattered instead of all-reduced), the same
+    evaluations, the same files."""
+    ddp_output, ddp, _ = two_process_run
+    output, ranks, stdout = two_process_fsdp_run
+    assert [r["fsdp"] for r in ranks] == [True, True] and ddp[0]["fsdp"] is False
+    for name, shape in ranks[0]["teacher_local_shapes"].items():  # each rank holds half of every teacher weight
+        whole = ranks[0]["teacher"][name].shape
+        assert shape == (whole[0] // 2, *whole[1:]) == ranks[1]["teacher_local_shapes"][name], name
+    for part in ("student", "teacher"):
+        assert ranks[0][part].keys() == ranks[1][part].keys() == ddp[0][part].keys()
+        for name, value in ranks[0][part].items():
+            assert torch.equal(value, ranks[1][part][name]), (part, name)
+            torch.testing.assert_close(value, ddp[0][part][name], rtol=1e-5, atol=1e-6, msg=f"{part} {name}")
+    assert any(not torch.equal(v, ranks[0]["teacher"][n]) for n, v in ranks[0]["student"].items())
+    results = json.loads((output / "results.json").read_text())
+    assert results == json.loads((ddp_output / "results.json").read_text())  # every mIoU and IoU
+    for saved in ("adapter/adapter_model.safetensors", "checkpoint-3/adapter_model.safetensors",
+                  "checkpoint-3/teacher_lora.safetensors"):
+        mine, theirs = load_file(str(output / saved)), load_file(str(ddp_output / saved))
+        assert mine.keys() == theirs.keys(), saved
+        for name, value in mine.items():
+            torch.testing.assert_close(value, theirs[name], rtol=1e-5, atol=1e-6, msg=f"{saved} {name}")
+    assert (output / "overlays.png").is_file() and stdout.count("=== target split, adapted ===") == 1
+
+
 def test_shipped_accelerate_configs_load():
     from accelerate.commands.config.config_args import load_config_from_file
 
     expected = {
         "single_gpu_bf16.yaml": ("NO", 1, 1), "multi_gpu_ddp.yaml": ("MULTI_GPU", 4, 1),
-        "multi_node_ddp.yaml": ("MULTI_GPU", 16, 2),
+        "multi_node_ddp.yaml": ("MULTI_GPU", 16, 2), "fsdp2_lora.yaml": ("FSDP", 4, 1),
     }
     folder = ROOT / "recipes" / "accelerate_configs"
     assert sorted(p.name for p in folder.glob("*.yaml")) == sorted(expected)
@@ -157,3 +199,5 @@ def test_shipped_accelerate_configs_load():
         config = load_config_from_file(str(folder / name))
         assert (str(config.distributed_type.value), config.num_processes, config.num_machines) == (kind, processes, machines)
         assert config.mixed_precision == "bf16" and not config.use_cpu
+    fsdp = load_config_from_file(str(folder / "fsdp2_lora.yaml")).fsdp_config
+    assert fsdp["fsdp_version"] == 2 and fsdp["fsdp_state_dict_type"] == "FULL_STATE_DICT"

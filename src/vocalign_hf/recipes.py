@@ -26,6 +26,7 @@ from .adaptation.adapters import base_model_fingerprint
 from .adaptation.concept_audit import audit_concepts, format_audit, guard_concepts
 from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
+from .adaptation.sharding import full, is_sharded
 from .outputs import check_not_overlapping
 from .recipe_checks import (
     PREVIOUS_RUN,
@@ -438,6 +439,13 @@ def save_overlays(
     """Write one PNG grid of `count` evaluation images: image | ground truth | the prediction of each predictor
     (e.g. zero-shot, adapted: a function of the pixel values giving class scores), panels upscaled to at least
     256 px, with a legend of the class names."""
+    grid = overlay_grid(predictors, collator, dataset, class_names, palette, count, titles)
+    return None if grid is None else atomic_write_file(path, lambda tmp: grid.save(tmp, format="PNG"))
+
+
+def overlay_grid(predictors: list, collator, dataset, class_names, palette, count: int,
+                 titles: tuple[str, ...] = ("zero-shot", "adapted")):
+    """The image [`save_overlays`] writes (None for `count` 0)."""
     count = min(count, len(dataset))
     if count <= 0:
         return None
@@ -453,8 +461,7 @@ def save_overlays(
             logits = torch.nn.functional.interpolate(logits, size=labels.shape, mode="bilinear", align_corners=False)
             row.append(colorize(logits[0].argmax(0).cpu().numpy(), palette))
         rows.append(row)
-    grid = segmentation_grid(rows, ("image", "ground truth", *titles), class_names, palette)
-    return atomic_write_file(path, lambda tmp: grid.save(tmp, format="PNG"))
+    return segmentation_grid(rows, ("image", "ground truth", *titles), class_names, palette)
 
 
 #: The smallest training crop: two ViT-B/16 patches a side, and one 16-pixel mask block.
@@ -738,8 +745,11 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
         results, absent = split_absent_metrics(results)  # NaN (no valid pixel) is reported as absent, with the reason
         if absent:
             results["absent"] = absent
+        sharded = None
+        if is_sharded(trainer.model):  # FSDP: the adapter's weights and the overlays' forwards need every rank
+            sharded = _sharded_export(recipe, data, processor, trainer, zero_shot_model)
         if trainer.is_world_process_zero():
-            _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing)
+            _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing, sharded)
     except BaseException as error:
         if trainer.is_world_process_zero():
             _mark_stopped(Path(args.output_dir), trainer, error)
@@ -798,9 +808,30 @@ def _evaluate_into(results: dict[str, Any], trainer: VocAlignTrainer, prefix: st
     return trainer.last_eval_table
 
 
-def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing) -> None:
+def _overlay_predictors(processor, trainer, zero_shot_model, class_names) -> list:
+    tokens = processor.tokenize_classes(class_names)["input_ids"]
+    device = trainer.args.device
+    trainer.model.eval()
+    return [lambda x: zero_shot_model.eval()(pixel_values=x.to(device), input_ids=tokens.to(device)).logits,
+            lambda x: trainer.class_scores(x.to(device))]
+
+
+def _sharded_export(recipe, data, processor, trainer, zero_shot_model) -> dict[str, Any]:
+    """What [`_export_run`] computes with the models, computed by every rank when they are FSDP-sharded (gathering
+    a weight and a forward are collectives): the student's LoRA weights, whole, and the overlay image."""
+    weights = {name: full(value).detach().cpu() for name, value in trainer.model.state_dict().items()
+               if "lora_" in name}  # the same names in the same order on every rank
+    predictors = _overlay_predictors(processor, trainer, zero_shot_model, data.class_names)
+    grid = overlay_grid(predictors, trainer.data_collator, data.eval, data.class_names, data.palette,
+                        recipe.num_overlays)
+    return {"adapter_weights": weights, "overlay_grid": grid}
+
+
+def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tables, push, replacing,
+                sharded: dict[str, Any] | None = None) -> None:
     """Print the tables, then write what matters first: the adapter and `results.json`; then the overlays; then
-    mark the run finished, delete the run this one replaced (`replacing`: it set one aside), and push."""
+    mark the run finished, delete the run this one replaced (`replacing`: it set one aside), and push. `sharded`:
+    what [`_sharded_export`] computed on every rank when the models are FSDP-sharded."""
     args = trainer.args
     for name, table in tables.items():
         print(f"\n=== target split, {name} ===\n{table}")
@@ -810,16 +841,18 @@ def _export_run(recipe, data, processor, trainer, zero_shot_model, results, tabl
     metrics = {title: results[key] for key, title in RESULT_TITLES.items() if key in results}
     # save_adapter writes the folder whole and renames it into place: never new weights beside an old class list.
     folder = save_adapter(trainer.model, output / "adapter", data.class_names, data.concepts, metrics, settings,
-                          dataset=recipe.hub_source or recipe.dataset)
+                          dataset=recipe.hub_source or recipe.dataset,
+                          state_dict=sharded["adapter_weights"] if sharded else None)
     atomic_write_text(output / "results.json", json.dumps(results, indent=2, allow_nan=False))
     print(f"adapter saved to {folder}")
-    tokens = processor.tokenize_classes(data.class_names)["input_ids"]
-    device = trainer.args.device
-    trainer.model.eval()
-    predictors = [lambda x: zero_shot_model.eval()(pixel_values=x.to(device), input_ids=tokens.to(device)).logits,
-                  lambda x: trainer.class_scores(x.to(device))]
-    overlays = save_overlays(predictors, trainer.data_collator, data.eval, data.class_names, data.palette,
-                             output / "overlays.png", recipe.num_overlays)
+    if sharded:
+        grid = sharded["overlay_grid"]
+        overlays = None if grid is None else atomic_write_file(
+            output / "overlays.png", lambda tmp: grid.save(tmp, format="PNG"))
+    else:
+        predictors = _overlay_predictors(processor, trainer, zero_shot_model, data.class_names)
+        overlays = save_overlays(predictors, trainer.data_collator, data.eval, data.class_names, data.palette,
+                                 output / "overlays.png", recipe.num_overlays)
     if overlays:
         print(f"overlays (image | ground truth | zero-shot | adapted): {overlays}")
     atomic_write_json(output / RUN_MARK, run_mark("finished", settings))

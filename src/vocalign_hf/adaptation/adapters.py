@@ -13,6 +13,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from peft import PeftModel
 
@@ -254,6 +256,7 @@ def save_adapter(
     metrics: Mapping[str, float] | None = None,
     settings: Mapping[str, Any] | None = None,
     dataset: str | None = None,
+    state_dict: Mapping[str, torch.Tensor] | None = None,
 ) -> Path:
     """Save the LoRA adapter (peft format: `adapter_config.json` + `adapter_model.safetensors`), `vocalign.json`
     (class list, concepts, settings, metrics, the base model's Hub id and commit) and a model card `README.md`.
@@ -263,6 +266,9 @@ def save_adapter(
     so readers never see new weights beside an old class list. An existing `output_dir` is replaced only if it is
     empty or an adapter written here before; any other folder, or the base model's own, is refused
     ([`~vocalign_hf.outputs.write_output_folder`]).
+
+    `state_dict`: the model's LoRA weights, whole, when the model is FSDP-sharded (gathered by every rank; this
+    function then runs on the main process alone).
     """
     peft_config = model.peft_config[model.active_adapter]
     base_model = peft_config.base_model_name_or_path or "catseg"
@@ -286,7 +292,8 @@ def save_adapter(
 
     def write(folder: Path) -> None:
         # The active adapter only: a trainer's model also carries its EMA teacher's adapter.
-        model.save_pretrained(str(folder), selected_adapters=[model.active_adapter])
+        extra = {} if state_dict is None else {"state_dict": dict(state_dict)}
+        model.save_pretrained(str(folder), selected_adapters=[model.active_adapter], **extra)
         atomic_write_json(folder / VOCALIGN_FILE, info)
         atomic_write_text(folder / CARD_FILE, str(card))
 

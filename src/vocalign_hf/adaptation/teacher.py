@@ -16,6 +16,14 @@ whatever the student's `--bf16` / `--fp16`; its weights stay float32, so the EMA
 picks bfloat16 where the hardware computes it natively ([`resolve_teacher_dtype`]): there the teacher's forward,
 the largest part of a step, is faster; elsewhere bfloat16 is emulated and slower than float32.
 
+Under FSDP2 (Accelerate's `fsdp_version: 2`, `recipes/accelerate_configs/fsdp2_lora.yaml`) `fully_shard` of the
+student shards the teacher's adapter with it, exactly alike: a teacher weight and the student weight it follows have
+one shape and are both sharded along their first dimension over the same ranks, so [`EMATeacher.update`] runs on
+each rank's local shards with no communication (DINOv2 / DINOv3 update their EMA teachers that way). The teacher then
+computes through the peft model, the root of the sharding, with its text encoding registered as an FSDP forward
+([`~vocalign_hf.adaptation.sharding.register_forward_methods`]), and encodes its vocabulary at every forward (see
+[`vocabulary_logits`]); its checkpoint gathers the shards on every rank ([`lora_weights`]) and is the same file.
+
 The checkpoint file (`teacher_lora.safetensors`) holds the teacher's LoRA weights under the *student's* parameter
 names (`...lora_A.default.weight`), so that a teacher weight and the student weight it follows share a name, and
 checkpoints written when the teacher was a deep copy load as they are. peft's own saving leaves the teacher out
@@ -39,6 +47,7 @@ from ..atomic import atomic_write_file
 from ..models.catseg.text_embedding_cache import TextEmbeddingCache
 from .ema import ema_alpha, update_ema_
 from .lora import TEACHER_ADAPTER, _is_lora_name, lora_parameter_names
+from .sharding import full, is_sharded, local, register_forward_methods, same_sharding
 
 __all__ = ["EMATeacher", "TeacherEMACallback", "TEACHER_ADAPTER", "TEACHER_DTYPES", "resolve_teacher_dtype"]
 
@@ -124,6 +133,7 @@ class EMATeacher:
         self.compute_dtype: torch.dtype | None = None  # resolved on the first batch's device
         self.text_cache = TextEmbeddingCache()  # the vocabulary's text embeddings, while the teacher's text weights stay
         self._ema_pairs: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+        self._ema_pairs_sharded = False  # whether the pairs were taken from an FSDP-sharded model
 
     def _add_teacher_adapter(self, student) -> nn.Module:
         """Add the teacher's adapter to `student` (its config, the student's LoRA weights, frozen); return the
@@ -153,16 +163,33 @@ class EMATeacher:
     def parameters(self) -> Iterator[nn.Parameter]:
         return (p for _, p in self.named_parameters())
 
+    @property
+    def sharded(self) -> bool:
+        """Whether the shared model is FSDP-sharded (`fully_shard`, by Accelerate's FSDP2): the teacher's weights
+        are then sharded exactly like the student's, being on the same modules."""
+        return self._peft is not None and is_sharded(self._peft)
+
     @torch.no_grad()
     def update(self, step: int) -> None:
         """EMA of the LoRA weights after optimiser step `step`: alpha_t = min(1 - 1/(t+1), alpha) (the released
-        code's warm-up). Without `text_follows_student` only the image tower's LoRA weights move."""
-        if self._ema_pairs is None:  # the same parameter objects every step: pair them once
+        code's warm-up). Without `text_follows_student` only the image tower's LoRA weights move.
+
+        Under FSDP each rank updates its own shards, with no communication (as DINOv2 / DINOv3 update their EMA
+        teachers): a teacher weight and the student weight it follows have one shape and one placement (sharded
+        along the first dimension over the same ranks), so their local shards hold the same elements."""
+        if self._ema_pairs is None or self._ema_pairs_sharded != self.sharded:  # pair the parameter objects once
+            # (FSDP replaces them by sharded ones when it shards the model; outside a forward they stay those)
             student = dict(self.student.named_parameters())
             teacher = dict(self.named_parameters())
             names = [n for n in lora_parameter_names(self) if self.text_follows_student or "text_model" not in n]
+            for name in names:
+                if not same_sharding(teacher[name], student[name]):
+                    raise RuntimeError(f"The teacher's {name} is not sharded like the student's: "
+                                       f"{type(teacher[name]).__name__} vs {type(student[name]).__name__}")
             self._ema_pairs = ([teacher[n] for n in names], [student[n] for n in names])
-        update_ema_(*self._ema_pairs, ema_alpha(step, self.alpha))
+            self._ema_pairs_sharded = self.sharded
+        teacher, student = self._ema_pairs
+        update_ema_(list(map(local, teacher)), list(map(local, student)), ema_alpha(step, self.alpha))
 
     # ------------------------------------------------------------------------------------------ forward
     @contextmanager
@@ -188,16 +215,24 @@ class EMATeacher:
                 weight.requires_grad_(flag)
             self._switched = False
 
+    def _computing_model(self) -> nn.Module:
+        """What the teacher calls: the base model with both adapters; under FSDP the peft model around it, the root
+        of the sharding, whose forward (and text encoding, registered as a forward) gathers the weights."""
+        if self.sharded:
+            register_forward_methods(self._peft)
+            return self._peft
+        return self.model
+
     @torch.no_grad()
     def __call__(self, **inputs: Any):
         """The teacher's forward (no gradients): the model's output for `inputs`."""
         with self.active():
-            return self.model(**inputs)
+            return self._computing_model()(**inputs)
 
     @torch.no_grad()
     def get_text_embeddings(self, input_ids: torch.Tensor) -> torch.Tensor:
         with self.active():
-            return self.model.get_text_embeddings(input_ids)
+            return self._computing_model().get_text_embeddings(input_ids)
 
     def precision(self, device: torch.device) -> torch.autocast:
         """The autocast context of the teacher's forward on `device`: bfloat16, or disabled (float32) -- also inside
@@ -213,12 +248,14 @@ class EMATeacher:
         logits of a bfloat16 forward are bfloat16)."""
         if self._peft is None:
             self.model.to(pixel_values.device)  # a copy made before the Trainer placed the student
+        tokens = self.entry_tokens.to(pixel_values.device)
         with self.active(), self.precision(pixel_values.device):
-            # Encoded once per EMA update of the text weights (or once in all when they stay); gradient accumulation
-            # reuses it.
-            text = self.text_cache.get_or_encode(self.model.catseg.text_tower,
-                                                 self.entry_tokens.to(pixel_values.device), self.get_text_embeddings)
-            return self.model(pixel_values=pixel_values, text_embeds=text).logits
+            if self.sharded:  # every forward: the cache's validity check reads storage FSDP reallocates rank by rank
+                text = self.get_text_embeddings(tokens)
+            else:  # encoded once per EMA update of the text weights (or once in all when they stay); gradient
+                # accumulation reuses it
+                text = self.text_cache.get_or_encode(self.model.catseg.text_tower, tokens, self.get_text_embeddings)
+            return self._computing_model()(pixel_values=pixel_values, text_embeds=text).logits
 
     @contextmanager
     def hidden_from_peft(self) -> Iterator[None]:
@@ -235,15 +272,22 @@ class EMATeacher:
             configs[TEACHER_ADAPTER] = teacher
 
     # -------------------------------------------------------------------------------------- checkpoints
-    def save(self, path: str | Path) -> None:
-        """Write the teacher's LoRA weights atomically (tmp file + rename)."""
+    def lora_weights(self) -> dict[str, torch.Tensor]:
+        """The teacher's LoRA weights, whole, on the CPU, under the student's names. Under FSDP the shards are
+        gathered: every rank must call it."""
+        return {n: full(p.detach()).cpu().contiguous() for n, p in self.named_parameters() if "lora_" in n}
+
+    def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
+        """Write the teacher's LoRA weights atomically (tmp file + rename): `weights` ([`lora_weights`], gathered
+        by every rank under FSDP), by default read here."""
         from safetensors.torch import save_file
 
-        tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if "lora_" in n}
+        tensors = self.lora_weights() if weights is None else weights
         atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def load(self, path: str | Path) -> None:
-        """Read the teacher's LoRA weights written by [`save`]."""
+        """Read the teacher's LoRA weights written by [`save`] (under FSDP every rank reads the file and keeps its
+        own shards)."""
         from safetensors.torch import load_file
 
         tensors = load_file(str(path))
@@ -253,7 +297,13 @@ class EMATeacher:
             raise ValueError(f"Teacher checkpoint {path} lacks {missing[:5]} (and {max(len(missing) - 5, 0)} more)")
         with torch.no_grad():
             for name, value in tensors.items():
-                params[name].copy_(value)
+                weight = params[name]
+                if local(weight) is not weight:  # a DTensor: this rank's part of the file's whole weight
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value.to(local(weight).device), weight.device_mesh, weight.placements,
+                                              src_data_rank=None)
+                weight.copy_(value)
 
 
 class TeacherEMACallback(TrainerCallback):

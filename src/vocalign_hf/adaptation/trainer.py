@@ -71,6 +71,7 @@ from .checkpoints import (
 from .lora import LoRASettings, lora_config_for_clip
 from .masking import apply_block_mask, sample_block_mask, sample_clip_aligned_block_mask
 from .pseudo_labels import entropy_loss, weighted_cross_entropy
+from .sharding import full, is_sharded, register_forward_methods, vectorize_scalar_parameters
 from .student_augmentation import StudentAugmentation
 from .teacher import EMATeacher, TeacherEMACallback
 from .topk import gather_class_probs, topk_pseudo_labels
@@ -117,6 +118,8 @@ class _CheckpointCompletionCallback(TrainerCallback):
         self.trainer = trainer
 
     def on_save(self, args, state, control, **kwargs):
+        # Every rank: under FSDP the teacher's weights are gathered from all ranks' shards.
+        teacher = self.trainer.teacher.lora_weights() if self.trainer.teacher is not None else None
         if not args.should_save:
             return
         folder = Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
@@ -124,7 +127,7 @@ class _CheckpointCompletionCallback(TrainerCallback):
             logger.warning(f"{folder} does not exist: the teacher's weights are not saved with this checkpoint")
             return
         if self.trainer.teacher is not None:
-            self.trainer.teacher.save(folder / TEACHER_WEIGHTS)
+            self.trainer.teacher.save(folder / TEACHER_WEIGHTS, teacher)
         atomic_write_json(folder / CHECKPOINT_COMPLETE, {"global_step": state.global_step})
 
 
@@ -193,6 +196,8 @@ class VocAlignTrainer(Trainer):
         if kwargs.get("compute_metrics") is None:
             kwargs["compute_metrics"] = self._mean_iou
         super().__init__(model=model, args=args, data_collator=collator, **kwargs)
+        if self.is_fsdp_enabled:  # before Accelerate shards the model (at the first evaluation or training)
+            vectorize_scalar_parameters(self.model)
         args.check_concepts(self.concepts)
         self.vocabulary = (
             ConceptVocabulary(self.class_names, self.concepts, include_class_names=args.include_class_names)
@@ -478,7 +483,10 @@ class VocAlignTrainer(Trainer):
         """[`Trainer.save_model`] (model, processor, training arguments), plus `vocalign.json`: the class list,
         concepts, the run's settings and what it did so far."""
         with self.teacher.hidden_from_peft() if self.teacher is not None else contextlib.nullcontext():
-            super().save_model(output_dir, _internal_call=_internal_call)  # the student's adapter only
+            if self.is_fsdp_enabled and is_sharded(self.model) and isinstance(self.model, PeftModel):
+                self._save_sharded_adapter(output_dir)
+            else:
+                super().save_model(output_dir, _internal_call=_internal_call)  # the student's adapter only
         if self.args.should_save:
             info = {
                 "class_names": self.class_names,
@@ -487,6 +495,18 @@ class VocAlignTrainer(Trainer):
                 **self.run_record(),
             }
             atomic_write_json(Path(output_dir or self.args.output_dir) / VOCALIGN_STATE, info)
+
+    def _save_sharded_adapter(self, output_dir: str | None) -> None:
+        """The Trainer's save under FSDP for a peft model: every rank gathers the LoRA weights (the adapter is all
+        that is saved), then the main process writes them as `Trainer._save` does.
+
+        Why not the Trainer's own: with FSDP2 it gathers the whole model's state to rank 0 with Accelerate's
+        `get_state_dict`, then peft's `save_pretrained` gathers the sharded weights again, on rank 0 alone: a
+        collective the other ranks do not join (gloo aborts with "Received data size doesn't match expected size",
+        NCCL hangs)."""
+        weights = {name: full(value).detach().cpu() for name, value in self.model.state_dict().items()
+                   if "lora_" in name}  # the same names in the same order on every rank
+        self._save(output_dir or self.args.output_dir, state_dict=weights)
 
     def adaptation_settings(self) -> dict[str, Any]:
         """The settings of this run that an adapter's model card and `vocalign.json` record, and what it did."""
@@ -551,11 +571,16 @@ class VocAlignTrainer(Trainer):
         `text`: the student vocabulary's embeddings; by default encoded once while the student's text weights stay
         (`model.encode_vocabulary`)."""
         model = self.accelerator.unwrap_model(self.model)
+        register_forward_methods(model)  # under FSDP: the text encoding and sliding window gather the weights too
         # The model's own scoring of an aligned vocabulary, as a user's model(...) or pipeline(...) computes it.
         entry_class_ids = self.student_vocabulary.entry_to_class.to(pixel_values.device)
         with self.accelerator.autocast():
             if text is None:
-                text = model.encode_vocabulary(self._student_tokens.to(pixel_values.device))
+                tokens = self._student_tokens.to(pixel_values.device)
+                # Not from the cache under FSDP: it tells a valid encoding by the weights' storage, which FSDP
+                # frees and reallocates rank by rank, so the ranks could disagree and one skip the text tower's
+                # gathers that the others run.
+                text = model.get_text_embeddings(tokens) if is_sharded(model) else model.encode_vocabulary(tokens)
             if self.args.eval_sliding_window:
                 return model.predict_sliding_window(pixel_values, text_embeds=text, output_size=output_size,
                                                     entry_class_ids=entry_class_ids)

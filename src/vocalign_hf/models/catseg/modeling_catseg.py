@@ -194,6 +194,12 @@ class CATSegPreTrainedModel(PreTrainedModel):
     # The cost embedding (the first layer's input), then each aggregation layer's output.
     _can_record_outputs = {"hidden_states": OutputRecorder(CATSegAggregatorLayer, num_hidden_layers_key="num_layers")}
 
+    def get_input_embeddings(self) -> None:
+        """None: CAT-Seg has no input embeddings of its own (its inputs are images and class prompts; the token
+        embedding is CLIP's, inside its text tower). transformers' fallback raises instead, and Accelerate's FSDP2
+        preparation asks every model for its input embeddings (to shard them as a unit of their own)."""
+        return None
+
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
         """The base class's initialisation (linear and convolution weights normal with `initializer_range`, norms
