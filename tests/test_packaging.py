@@ -106,3 +106,33 @@ def test_recipe_programs_answer_help(capsys):
         out = capsys.readouterr().out
         assert done.value.code in (0, None), f"{script} --help: {out[-500:]}"
         assert out.startswith("usage: ") and "--output_dir" in out, script
+
+
+def test_importing_vocalign_hf_after_transformers_registers_the_pipeline(tmp_path):
+    """The README's `from transformers import pipeline; import vocalign_hf; pipeline(..., model=folder)` on a saved
+    model (its config has an `auto_map`, as every converted or pushed one) uses this package's code: before the fix,
+    the lazy package registered nothing on `import vocalign_hf` and transformers asked for `trust_remote_code`."""
+    from conftest import tiny_catseg_config
+
+    from vocalign_hf import CATSegForSemanticSegmentation, CATSegProcessor
+
+    config = tiny_catseg_config()
+    CATSegForSemanticSegmentation(config).save_pretrained(tmp_path / "model")
+    CATSegProcessor.from_config(config).save_pretrained(tmp_path / "model")
+    assert "auto_map" in (tmp_path / "model" / "config.json").read_text()
+    probe = (
+        "import sys\n"
+        "from transformers import pipeline\n"
+        "import vocalign_hf\n"
+        "import numpy as np\n"
+        "from PIL import Image\n"
+        f"segmenter = pipeline('zero-shot-image-segmentation', model={str(tmp_path / 'model')!r})\n"
+        "image = Image.fromarray(np.zeros((40, 56, 3), np.uint8))\n"
+        "segments = segmenter(image, candidate_labels=['road', 'sky'])\n"
+        "print(type(segmenter.model).__module__, segments[0]['mask'].size)\n"
+    )
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, env=env,
+                          stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.split() == ["vocalign_hf.models.catseg.modeling_catseg", "(56,", "40)"]

@@ -2,11 +2,14 @@
 
 The model names load lazily (PEP 562), so that `import vocalign_hf.class_names` (the concept command) imports
 neither torch nor transformers; `from vocalign_hf import CATSegForSemanticSegmentation` loads the model package and
-registers it with the Auto classes, as before.
+registers it with the Auto classes, as before. Where transformers is already imported, `import vocalign_hf`
+registers them at once (and the `zero-shot-image-segmentation` task): `from transformers import pipeline; import
+vocalign_hf; pipeline(..., model="org/catseg")` then uses this package's code, with no `trust_remote_code` prompt.
 """
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
@@ -44,3 +47,11 @@ def __getattr__(name: str) -> Any:
 
 def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
+
+
+# A transformers user (`from transformers import pipeline`, then `import vocalign_hf`, as the README shows) gets the
+# Auto classes and the pipeline task now; the concept command, which never imports transformers, stays torch-free.
+if "transformers" in sys.modules:
+    from .models.catseg import _register_auto_classes
+
+    _register_auto_classes()
