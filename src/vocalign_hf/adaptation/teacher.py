@@ -32,6 +32,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
@@ -104,8 +106,6 @@ class EMATeacher:
         text_follows_student: bool = True,
         dtype: str = "float32",
     ) -> None:
-        from peft import PeftModel
-
         self.student = student
         self._peft = student if isinstance(student, PeftModel) else None
         self._switched = False
@@ -237,15 +237,11 @@ class EMATeacher:
     # -------------------------------------------------------------------------------------- checkpoints
     def save(self, path: str | Path) -> None:
         """Write the teacher's LoRA weights atomically (tmp file + rename)."""
-        from safetensors.torch import save_file
-
         tensors = {n: p.detach().cpu().contiguous() for n, p in self.named_parameters() if "lora_" in n}
         atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def load(self, path: str | Path) -> None:
         """Read the teacher's LoRA weights written by [`save`]."""
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path))
         params = dict(self.named_parameters())
         missing = sorted(n for n in params if "lora_" in n and n not in tensors)
