@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -198,8 +199,6 @@ def check_output_path(out: str | os.PathLike[str], *, classes: str | os.PathLike
 
 
 def _run(args: argparse.Namespace) -> int:
-    import json
-
     classes = read_class_list(args.classes)
     if args.print_prompt:
         prompt = render_prompt(classes, args.description, args.num_concepts, args.template)

@@ -121,7 +121,7 @@ def make_client(api_key: str, *, base_url: str | None = None, timeout: float = 6
 
     ``base_url=None`` uses the SDK default (``$OPENAI_BASE_URL`` or the OpenAI API).
     """
-    import openai
+    import openai  # here, not at the top: it takes about 1 s, which `vocalign-concepts --help` must not pay
 
     return openai.OpenAI(api_key=api_key, base_url=base_url, timeout=timeout, max_retries=0)
 
@@ -172,7 +172,7 @@ def _retryable_failure(
         ConceptGenerationError: the failure is not worth retrying (an HTTP error other than 429 / 5xx, or another
             client error).
     """
-    import openai
+    import openai  # here, not at the top: it takes about 1 s, which `vocalign-concepts --help` must not pay
 
     if isinstance(exc, openai.APITimeoutError):
         return "request timed out" + (f" after {timeout:g} s" if timeout is not None else ""), None
@@ -233,7 +233,7 @@ def request_completion(
         ConceptGenerationError: a non-retryable HTTP error, or all attempts failed (the message
             names the last failure).
     """
-    import openai
+    import openai  # here, not at the top: it takes about 1 s, which `vocalign-concepts --help` must not pay
 
     kwargs: dict[str, Any] = {
         "model": model,

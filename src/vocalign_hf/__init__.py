@@ -38,7 +38,7 @@ def __getattr__(name: str) -> Any:
     """Load a model name from `models.catseg` on first use (PEP 562)."""
     if name not in __all__:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from .models import catseg  # lazily: the heavy part of the package (see the docstring)
+    from .models import catseg  # here, not at the top: keeps `import vocalign_hf` fast (no torch; see the docstring)
 
     value = getattr(catseg, name)
     globals()[name] = value

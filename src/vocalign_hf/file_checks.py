@@ -8,6 +8,8 @@ import os
 import zipfile
 from pathlib import Path
 
+from safetensors import SafetensorError, safe_open
+
 __all__ = ["damaged_files", "file_problem"]
 
 _CHECKED = (".safetensors", ".pt", ".pth", ".bin")
@@ -34,8 +36,6 @@ def file_problem(path: str | os.PathLike) -> str | None:
 
 
 def _safetensors_problem(path: Path) -> str | None:
-    from safetensors import SafetensorError, safe_open
-
     try:
         with safe_open(str(path), "pt"):
             return None

@@ -14,6 +14,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
+
 from .atomic import read_json_object
 from .errors import UsageError
 from .file_checks import damaged_files
@@ -105,8 +107,6 @@ def _resolve(name: str, flag: str, check_folder: Callable[[Path, str], None], hu
     first = name.split("/", 1)[0]
     if path_like or not _REPO_ID.match(name) or Path(first).is_dir():
         raise UsageError(f"{flag}: folder not found: {name} (resolved to {path.resolve()}){_folder_hint(path)}")
-    from huggingface_hub import constants, get_hf_file_metadata, hf_hub_url, try_to_load_from_cache
-
     if isinstance(try_to_load_from_cache(name, hub_file), str):
         return name
     if constants.HF_HUB_OFFLINE:

@@ -3,6 +3,7 @@ overlays. The scripts themselves stay short; this module is importable and teste
 
 from __future__ import annotations
 
+import difflib
 import errno
 import json
 import logging
@@ -17,12 +18,14 @@ from typing import Any
 import numpy as np
 import torch
 import yaml
-from transformers import HfArgumentParser
+from accelerate import PartialState
+from concept_generation import load_concepts
+from transformers import HfArgumentParser, set_seed
 
 from .atomic import atomic_write_file, atomic_write_json, atomic_write_text, read_json_object
 from .errors import UsageError
 from .adaptation import ConceptVocabulary, VocAlignArguments, VocAlignTrainer, add_lora, push_adapter_to_hub, save_adapter
-from .adaptation.adapters import base_model_fingerprint
+from .adaptation.adapters import adapter_push_target, base_model_fingerprint
 from .adaptation.concept_audit import audit_concepts, format_audit, guard_concepts
 from .adaptation.checkpoints import run_settings
 from .adaptation.lora import LoRASettings, lora_config_for_clip
@@ -47,7 +50,7 @@ from .metrics import split_absent_metrics
 from .models.catseg import CATSegConfig, CATSegForSemanticSegmentation, CATSegProcessor
 from .models.catseg.pixel_normalization import denormalize_pixels
 from .visualization import colorize, segmentation_grid
-from .world import WorldConfig
+from .world import WorldConfig, build_world, default_world_cache, pretrain_source_model
 from .world.generator import SOURCE_SYNONYMS
 from .world.pretrain import PRETRAIN_BATCH_SIZE, PRETRAIN_STEPS, PRETRAIN_THREADS
 from .data import (
@@ -287,8 +290,6 @@ def load_target_data(
     check_dataset_name(recipe.dataset)
     if recipe.dataset == "world":
         return _world_data(recipe, output_dir, seed, check_files, progress)
-    from concept_generation import load_concepts
-
     if recipe.dataset == "folder":
         if (with_train and not recipe.data_root) or not recipe.class_names_file:
             needs = "--data_root (images) and --class_names_file" if with_train else "--class_names_file"
@@ -394,10 +395,6 @@ def world_config(recipe: RecipeArguments) -> WorldConfig:
 def _world_data(
     recipe: RecipeArguments, output_dir: str, seed: int, check_files: bool = True, progress: bool | None = None
 ) -> TargetData:
-    from accelerate import PartialState
-
-    from .world import build_world, default_world_cache, pretrain_source_model
-
     # One process renders the world in memory; several share it through the on-disk cache (`VOCALIGN_WORLD_CACHE`),
     # written by the process that gets here first (see `run_adaptation`) and read by the others.
     cache = default_world_cache() if PartialState().num_processes > 1 else None
@@ -504,8 +501,6 @@ def check_dataset_name(dataset: str) -> None:
     try:
         get_dataset_info(dataset)
     except ValueError:
-        import difflib
-
         valid = ["world", "folder", *known_dataset_names()]
         close = difflib.get_close_matches(dataset.lower(), valid, n=1)
         hint = f" (did you mean {close[0]}?)" if close else ""
@@ -655,10 +650,6 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
     run of this tool wrote are never replaced. One run at a time writes into a folder: the main process holds its
     lock ([`~vocalign_hf.output_lock.lock_output_dir`]) from before the folder is read until the run ends.
     """
-    from dataclasses import replace
-
-    from .adaptation.adapters import adapter_push_target
-
     # One push path: the Trainer's --push_to_hub/--hub_model_id map onto the adapter push below (or fail now).
     push = adapter_push_target(recipe.push_adapter_to_hub, args)
     if args.push_to_hub:
@@ -678,10 +669,6 @@ def run_adaptation(recipe: RecipeArguments, args: VocAlignArguments) -> dict[str
 
 def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None, push: dict | None) -> dict[str, Any]:
     """[`run_adaptation`] once the output folder is checked (and locked)."""
-    from dataclasses import replace
-
-    from transformers import set_seed
-
     set_seed(args.seed)
     if recipe.base_model:  # before the data checks, which can take a while on a large split
         resolve_base_model(recipe.base_model)

@@ -14,8 +14,17 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
-from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub import (
+    CommitOperationAdd,
+    EvalResult,
+    HfApi,
+    ModelCard,
+    ModelCardData,
+    constants,
+    hf_hub_download,
+    try_to_load_from_cache,
+)
+from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
 from peft import PeftModel
 
 from ..atomic import atomic_write_json, atomic_write_text, read_json_object
@@ -48,8 +57,6 @@ def base_model_reference(name_or_path: str | None, revision: str | None = None) 
     repo_id = str(name_or_path)
     if revision and _COMMIT.fullmatch(revision):
         return repo_id, revision
-    from huggingface_hub import try_to_load_from_cache
-
     cached = try_to_load_from_cache(repo_id, "config.json", revision=revision or "main")
     commit = Path(cached).parent.name if isinstance(cached, str) else None
     return repo_id, commit if commit and _COMMIT.fullmatch(commit) else None
@@ -67,8 +74,6 @@ def _weights_folder(name_or_path: str | os.PathLike | None, revision: str | None
         return Path(name_or_path).expanduser()
     if not is_hub_repo_id(name_or_path):
         return None
-    from huggingface_hub import try_to_load_from_cache
-
     cached = try_to_load_from_cache(str(name_or_path), "config.json", revision=revision)
     return Path(cached).parent if isinstance(cached, str) else None
 
@@ -307,9 +312,6 @@ class AdapterLoadError(OSError):
 
 
 def _hub_failure(adapter: str, revision: str | None, error: Exception) -> AdapterLoadError:
-    from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
-
     chain, cause = [], error
     while cause is not None and cause not in chain:
         chain.append(cause)
@@ -345,9 +347,6 @@ def _read_adapter_info(adapter: str | os.PathLike, revision: str | None, **hub_k
         return _read_json_file(local)
     if Path(adapter).exists():
         return {}
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         hf_hub_download(str(adapter), "adapter_config.json", revision=revision, **hub_kwargs)
         try:
@@ -429,8 +428,6 @@ def load_adapted_model(
     info = _read_adapter_info(adapter, adapter_revision, **hub_kwargs)
     _check_adapter_files(adapter)
     _warn_if_other_base(info, base_model, base_revision)
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
-
     try:
         model = PeftModel.from_pretrained(base_model, str(adapter), revision=adapter_revision, **hub_kwargs)
     except (HfHubHTTPError, LocalEntryNotFoundError) as error:  # e.g. the weights' download failed
@@ -478,8 +475,6 @@ def push_adapter_to_hub(
 
     Returns the commit sha.
     """
-    from huggingface_hub import CommitOperationAdd, HfApi
-
     folder = Path(folder)
     for required in ("adapter_config.json", VOCALIGN_FILE, CARD_FILE):
         if not (folder / required).is_file():

@@ -22,12 +22,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, List, Tuple
+from typing import List, Tuple
 
+from peft import LoraConfig
 from torch import Tensor, nn
-
-if TYPE_CHECKING:  # peft is imported lazily to keep `import vocalign_hf.adaptation` light
-    from peft import LoraConfig
 
 __all__ = [
     "LoRASettings",
@@ -94,13 +92,11 @@ def lora_target_regex(settings: LoRASettings) -> str:
     return rf"(?:.*\.)?(?:{towers})\.encoder\.layers\.(?:{layers})\.self_attn\.(?:{mods})"
 
 
-def lora_config_for_clip(settings: LoRASettings = LoRASettings()) -> "LoraConfig":
+def lora_config_for_clip(settings: LoRASettings = LoRASettings()) -> LoraConfig:
     """``peft.LoraConfig`` targeting the chosen projections of the chosen layers of the
     chosen CLIP towers, wherever the ``CLIPModel`` is nested. Use with
     ``peft.get_peft_model(model, cfg)`` (freezes everything else) or
     ``peft.inject_adapter_in_model(cfg, model)``."""
-    from peft import LoraConfig
-
     return LoraConfig(
         r=settings.rank,
         lora_alpha=settings.alpha,

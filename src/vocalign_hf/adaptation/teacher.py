@@ -40,6 +40,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from peft import PeftModel
+from safetensors.torch import load_file, save_file
 from torch import nn
 from transformers import TrainerCallback
 
@@ -113,8 +115,6 @@ class EMATeacher:
         text_follows_student: bool = True,
         dtype: str = "float32",
     ) -> None:
-        from peft import PeftModel
-
         self.student = student
         self._peft = student if isinstance(student, PeftModel) else None
         self._switched = False
@@ -280,16 +280,12 @@ class EMATeacher:
     def save(self, path: str | Path, weights: dict[str, torch.Tensor] | None = None) -> None:
         """Write the teacher's LoRA weights atomically (tmp file + rename): `weights` ([`lora_weights`], gathered
         by every rank under FSDP), by default read here."""
-        from safetensors.torch import save_file
-
         tensors = self.lora_weights() if weights is None else weights
         atomic_write_file(path, lambda tmp: save_file(tensors, str(tmp)))
 
     def load(self, path: str | Path) -> None:
         """Read the teacher's LoRA weights written by [`save`] (under FSDP every rank reads the file and keeps its
         own shards)."""
-        from safetensors.torch import load_file
-
         tensors = load_file(str(path))
         params = dict(self.named_parameters())
         missing = sorted(n for n in params if "lora_" in n and n not in tensors)
@@ -299,7 +295,7 @@ class EMATeacher:
             for name, value in tensors.items():
                 weight = params[name]
                 if local(weight) is not weight:  # a DTensor: this rank's part of the file's whole weight
-                    from torch.distributed.tensor import distribute_tensor
+                    from torch.distributed.tensor import distribute_tensor  # only here: torch may lack distributed
 
                     value = distribute_tensor(value.to(local(weight).device), weight.device_mesh, weight.placements,
                                               src_data_rank=None)

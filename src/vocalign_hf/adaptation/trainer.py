@@ -48,6 +48,10 @@ import torch.nn.functional as F
 from peft import PeftModel, get_peft_model
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import Trainer, TrainerCallback, get_scheduler
+# `Trainer` loads transformers.integrations anyway; the optional `tensorboard` package itself is imported only when
+# a `TensorBoardCallback` is made (`report_to="tensorboard"`), by transformers.
+from transformers.integrations import TensorBoardCallback
+from transformers.integrations.integration_utils import default_logdir
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from transformers.utils import logging
 
@@ -131,21 +135,16 @@ class _CheckpointCompletionCallback(TrainerCallback):
         atomic_write_json(folder / CHECKPOINT_COMPLETE, {"global_step": state.global_step})
 
 
-def _output_dir_tensorboard() -> TrainerCallback:
+class _OutputDirTensorBoard(TensorBoardCallback):
     """transformers' `TensorBoardCallback`, writing under `<output_dir>/runs/<date>_<host>` also when the first log
     comes before `on_train_begin` (where the callback picks that folder): an evaluation without training would
     otherwise write to `./runs` of the working directory. transformers 5 has no `logging_dir` argument any more;
     its only other setting, `TENSORBOARD_LOGGING_DIR`, is read from the environment when the callback is made."""
-    from transformers.integrations import TensorBoardCallback
-    from transformers.integrations.integration_utils import default_logdir
 
-    class _OutputDirTensorBoard(TensorBoardCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if self.logging_dir is None and state.is_world_process_zero:
-                self.logging_dir = os.path.join(args.output_dir, default_logdir())
-            return super().on_log(args, state, control, logs=logs, **kwargs)
-
-    return _OutputDirTensorBoard()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.logging_dir is None and state.is_world_process_zero:
+            self.logging_dir = os.path.join(args.output_dir, default_logdir())
+        return super().on_log(args, state, control, logs=logs, **kwargs)
 
 
 class VocAlignTrainer(Trainer):
@@ -239,12 +238,10 @@ class VocAlignTrainer(Trainer):
     def _place_tensorboard_logs(self) -> None:
         """Swap the TensorBoard callback that `report_to` added for [`_OutputDirTensorBoard`] (a trainer that only
         evaluates logs under `output_dir` too). One given a folder (`TENSORBOARD_LOGGING_DIR`) or a writer is kept."""
-        from transformers.integrations import TensorBoardCallback
-
         for callback in list(self.callback_handler.callbacks):
             if type(callback) is TensorBoardCallback and callback.logging_dir is None and callback.tb_writer is None:
                 self.callback_handler.remove_callback(callback)
-                self.add_callback(_output_dir_tensorboard())
+                self.add_callback(_OutputDirTensorBoard())
 
     # ------------------------------------------------------------------------------------------ teacher
     @torch.no_grad()

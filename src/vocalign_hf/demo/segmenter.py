@@ -8,6 +8,7 @@ encoded once and kept in a small cache, and on a GPU with bf16 support the forwa
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import threading
@@ -22,6 +23,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from ..adaptation import load_adapted_model, merge_lora
 from ..class_names import name_key, validate_class_names
 from ..atomic import atomic_write_file
 from ..data import make_palette
@@ -32,6 +34,15 @@ from ..models.catseg.concept_phrases import ConceptOwners
 from ..models.catseg.pipeline_catseg import mean_class_probabilities
 from ..models.catseg.vocabulary_catseg import aligned_entries
 from ..visualization import colorize
+from ..world import (
+    WorldConfig,
+    pretrain_settings,
+    pretrain_settings_hash,
+    render_split_arrays,
+    tiny_catseg_config,
+)
+from ..world.datasets import default_world_cache
+from ..world.shipped import unpack_shipped_source_model
 
 __all__ = [
     "DEFAULT_ADAPTER",
@@ -388,8 +399,6 @@ def load_merged_adapter(
         DemoSetupError: no such folder (for the main job's default place, with the command that makes it), or the
             adapter does not load onto this base model.
     """
-    from ..adaptation import load_adapted_model, merge_lora
-
     adapter = str(adapter)
     if not Path(adapter).exists() and not _looks_like_hub_id(adapter):
         hint = " Make it with `accelerate launch recipes/adapt.py` (the main job, about 2 minutes on CPU)." if (
@@ -412,10 +421,6 @@ def world_source_model(output_dir: str | os.PathLike | None = None) -> Path:
     Returns (as an absolute path) `runs/world/source_model` when the main job left it there, else unpacks the model shipped with the
     package into `output_dir` (default `~/.cache/vocalign_hf/demo/source_model`) once.
     """
-    from ..world import WorldConfig, pretrain_settings, pretrain_settings_hash, tiny_catseg_config
-    from ..world.datasets import default_world_cache
-    from ..world.shipped import unpack_shipped_source_model
-
     config = WorldConfig()  # the default world, the main job's
     settings = pretrain_settings(seed=config.seed)
     settings_hash = pretrain_settings_hash(config, tiny_catseg_config(config.image_size), settings)
@@ -432,8 +437,6 @@ def world_source_model(output_dir: str | os.PathLike | None = None) -> Path:
 
 
 def _settings_hash(folder: Path) -> str | None:
-    import json
-
     try:
         return json.loads((folder / "pretrain_info.json").read_text())["settings_hash"]
     except (OSError, ValueError, KeyError):
@@ -443,8 +446,6 @@ def _settings_hash(folder: Path) -> str | None:
 def world_example_images(output_dir: str | os.PathLike, count: int = 4) -> list[Path]:
     """The first `count` images of the default world's target evaluation split as PNG files (rendered, not
     downloaded; written once)."""
-    from ..world import WorldConfig, render_split_arrays
-
     output_dir = Path(output_dir)
     paths = [output_dir / f"world_target_{index}.png" for index in range(count)]
     if all(path.is_file() for path in paths):

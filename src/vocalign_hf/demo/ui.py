@@ -17,6 +17,7 @@ from typing import Any
 
 from PIL import Image
 
+from ..world import target_class_names
 from .segmenter import (
     DEFAULT_ADAPTER,
     DemoInputError,
@@ -225,8 +226,6 @@ def _initial_status_and_classes(store: ModelStore, app: DemoApp, base_model: str
     except DemoSetupError as error:  # the page still opens and says what is wrong; the fields can be fixed
         initial_status, default_classes = f"**Error:** {error}", []
     if not default_classes:
-        from ..world import target_class_names
-
         default_classes = target_class_names()
     return initial_status, ", ".join(default_classes)
 
@@ -291,7 +290,7 @@ def build_demo(
         opacity: initial opacity of the segmentation over the image (0 to 1).
         bf16, device: see [`DemoSegmenter`].
     """
-    try:
+    try:  # here, not at the top: Gradio is an optional dependency (the `demo` extra)
         import gradio as gr
     except ImportError as error:
         raise ImportError('The demo needs Gradio: pip install -e ".[demo]" (or pip install "vocalign-hf[demo]")') from error

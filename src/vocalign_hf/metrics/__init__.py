@@ -42,7 +42,9 @@ def load_mean_iou(**kwargs: Any) -> Any:
     Returns:
         an ``evaluate.EvaluationModule`` (instance of ``MeanIoU``).
     """
-    import evaluate  # local import: keep `import vocalign_hf.metrics` light
+    # Here, not at the top: `evaluate` (with `datasets`, `pandas`) adds seconds and ~2,900 modules to
+    # `import vocalign_hf.metrics`, and only this Hub-compatible loader needs it.
+    import evaluate
 
     script = MEAN_IOU_MODULE_DIR / "mean_iou.py"
     if not script.is_file():  # pragma: no cover - broken installation
