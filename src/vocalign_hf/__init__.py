@@ -52,6 +52,6 @@ def __dir__() -> list[str]:
 # A transformers user (`from transformers import pipeline`, then `import vocalign_hf`, as the README shows) gets the
 # Auto classes and the pipeline task now; the concept command, which never imports transformers, stays torch-free.
 if "transformers" in sys.modules:
-    from .models.catseg import _register_auto_classes
+    from .models.catseg import register_auto_classes
 
-    _register_auto_classes()
+    register_auto_classes()

@@ -74,7 +74,7 @@ __all__ = [
 _registered = False
 
 
-def _register_auto_classes() -> None:
+def register_auto_classes() -> None:
     """Register CAT-Seg with transformers' Auto classes and pipeline registry, once."""
     global _registered
     if _registered:
@@ -108,7 +108,7 @@ def __getattr__(name: str) -> Any:
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    _register_auto_classes()
+    register_auto_classes()
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
