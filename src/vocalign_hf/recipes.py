@@ -711,16 +711,7 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
     check_free_space(args.output_dir, needed, what)
     trainer = trainer_for(student, args.method, concept_log_weights=guard)
     replacing = args.overwrite_output_dir and not _resumes_in_place(resume, args.output_dir)
-    with args.main_process_first(local=False, desc="setting the previous run aside"):
-        if trainer.is_world_process_zero():
-            if replacing:
-                set_aside_previous_run(args.output_dir)
-            elif (Path(args.output_dir) / PREVIOUS_RUN).exists():  # resuming a run that was replacing another
-                logger.warning("%s (the run an interrupted --overwrite_output_dir set aside) is kept: this resumed run "
-                               "never deletes it; delete it yourself once you no longer need it",
-                               Path(args.output_dir) / PREVIOUS_RUN)
-            record = {**trainer.run_settings(), "base_model": trainer.base_model_record()}
-            atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", record))
+    _mark_training(trainer, args, replacing)
     try:
         trainer.train(resume_from_checkpoint=resume)
         tables["adapted"] = _evaluate_into(results, trainer, "adapted")
@@ -747,6 +738,22 @@ def _adapt(recipe: RecipeArguments, args: VocAlignArguments, resume: str | None,
             raise full from error
         raise
     return results
+
+
+def _mark_training(trainer: VocAlignTrainer, args: VocAlignArguments, replacing: bool) -> None:
+    """Before the first step: set the run being replaced aside (`--overwrite_output_dir`), and mark the folder as
+    this run's, in training (`vocalign_run.json`). Main process only; the others wait for it."""
+    with args.main_process_first(local=False, desc="setting the previous run aside"):
+        if not trainer.is_world_process_zero():
+            return
+        if replacing:
+            set_aside_previous_run(args.output_dir)
+        elif (Path(args.output_dir) / PREVIOUS_RUN).exists():  # resuming a run that was replacing another
+            logger.warning("%s (the run an interrupted --overwrite_output_dir set aside) is kept: this resumed run "
+                           "never deletes it; delete it yourself once you no longer need it",
+                           Path(args.output_dir) / PREVIOUS_RUN)
+        record = {**trainer.run_settings(), "base_model": trainer.base_model_record()}
+        atomic_write_json(Path(args.output_dir) / RUN_MARK, run_mark("training", record))
 
 
 def _audit_concepts(recipe, args, data: TargetData, model, processor) -> dict[str, dict[str, float]]:
